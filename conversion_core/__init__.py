@@ -1,0 +1,41 @@
+"""conversion-core: turn trainer weights into the exact bytes an inference kernel expects."""
+
+from .errors import (
+    ConfigError,
+    ConversionCoreError,
+    ConversionInputError,
+    ConversionTypeError,
+    DuplicateConversionError,
+    NoMatchingConversionError,
+    PluginError,
+    PluginLoadWarning,
+    UnknownConversionError,
+)
+from .hookspecs import hookimpl
+from .plugins import PluginInfo
+from .receiver import accepts
+from .registry import Registry, load_registry
+from .resolver import RuleOutcome, explain, select_default_conversion
+from .types import Conversion, Rule
+
+__all__ = [
+    "ConfigError",
+    "Conversion",
+    "ConversionCoreError",
+    "ConversionInputError",
+    "ConversionTypeError",
+    "DuplicateConversionError",
+    "NoMatchingConversionError",
+    "PluginError",
+    "PluginInfo",
+    "PluginLoadWarning",
+    "Registry",
+    "Rule",
+    "RuleOutcome",
+    "UnknownConversionError",
+    "accepts",
+    "explain",
+    "hookimpl",
+    "load_registry",
+    "select_default_conversion",
+]

@@ -1,0 +1,176 @@
+"""Discover plugins through entry points and call their hooks, one plugin at a time.
+
+Each plugin is loaded and asked for its conversions and rules in isolation, so a plugin
+whose import or hook raises, or whose hook returns the wrong type, is skipped whole and
+recorded with its error while every other plugin keeps working.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+
+from .errors import PluginError, PluginLoadWarning
+from .types import Conversion, Rule
+
+ENTRY_POINT_GROUP = "conversion_core"
+PLUGINS_ENV = "CONVERSION_CORE_PLUGINS"
+STRICT_ENV = "CONVERSION_CORE_STRICT"
+
+LOADED, FAILED, DISABLED = "loaded", "failed", "disabled"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One record per discovered entry point, whatever became of it."""
+
+    name: str
+    dist: str | None
+    version: str | None
+    status: str
+    error: str | None = None
+    conversions: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RegisteredRule:
+    """A rule together with the plugin that gave it and its place in that plugin's list."""
+
+    rule: Rule
+    plugin: str
+    index: int
+
+    @property
+    def label(self) -> str:
+        return self.rule.name or f"{self.rule.conversion}#{self.index}"
+
+
+@dataclass
+class LoadResult:
+    infos: list[PluginInfo] = field(default_factory=list)
+    conversions: list[tuple[Conversion, str]] = field(default_factory=list)
+    rules: list[RegisteredRule] = field(default_factory=list)
+
+
+def allowlist() -> set[str] | None:
+    """None when every plugin may load; else the entry point names allowed (maybe none)."""
+    raw = os.environ.get(PLUGINS_ENV)
+    if raw is None:
+        return None
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def strict() -> bool:
+    return os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _as_list(plugin: str, hook: str, results: list[Any], kind: type) -> list[Any]:
+    items: list[Any] = []
+    for result in results:
+        seq = result if isinstance(result, Sequence) and not isinstance(result, (str, bytes)) else [result]
+        for item in seq:
+            if not isinstance(item, kind):
+                raise PluginError(
+                    f"hook {hook}() of plugin {plugin!r} returned {type(item).__name__}; "
+                    f"expected a conversion_core.{kind.__name__} or a sequence of them"
+                )
+            items.append(item)
+    return items
+
+
+def _call_hooks(pm: pluggy.PluginManager, name: str, plugin: object) -> tuple[list[Conversion], list[Rule]]:
+    """Register ``plugin`` and call only its own hook implementations."""
+    others = [p for p in pm.get_plugins() if p is not plugin]
+    conversions = _as_list(
+        name,
+        "register_conversion",
+        pm.subset_hook_caller("register_conversion", others)(),
+        Conversion,
+    )
+    rules = _as_list(name, "default_rule", pm.subset_hook_caller("default_rule", others)(), Rule)
+    seen: set[str] = set()
+    for conversion in conversions:
+        if conversion.name in seen:
+            raise PluginError(f"plugin {name!r} registers conversion {conversion.name!r} twice")
+        seen.add(conversion.name)
+    return conversions, rules
+
+
+def _dist(ep: EntryPoint) -> tuple[str | None, str | None]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None, None
+    return dist.metadata["Name"], dist.version
+
+
+def describe(name: str, dist: str | None, version: str | None) -> str:
+    return f"plugin {name!r} (distribution {dist or '?'} {version or '?'})"
+
+
+def load_plugins(pm: pluggy.PluginManager) -> LoadResult:
+    """Discover every entry point of the group and load the allowed ones."""
+    allowed = allowlist()
+    result = LoadResult()
+    found: dict[str, EntryPoint] = {}
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+        dist, version = _dist(ep)
+        if ep.name in found:
+            if found[ep.name].value == ep.value and _dist(found[ep.name]) == (dist, version):
+                continue  # the same distribution seen twice on sys.path
+            first = describe(ep.name, *_dist(found[ep.name]))
+            error = f"entry point name {ep.name!r} is already taken by {first}"
+            result.infos.append(PluginInfo(ep.name, dist, version, FAILED, error))
+            _report(describe(ep.name, dist, version), error)
+            continue
+        found[ep.name] = ep
+        if allowed is not None and ep.name not in allowed:
+            result.infos.append(PluginInfo(ep.name, dist, version, DISABLED))
+            continue
+        plugin: object = None
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+            conversions, rules = _call_hooks(pm, ep.name, plugin)
+        except Exception as exc:  # a broken plugin must not take the others down
+            if plugin is not None and pm.is_registered(plugin):
+                pm.unregister(plugin)
+            error = f"{type(exc).__name__}: {exc}"
+            result.infos.append(PluginInfo(ep.name, dist, version, FAILED, error))
+            _report(describe(ep.name, dist, version), error)
+            continue
+        registered = [RegisteredRule(rule, ep.name, i) for i, rule in enumerate(rules)]
+        result.conversions.extend((conversion, ep.name) for conversion in conversions)
+        result.rules.extend(registered)
+        result.infos.append(
+            PluginInfo(
+                ep.name,
+                dist,
+                version,
+                LOADED,
+                conversions=tuple(c.name for c in conversions),
+                rules=tuple(r.label for r in registered),
+            )
+        )
+    if allowed is not None:
+        for missing in sorted(allowed - set(found)):
+            installed = ", ".join(sorted(found)) or "none"
+            _report(
+                f"{PLUGINS_ENV} names {missing!r}",
+                f"no such plugin is installed (installed: {installed})",
+                fatal=False,
+            )
+    return result
+
+
+def _report(who: str, error: str, fatal: bool = True) -> None:
+    message = f"conversion-core: {who} skipped: {error}"
+    if fatal and strict():
+        raise PluginError(f"{message} ({STRICT_ENV}=1 makes this an error)")
+    warnings.warn(message, PluginLoadWarning, stacklevel=4)

@@ -1,0 +1,76 @@
+"""Pick the conversion for a model from its ``quantization_config`` by rule priority."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .config import quantization_config_of
+from .errors import NoMatchingConversionError
+from .registry import Registry, load_registry
+
+logger = logging.getLogger(__name__)
+
+MATCHED, NO_MATCH, RAISED = "matched", "no match", "raised"
+
+
+@dataclass(frozen=True)
+class RuleOutcome:
+    """What one rule said about one ``quantization_config``."""
+
+    plugin: str
+    rule: str
+    conversion: str
+    priority: int
+    outcome: str
+    error: BaseException | None = None
+    selected: bool = False
+
+
+def _evaluate(qc: dict[str, Any], registry: Registry) -> list[RuleOutcome]:
+    outcomes: list[RuleOutcome] = []
+    chosen = False
+    for entry in registry.rules():
+        error: BaseException | None = None
+        try:
+            # each predicate gets its own copy: one rule cannot change what the next one sees
+            outcome = MATCHED if entry.rule.predicate(copy.deepcopy(qc)) is True else NO_MATCH
+        except Exception as exc:
+            logger.debug("rule %s of plugin %s raised: %r", entry.label, entry.plugin, exc)
+            outcome, error = RAISED, exc
+        selected = outcome == MATCHED and not chosen
+        chosen = chosen or selected
+        outcomes.append(
+            RuleOutcome(entry.plugin, entry.label, entry.rule.conversion, entry.rule.priority, outcome, error, selected)
+        )
+    return outcomes
+
+
+def explain(config: Any, registry: Registry | None = None) -> list[RuleOutcome]:
+    """Every rule in resolution order with its outcome; the first match is ``selected``."""
+    registry = registry or load_registry()
+    return _evaluate(quantization_config_of(config), registry)
+
+
+def select_default_conversion(config: Any, registry: Registry | None = None) -> str:
+    """Name of the conversion the highest-priority matching rule picks for ``config``."""
+    registry = registry or load_registry()
+    qc = quantization_config_of(config)
+    outcomes = _evaluate(qc, registry)
+    for outcome in outcomes:
+        if outcome.selected:
+            return outcome.conversion
+    lines = [
+        f"no installed conversion matches quantization_config {json.dumps(qc, sort_keys=True)}",
+        "rules tried (priority, plugin, rule -> conversion: outcome):",
+    ]
+    lines += [
+        f"  {o.priority:>5}  {o.plugin}  {o.rule} -> {o.conversion}: {o.outcome}"
+        + (f" ({type(o.error).__name__}: {o.error})" if o.error else "")
+        for o in outcomes
+    ] or ["  (no rules are registered)"]
+    lines.append(registry.summary())
+    raise NoMatchingConversionError("\n".join(lines))

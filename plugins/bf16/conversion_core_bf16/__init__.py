@@ -1,0 +1,32 @@
+"""conversion-core plugin: plain casts to bf16/fp32 (``hf_raw``) and the no-quantization rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import conversion_core as cc
+
+
+def _cast(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None) -> None:
+    out.copy_(src)
+
+
+BF16_CAST = cc.Conversion(name="bf16_cast", fn=_cast, requires_scale=False, dst_dtype=torch.bfloat16)
+FP32_CAST = cc.Conversion(name="fp32_cast", fn=_cast, requires_scale=False, dst_dtype=torch.float32)
+
+
+def is_unquantized(qc: dict[str, Any]) -> bool:
+    """The model has no quantization_config (the resolver passes ``{}``)."""
+    return not qc
+
+
+@cc.hookimpl
+def register_conversion() -> list[cc.Conversion]:
+    return [BF16_CAST, FP32_CAST]
+
+
+@cc.hookimpl
+def default_rule() -> cc.Rule:
+    return cc.Rule(conversion="bf16_cast", predicate=is_unquantized, priority=0, name="no-quantization")

@@ -1,0 +1,102 @@
+"""conversion-core plugin: FP8 e4m3 with one scale per output channel, for cutlass ``scaled_mm``.
+
+Weights ``(N, K)`` or stacked experts ``(E, N, K)``; one float32 dequantization scale per row
+(``weight_scale``, shape ``(N,)`` or ``(E, N)``), amax taken over the whole row K.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import conversion_core as cc
+from conversion_core.backend import use_triton
+from conversion_core.fp8 import E4M3, check_fp8_dequantize_args, compressed_tensors_fp8_weights, is_dynamic_e4m3_fp8
+
+from . import torch_path
+
+NAME = "cutlass_fp8_e4m3_per_channel"
+
+
+def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[:-1])
+
+
+def quantize(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None) -> None:
+    assert scale_out is not None  # the core's checks guarantee it
+    if use_triton(src):
+        from . import triton_kernels
+
+        triton_kernels.quantize_rows(src, out, scale_out, NAME)
+    else:
+        torch_path.quantize_rows(src, out, scale_out, NAME)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``q * scale[..., None]``."""
+    scale = check_fp8_dequantize_args(q, scale, NAME)
+    return q.float() * scale.unsqueeze(-1)
+
+
+CUTLASS_FP8_PER_CHANNEL = cc.Conversion(
+    name=NAME,
+    fn=quantize,
+    requires_scale=True,
+    dst_dtype=E4M3,
+    scale_shape=scale_shape,
+    scale_name="weight_scale",
+    compile_target="cutlass_fp8",
+    compile_metadata={
+        "dtype": "e4m3",
+        "scale_layout": "per_channel",
+        "scale_axis": -1,
+        "activation_scheme": "dynamic",
+    },
+    dequantize=dequantize,
+    src_ndims=(2, 3),
+)
+
+
+def is_fp8_cutlass_format(qc: dict[str, Any]) -> bool:
+    """``quant_format: cutlass`` (a [128, 128] block config also matches; DeepGEMM outranks it)."""
+    return (
+        is_dynamic_e4m3_fp8(qc)
+        and qc.get("quant_format") == "cutlass"
+        and qc.get("weight_block_size") in (None, [128, 128])
+    )
+
+
+def is_fp8_dynamic_without_blocks(qc: dict[str, Any]) -> bool:
+    return is_dynamic_e4m3_fp8(qc) and qc.get("weight_block_size") is None and qc.get("activation_scheme") == "dynamic"
+
+
+def is_compressed_tensors_channel(qc: dict[str, Any]) -> bool:
+    """compressed-tensors ``float-quantized`` FP8 with weights ``strategy: channel``."""
+    weights = compressed_tensors_fp8_weights(qc)
+    return weights is not None and weights.get("strategy") == "channel"
+
+
+def is_fbgemm_fp8(qc: dict[str, Any]) -> bool:
+    """transformers' ``fbgemm_fp8``: per-channel weight scales, dynamic per-token activations."""
+    return qc.get("quant_method") == "fbgemm_fp8"
+
+
+@cc.hookimpl
+def register_conversion() -> cc.Conversion:
+    return CUTLASS_FP8_PER_CHANNEL
+
+
+@cc.hookimpl
+def default_rule() -> list[cc.Rule]:
+    return [
+        cc.Rule(conversion=NAME, predicate=is_fp8_cutlass_format, priority=100, name="fp8-quant-format-cutlass"),
+        cc.Rule(conversion=NAME, predicate=is_fp8_dynamic_without_blocks, priority=100, name="fp8-dynamic-no-blocks"),
+        cc.Rule(
+            conversion=NAME,
+            predicate=is_compressed_tensors_channel,
+            priority=100,
+            name="compressed-tensors-fp8-channel",
+        ),
+        cc.Rule(conversion=NAME, predicate=is_fbgemm_fp8, priority=100, name="fbgemm-fp8"),
+    ]

@@ -1,0 +1,90 @@
+"""conversion-core plugin: FP8 e4m3 with 128x128 block scales, the DeepGEMM / DeepSeek-V3 layout.
+
+Weights ``(N, K)`` or stacked experts ``(E, N, K)``; one float32 dequantization scale per
+128x128 block (``weight_scale_inv``, shape ``(ceil(N/128), ceil(K/128))``, ``(E, …)`` for
+experts). Edge blocks cover only their valid elements; blocks never cross experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import conversion_core as cc
+from conversion_core.backend import use_triton
+from conversion_core.fp8 import E4M3, check_fp8_dequantize_args, compressed_tensors_fp8_weights, is_dynamic_e4m3_fp8
+
+from . import torch_path
+
+NAME = "fp8_128x128"
+BLOCK = (128, 128)
+
+
+def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    *lead, n, k = shape
+    return (*lead, -(-n // BLOCK[0]), -(-k // BLOCK[1]))
+
+
+def quantize(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None) -> None:
+    assert scale_out is not None  # the core's checks guarantee it
+    if use_triton(src):
+        from . import triton_kernels
+
+        triton_kernels.quantize_blocks(src, out, scale_out, BLOCK, NAME)
+    else:
+        torch_path.quantize_blocks(src, out, scale_out, BLOCK, NAME)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``q * scale`` with each block's scale broadcast over its 128x128 elements."""
+    scale = check_fp8_dequantize_args(q, scale, NAME)
+    n, k = q.shape[-2:]
+    full = scale.repeat_interleave(BLOCK[0], dim=-2).repeat_interleave(BLOCK[1], dim=-1)
+    return q.float() * full[..., :n, :k]
+
+
+FP8_128X128 = cc.Conversion(
+    name=NAME,
+    fn=quantize,
+    requires_scale=True,
+    dst_dtype=E4M3,
+    scale_shape=scale_shape,
+    scale_name="weight_scale_inv",
+    compile_target="deep_gemm_fp8",
+    compile_metadata={"block_size": list(BLOCK), "scale_layout": "blockwise", "dtype": "e4m3"},
+    dequantize=dequantize,
+    src_ndims=(2, 3),
+)
+
+
+def is_fp8_block_128(qc: dict[str, Any]) -> bool:
+    return is_dynamic_e4m3_fp8(qc) and list(qc.get("weight_block_size") or []) == list(BLOCK)
+
+
+def is_compressed_tensors_block_128(qc: dict[str, Any]) -> bool:
+    """compressed-tensors ``float-quantized`` FP8, weights ``strategy: block`` of [128, 128]."""
+    weights = compressed_tensors_fp8_weights(qc)
+    return (
+        weights is not None
+        and weights.get("strategy") == "block"
+        and (list(weights.get("block_structure") or []) == list(BLOCK))
+    )
+
+
+@cc.hookimpl
+def register_conversion() -> cc.Conversion:
+    return FP8_128X128
+
+
+@cc.hookimpl
+def default_rule() -> list[cc.Rule]:
+    return [
+        cc.Rule(conversion=NAME, predicate=is_fp8_block_128, priority=200, name="fp8-block-128x128"),
+        cc.Rule(
+            conversion=NAME,
+            predicate=is_compressed_tensors_block_128,
+            priority=200,
+            name="compressed-tensors-fp8-block-128x128",
+        ),
+    ]
