@@ -37,7 +37,10 @@ def _evaluate(qc: dict[str, Any], registry: Registry) -> list[RuleOutcome]:
         error: BaseException | None = None
         try:
             # each predicate gets its own copy: one rule cannot change what the next one sees
-            outcome = MATCHED if entry.rule.predicate(copy.deepcopy(qc)) is True else NO_MATCH
+            answer = entry.rule.predicate(copy.deepcopy(qc))
+            if not isinstance(answer, bool):  # e.g. `qc.get("a") and [1]`: neither a silent match nor a miss
+                raise TypeError(f"predicate returned {type(answer).__name__} {answer!r}; expected a bool")
+            outcome = MATCHED if answer else NO_MATCH
         except Exception as exc:
             logger.debug("rule %s of plugin %s raised: %r", entry.label, entry.plugin, exc)
             outcome, error = RAISED, exc
@@ -64,7 +67,7 @@ def select_default_conversion(config: Any, registry: Registry | None = None) -> 
         if outcome.selected:
             return outcome.conversion
     lines = [
-        f"no installed conversion matches quantization_config {json.dumps(qc, sort_keys=True)}",
+        f"no installed conversion matches quantization_config {json.dumps(qc, sort_keys=True, default=repr)}",
         "rules tried (priority, plugin, rule -> conversion: outcome):",
     ]
     lines += [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -52,6 +53,27 @@ def _thaw(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_thaw(v) for v in value]
     return value
+
+
+def _check_json_ready(where: str, metadata: Mapping[str, Any]) -> None:
+    """compile_metadata travels with the bytes as JSON: refuse what would not arrive intact."""
+    try:
+        if not _str_keys_only(metadata):
+            raise TypeError("every mapping key must be a str")
+        json.dumps(_thaw(metadata), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConversionTypeError(
+            f"{where}: compile_metadata must hold only JSON values (str, int, float, bool, None, "
+            f"lists, str-keyed mappings): {exc}"
+        ) from None
+
+
+def _str_keys_only(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _str_keys_only(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_str_keys_only(v) for v in value)
+    return True
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -100,6 +122,7 @@ class Conversion:
             raise ConversionTypeError(f"{where}: compile_metadata must be a mapping")
         if self.requires_scale and self.scale_name is None:
             raise ConversionTypeError(f"{where}: requires_scale=True needs a scale_name")
+        _check_json_ready(where, self.compile_metadata)
         object.__setattr__(self, "compile_metadata", _freeze(self.compile_metadata))
         object.__setattr__(self, "fn", _checked(self, getattr(self.fn, "__cc_raw__", self.fn)))
 
