@@ -85,16 +85,20 @@ def _as_list(plugin: str, hook: str, results: list[Any], kind: type) -> list[Any
     return items
 
 
-def _call_hooks(pm: pluggy.PluginManager, name: str, plugin: object) -> tuple[list[Conversion], list[Rule]]:
-    """Register ``plugin`` and call only its own hook implementations."""
+def _call_hook(pm: pluggy.PluginManager, name: str, plugin: object, hook: str) -> list[Any]:
+    """Call only ``plugin``'s implementation of ``hook``; pluggy drops None results, we do not."""
     others = [p for p in pm.get_plugins() if p is not plugin]
-    conversions = _as_list(
-        name,
-        "register_conversion",
-        pm.subset_hook_caller("register_conversion", others)(),
-        Conversion,
-    )
-    rules = _as_list(name, "default_rule", pm.subset_hook_caller("default_rule", others)(), Rule)
+    results = pm.subset_hook_caller(hook, others)()
+    implemented = {caller.name for caller in pm.get_hookcallers(plugin) or []}
+    if hook in implemented and not results:  # e.g. a forgotten `return`: never silently nothing
+        raise PluginError(f"hook {hook}() of plugin {name!r} returned None; expected a value (an empty list for none)")
+    return list(results)
+
+
+def _call_hooks(pm: pluggy.PluginManager, name: str, plugin: object) -> tuple[list[Conversion], list[Rule]]:
+    """Call ``plugin``'s own hook implementations (it is already registered with ``pm``)."""
+    conversions = _as_list(name, "register_conversion", _call_hook(pm, name, plugin, "register_conversion"), Conversion)
+    rules = _as_list(name, "default_rule", _call_hook(pm, name, plugin, "default_rule"), Rule)
     seen: set[str] = set()
     for conversion in conversions:
         if conversion.name in seen:

@@ -241,6 +241,47 @@ def test_wrong_hook_return_type_is_isolated(fake_site: FakeSite, body: str, expe
     assert registry.names() == ["zz_good_copy"]
 
 
+def test_hook_returning_none_is_a_load_failure_not_silently_nothing(fake_site: FakeSite) -> None:
+    fake_site.install("good", good_source(fake_site))
+    fake_site.install(
+        "forgot",
+        fake_site.source(
+            extra="""
+            @cc.hookimpl
+            def register_conversion():
+                cc.Conversion("zz_forgot_copy", copy_fn, False)  # no return
+            """
+        ),
+    )
+    with pytest.warns(cc.PluginLoadWarning, match=r"'forgot'.*register_conversion\(\).*returned None"):
+        registry = fake_site.load()
+    assert fake_site.infos(registry)["forgot"].status == "failed"
+    assert registry.names() == ["zz_good_copy"]
+
+
+def test_hook_returning_an_empty_list_contributes_nothing(fake_site: FakeSite) -> None:
+    fake_site.install("empty", fake_site.prelude + "@cc.hookimpl\ndef default_rule():\n    return []\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cc.PluginLoadWarning)
+        registry = fake_site.load()
+    info = fake_site.infos(registry)["empty"]
+    assert (info.status, info.conversions, info.rules) == ("loaded", (), ())
+
+
+def test_two_distributions_with_one_entry_point_name(fake_site: FakeSite) -> None:
+    first = fake_site.install(
+        "same", fake_site.source(conversions=["zz_same_a"]), dist="fake-same-a", module="fake_cc_a"
+    )
+    second = fake_site.install(
+        "same", fake_site.source(conversions=["zz_same_b"]), dist="fake-same-b", module="fake_cc_b"
+    )
+    with pytest.warns(cc.PluginLoadWarning, match=r"(?s)'same'.*fake-same-b.*already taken.*fake-same-a"):
+        registry = fake_site.load("same")
+    records = [(i.dist, i.status) for i in registry.plugins() if i.name == "same"]
+    assert records == [(first, "loaded"), (second, "failed")]  # ordered by entry point value
+    assert registry.names() == ["zz_same_a"]
+
+
 def test_hookimpl_with_unknown_argument_is_isolated(fake_site: FakeSite) -> None:
     fake_site.install("good", good_source(fake_site))
     fake_site.install(
