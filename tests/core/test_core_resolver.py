@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import pytest
+import torch
 
 import conversion_core as cc
 
@@ -177,3 +178,12 @@ def test_no_rules_at_all(fake_site: FakeSite, monkeypatch: pytest.MonkeyPatch) -
     assert cc.explain({}, registry) == []
     with pytest.raises(cc.NoMatchingConversionError, match=r"(?s)no rules are registered.*CONVERSION_CORE_PLUGINS"):
         cc.select_default_conversion({}, registry)
+
+
+def test_no_match_error_survives_values_json_cannot_encode(fake_site: FakeSite) -> None:
+    fake_site.install("strict", fake_site.source(conversions=["zz_never"], rules=[("zz_never", 1, "never", "False")]))
+    registry = fake_site.load()
+    with pytest.raises(
+        cc.NoMatchingConversionError, match=r"\"dtype\": \"torch\.float16\", \"quant_method\": \"zz_odd\""
+    ):
+        cc.select_default_conversion({"quant_method": "zz_odd", "dtype": torch.float16}, registry)
