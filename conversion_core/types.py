@@ -165,12 +165,16 @@ class Conversion:
         _check_buffer(where, "out", out, want_out, self.dst_dtype, src.device)
         if self.requires_scale:
             want_scale = self.expected_scale_shape(src.shape)
+            if want_scale is None:  # the plugin's bug, not the caller's: say so instead of "shape None"
+                raise ConversionTypeError(
+                    f"{where}: requires_scale=True but scale_shape({tuple(src.shape)}) returned None; "
+                    "the conversion must give a scale_shape"
+                )
             if scale_out is None:
                 raise ConversionInputError(
                     f"{where} requires a scale buffer: pass scale_out of shape {want_scale} "
                     f"and dtype {self.scale_dtype} (see Conversion.allocate)"
                 )
-            assert want_scale is not None
             _check_buffer(where, "scale_out", scale_out, want_scale, self.scale_dtype, src.device)
         elif scale_out is not None:
             raise ConversionInputError(f"{where} writes no scale: pass scale_out=None")
