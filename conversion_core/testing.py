@@ -15,6 +15,7 @@ on a CPU. ``docs/plugin-authors.md`` explains every check and how the error boun
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -324,7 +325,8 @@ def check_agreement(conversion: Conversion, shapes: Sequence[Shape], device: tor
         src = random_source(shape, torch.bfloat16, device, seed + i)
         before = src.clone()
         out, scale = conversion.allocate(shape, device)
-        result = conversion.fn(src, out, scale)
+        fn: Callable[..., object] = conversion.fn
+        result = fn(src, out, scale)
         where = f"agreement {shape}"
         _expect(result is None, conversion.name, where, f"fn returned {type(result).__name__}; it must return None")
         _expect(torch.equal(src, before), conversion.name, where, "fn modified its source tensor")
@@ -506,12 +508,12 @@ def check_refusals(conversion: Conversion, shape: Shape, device: torch.device, s
         if dtype not in conversion.src_dtypes:
             s = src.to(dtype)
             cases.append((f"src of dtype {dtype}", call(s, good_out, good_scale), [good_out]))
-            cases.append((f"convert() of a {dtype} src", lambda s=s: conversion.convert(s), []))
+            cases.append((f"convert() of a {dtype} src", functools.partial(conversion.convert, s), []))
     if conversion.src_ndims is not None:
         for rank in (1, 2, 3, 4):
             if rank not in conversion.src_ndims:
                 s = torch.ones((3,) * rank, dtype=torch.bfloat16, device=device)
-                cases.append((f"{rank}-D src of shape {tuple(s.shape)}", lambda s=s: conversion.convert(s), []))
+                cases.append((f"{rank}-D src of shape {tuple(s.shape)}", functools.partial(conversion.convert, s), []))
     cases.append(("src that is not a tensor", lambda: conversion.convert([[1.0]]), []))  # type: ignore[arg-type]
 
     for what, run, buffers in cases:
@@ -519,7 +521,7 @@ def check_refusals(conversion: Conversion, shape: Shape, device: torch.device, s
             poison(b)
         snapshot = [as_bytes(b) for b in buffers]
         _expect_refused(name, f"refusals: {what}", run)
-        for b, before in zip(buffers, snapshot):
+        for b, before in zip(buffers, snapshot, strict=True):
             _expect(torch.equal(as_bytes(b), before), name, f"refusals: {what}", "a refused call wrote into a buffer")
 
 
@@ -534,7 +536,7 @@ def check_nonfinite_refused(
             flat[int(torch.randint(flat.numel(), (1,), generator=torch.Generator().manual_seed(seed + i)))] = bad
             src = x.to(torch.bfloat16).to(device)
             where = f"nonfinite_refused {shape} ({bad})"
-            exc = _expect_refused(conversion.name, where, lambda src=src: conversion.convert(src))
+            exc = _expect_refused(conversion.name, where, functools.partial(conversion.convert, src))
             _expect(
                 str(tuple(shape)) in str(exc),
                 conversion.name,
@@ -543,7 +545,9 @@ def check_nonfinite_refused(
             )
 
 
-def check_device_agreement(conversion: Conversion, shapes: Sequence[Shape], device: torch.device, seed: int = 0) -> None:
+def check_device_agreement(
+    conversion: Conversion, shapes: Sequence[Shape], device: torch.device, seed: int = 0
+) -> None:
     """The bytes written on ``device`` equal the bytes written on the CPU."""
     for i, shape in enumerate(shapes):
         src = random_source(shape, torch.bfloat16, "cpu", seed + i)
@@ -638,9 +642,7 @@ def _expect_finite(conversion: Conversion, where: str, out: torch.Tensor, scale:
     for what, buf in (("out", out), ("scale", scale)):
         if buf is not None and buf.dtype.is_floating_point:
             bad = ~torch.isfinite(buf.float())
-            _expect(
-                not bool(bad.any()), conversion.name, where, f"{what} holds {int(bad.sum())} non-finite elements"
-            )
+            _expect(not bool(bad.any()), conversion.name, where, f"{what} holds {int(bad.sum())} non-finite elements")
 
 
 def _expect_round_trip(

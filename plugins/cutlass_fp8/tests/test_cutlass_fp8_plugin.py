@@ -76,7 +76,9 @@ def test_bytes_match_rowwise_reference(conversion: cc.Conversion, shape: tuple[i
     assert scale is not None and scale.shape == want_scale.shape == shape[:-1]
     assert torch.equal(scale.view(torch.int32), want_scale.view(torch.int32)), "scales differ from the reference"
     mismatch = out.view(torch.uint8) != want_q
-    assert not bool(mismatch.any()), f"{int(mismatch.sum())} e4m3 bytes differ, first at {mismatch.nonzero()[0].tolist()}"
+    assert not bool(mismatch.any()), (
+        f"{int(mismatch.sum())} e4m3 bytes differ, first at {mismatch.nonzero()[0].tolist()}"
+    )
 
 
 def test_one_scale_per_output_row(conversion: cc.Conversion) -> None:

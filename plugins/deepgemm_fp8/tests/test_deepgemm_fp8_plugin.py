@@ -87,7 +87,9 @@ def test_bytes_match_blockwise_reference(conversion: cc.Conversion, shape: tuple
     assert scale is not None and scale.shape == want_scale.shape
     assert torch.equal(scale.view(torch.int32), want_scale.view(torch.int32)), "scales differ from the reference"
     mismatch = out.view(torch.uint8) != want_q
-    assert not bool(mismatch.any()), f"{int(mismatch.sum())} e4m3 bytes differ, first at {mismatch.nonzero()[0].tolist()}"
+    assert not bool(mismatch.any()), (
+        f"{int(mismatch.sum())} e4m3 bytes differ, first at {mismatch.nonzero()[0].tolist()}"
+    )
 
 
 def test_blocks_never_cross_experts(conversion: cc.Conversion) -> None:
