@@ -492,6 +492,9 @@ def check_refusals(conversion: Conversion, shape: Shape, device: torch.device, s
         bad = bad.transpose(-1, -2)
         cases.append(("non-contiguous out", call(src, bad, good_scale), [bad]))
     cases.append(("out=None", call(src, None, good_scale), []))
+    if device.type != "cpu":
+        bad = torch.empty(out_shape, dtype=conversion.dst_dtype)
+        cases.append(("out on the CPU for a source on " + str(device), call(src, bad, good_scale), [bad]))
     if conversion.requires_scale:
         scale_shape = conversion.expected_scale_shape(shape)
         assert scale_shape is not None
