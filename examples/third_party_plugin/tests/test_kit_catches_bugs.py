@@ -7,6 +7,7 @@ unbroken conversion passes every check (test_fp8_per_tensor_plugin.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -126,7 +127,9 @@ def test_dequantize_without_scale_fails_round_trip(good: cc.Conversion) -> None:
 
 
 def test_non_json_metadata_fails_tags(good: cc.Conversion) -> None:
-    mutant = good.replace(compile_metadata={"dtype": E4M3})
+    """The core refuses such metadata when a Conversion is built; the kit catches it regardless."""
+    mutant = good.replace()
+    object.__setattr__(mutant, "compile_metadata", MappingProxyType({"dtype": E4M3}))
     with pytest.raises(AssertionError, match="tags.*not JSON-serialisable"):
         check_conversion(mutant, only=["tags"])
 
