@@ -147,15 +147,19 @@ class Conversion:
         where = f"conversion {self.name!r}"
         if not isinstance(src, torch.Tensor):
             raise ConversionTypeError(f"{where}: src must be a torch.Tensor, got {type(src).__name__}")
-        if self.src_ndims is not None and src.dim() not in self.src_ndims:
-            ranks = " or ".join(f"{n}-D" for n in self.src_ndims)
-            raise ConversionInputError(
-                f"{where}: src of shape {tuple(src.shape)} is {src.dim()}-D; expected {ranks} "
-                "((N, K) weights or (E, N, K) stacked experts)"
-            )
+        self.check_shape(src.shape)
         if src.dtype not in self.src_dtypes:
             names = ", ".join(str(d) for d in self.src_dtypes)
             raise ConversionInputError(f"{where}: src dtype {src.dtype} is not one of {names}")
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        """Refuse a source rank this conversion does not handle (also before allocating)."""
+        if self.src_ndims is not None and len(shape) not in self.src_ndims:
+            ranks = " or ".join(f"{n}-D" for n in self.src_ndims)
+            raise ConversionInputError(
+                f"conversion {self.name!r}: source of shape {tuple(shape)} is {len(shape)}-D; expected {ranks} "
+                "((N, K) weights or (E, N, K) stacked experts)"
+            )
 
     def check_buffers(self, src: torch.Tensor, out: Any, scale_out: Any) -> None:
         """The one place every plugin's arguments are validated."""
@@ -184,6 +188,7 @@ class Conversion:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Allocate the output (and scale) buffers for a source of ``shape``, once."""
         shape = tuple(int(s) for s in shape)
+        self.check_shape(shape)
         out = torch.empty(tuple(self.out_shape(shape)), dtype=self.dst_dtype, device=device)
         scale_shape = self.expected_scale_shape(shape)
         scale = None

@@ -245,3 +245,18 @@ def test_every_error_derives_from_the_one_base() -> None:
         assert issubclass(error, cc.ConversionCoreError)
     assert issubclass(cc.ConversionInputError, ValueError) and issubclass(cc.ConfigError, ValueError)
     assert issubclass(cc.ConversionTypeError, TypeError) and issubclass(cc.UnknownConversionError, KeyError)
+
+
+def test_allocate_refuses_a_rank_the_conversion_does_not_handle():
+    import pytest
+    import torch
+
+    import conversion_core as cc
+
+    conv = cc.Conversion(
+        name="two_d_only", fn=lambda s, o, sc: None, requires_scale=False, dst_dtype=torch.float32, src_ndims=(2,)
+    )
+    with pytest.raises(cc.ConversionInputError, match=r"\(8,\) is 1-D; expected 2-D"):
+        conv.allocate((8,))
+    out, scale = conv.allocate((4, 8))
+    assert out.shape == (4, 8) and scale is None
