@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,9 @@ WEIGHT_SCALE_METHODS = ("compressed-tensors", "fbgemm_fp8")
 #: Arena alignment in bytes (covers every dtype and vectorised kernels' loads).
 ALIGN = 256
 
-_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embeddings?|embed_positions|word_embeddings|wte|wpe|tok_embeddings)(\.|$)")
+_EMBEDDING = re.compile(
+    r"(^|\.)(embed_tokens|embeddings?|embed_positions|word_embeddings|wte|wpe|tok_embeddings)(\.|$)"
+)
 _LM_HEAD = re.compile(r"(^|\.)lm_head(\.|$)")
 _NORM = re.compile(r"(^|\.)([^.]*norm[^.]*|ln_[^.]*)\.[^.]+$")
 _ROUTER = re.compile(r"(^|\.)(gate|router|shared_expert_gate)\.[^.]+$")
@@ -284,6 +287,8 @@ def _shard_rows(name: str, rows: int, spec: int | Sequence[int]) -> tuple[int, .
                 "declare the shard sizes explicitly in fused_shards"
             )
         return (rows // spec,) * spec
+    if isinstance(spec, bool):
+        raise ConversionInputError(f"tensor {name!r}: fused shard spec must be a count or row sizes, got {spec!r}")
     sizes = tuple(int(s) for s in spec)
     if not sizes or any(s < 1 for s in sizes) or sum(sizes) != rows:
         raise ConversionInputError(
@@ -297,7 +302,7 @@ def _row_scale_axis(conversion: Conversion, k: int) -> int:
     small = conversion.expected_scale_shape((1, k))
     large = conversion.expected_scale_shape((1 << 20, k))
     assert small is not None and large is not None
-    differing = [i for i, (a, b) in enumerate(zip(small, large)) if a != b]
+    differing = [i for i, (a, b) in enumerate(zip(small, large, strict=False)) if a != b]
     if len(small) != len(large) or len(differing) != 1:
         raise ConversionInputError(
             f"conversion {conversion.name!r}: its scale shape {small} does not grow along one axis with the "
@@ -438,7 +443,7 @@ class Plan:
         if len(self._by_name) != len(self.entries):
             raise ConversionInputError("a plan cannot hold two tensors with one name")
         outputs = [n for e in self.entries for n in e.output_names]
-        clash = sorted({n for n in outputs if outputs.count(n) > 1})
+        clash = sorted(n for n, count in Counter(outputs).items() if count > 1)
         if clash:
             raise ConversionInputError(
                 f"output names collide: {clash[:5]} (a source tensor already carries a scale's name; "
@@ -509,7 +514,7 @@ class Plan:
             total += -(-nbytes // ALIGN) * ALIGN
         arena = torch.empty(max(total, ALIGN), dtype=torch.uint8, device=device)
         buffers: dict[str, torch.Tensor] = {}
-        for (name, shape, dtype), offset in zip(layout, offsets):
+        for (name, shape, dtype), offset in zip(layout, offsets, strict=True):
             size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             buffers[name] = arena[offset : offset + size].view(dtype).view(shape)
         self.arena, self.device, self._ready = arena, device, False
