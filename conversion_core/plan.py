@@ -552,6 +552,21 @@ class Plan:
                 row += rows
         return calls
 
+    def dequantize(self, name: str) -> torch.Tensor:
+        """float32 reading of a tensor's current output, shard by shard for fused tensors (verification)."""
+        entry = self[name]
+        if self.arena is None:
+            raise ConversionInputError("the plan has no buffers yet: call allocate(device) first")
+        result = torch.empty(entry.src_shape, dtype=torch.float32, device=self.device)
+        for call in self._calls:
+            if call.name == name:
+                value = entry.conversion.dequantize(call.out, call.scale)
+                if call.index:
+                    result[call.index] = value
+                else:
+                    result.copy_(value)
+        return result
+
     @property
     def ready(self) -> bool:
         """True only after a run that converted every tensor."""
