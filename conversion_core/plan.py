@@ -248,11 +248,11 @@ def keep_reason(name: str, spec: TensorSpec, conversion: Conversion, ignore: Seq
     """Why ``name`` stays unquantized under ``conversion``, or None when the conversion applies."""
     if not spec.dtype.is_floating_point:
         return f"non-float dtype {dtype_name(spec.dtype)}"
-    ranks = conversion.src_ndims or (2, 3)
-    if len(spec.shape) not in ranks:
+    if not conversion.requires_scale:  # a plain cast applies to the whole model
+        ranks = conversion.src_ndims
+        return None if ranks is None or len(spec.shape) in ranks else f"{len(spec.shape)}-D tensor"
+    if len(spec.shape) not in (conversion.src_ndims or (2, 3)):
         return f"{len(spec.shape)}-D tensor"
-    if not conversion.requires_scale:
-        return None  # a plain cast applies to the whole model
     if _BIAS.search(name):
         return "bias"
     if _EMBEDDING.search(name):
