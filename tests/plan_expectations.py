@@ -67,7 +67,7 @@ def check_channel(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 # ---- tiny checkpoints written from configs ---------------------------------------------------------
