@@ -67,7 +67,11 @@ def check_channel(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 # ---- tiny checkpoints written from configs ---------------------------------------------------------
@@ -169,4 +173,6 @@ def write_checkpoint(path: Path, config: dict, state: dict[str, torch.Tensor], s
 
 def tree_digest(path: Path) -> dict[str, str]:
     """sha256 of every file under ``path`` (to prove it was not modified)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()
+    }

@@ -37,7 +37,7 @@ CT_BLOCK = json.loads(json.dumps(CT_CHANNEL))
 CT_BLOCK["config_groups"]["g"]["weights"].update(strategy="block", block_structure=[128, 128])
 CT_BLOCK["ignore"] = []
 
-E, I, H = 3, 160, 256  # 2*ceil(160/128) = 4 scale rows, not ceil(320/128) = 3
+E, I, H = 3, 160, 256  # noqa: E741 (the issue's names) 2*ceil(160/128) = 4 scale rows, not ceil(320/128) = 3
 
 
 def moe_specs(dtype: torch.dtype = torch.bfloat16) -> dict[str, TensorSpec]:
@@ -98,7 +98,10 @@ def test_published_fp8_checkpoints_keep_embeddings_head_norms_biases_and_router_
     ("qc", "extra_kept"),
     [
         ({**BLOCK, "modules_to_not_convert": ["model.layers.0.self_attn.q_proj"]}, {"q_proj"}),
-        ({**BLOCK, "ignored_layers": ["self_attn.o_proj", "model.layers.0.mlp.experts"]}, {"o_proj", "gate_up_proj", "down_proj"}),
+        (
+            {**BLOCK, "ignored_layers": ["self_attn.o_proj", "model.layers.0.mlp.experts"]},
+            {"o_proj", "gate_up_proj", "down_proj"},
+        ),
         (CT_CHANNEL, {"v_proj"}),
     ],
 )
