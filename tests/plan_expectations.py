@@ -12,10 +12,19 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
+import conversion_core as cc
+
 E4M3 = torch.float8_e4m3fn
+BUILTIN = {"bf16_cast", "fp32_cast", "fp8_128x128", "cutlass_fp8_e4m3_per_channel"}
+
+#: These tests drive the built-in plugins as installed distributions (the core-alone session has none).
+needs_builtin_plugins = pytest.mark.skipif(
+    not BUILTIN <= set(cc.load_registry().names()), reason="needs the three built-in plugins installed"
+)
 
 
 def expected_block_scales(x: torch.Tensor, block: int = 128) -> torch.Tensor:

@@ -15,6 +15,7 @@ from plan_expectations import (
     check_block,
     check_channel,
     model_state,
+    needs_builtin_plugins,
     same_bytes,
     tree_digest,
     write_checkpoint,
@@ -26,6 +27,8 @@ from conversion_core.checkpoint import convert_checkpoint
 from conversion_core.cli import main
 
 BLOCK_NAME, CHANNEL_NAME = "fp8_128x128", "cutlass_fp8_e4m3_per_channel"
+
+pytestmark = needs_builtin_plugins
 
 
 def expect_kept(name: str, shape: tuple[int, ...]) -> bool:
@@ -133,7 +136,7 @@ def test_like_config_with_an_ignore_list(checkpoints, tmp_path):
         )
     )
     dst = tmp_path / "out"
-    main(["convert", str(checkpoints["moe"]), str(dst), "--like", str(like), "--no-progress"])
+    assert main(["convert", str(checkpoints["moe"]), str(dst), "--like", str(like)]) == 0  # with the tqdm bar
     source, converted = load_dir(checkpoints["moe"]), load_dir(dst)
     assert same_bytes(
         converted["model.layers.1.self_attn.q_proj.weight"], source["model.layers.1.self_attn.q_proj.weight"]
@@ -142,6 +145,30 @@ def test_like_config_with_an_ignore_list(checkpoints, tmp_path):
     assert converted["model.layers.0.self_attn.q_proj.weight"].dtype == E4M3
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert "model.layers.1.self_attn.q_proj" in qc["ignored_layers"]
+    assert cc.select_default_conversion(dst) == BLOCK_NAME
+
+
+def test_like_a_compressed_tensors_block_config_names_scales_weight_scale(checkpoints, tmp_path):
+    weights = {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128], "symmetric": True}
+    acts = {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128, "dynamic": True}
+    like = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}},
+        "ignore": ["lm_head"],
+    }
+    dst = tmp_path / "out"
+    result = convert_checkpoint(checkpoints["dense"], dst, like=like, progress=False)
+    assert result.conversion == BLOCK_NAME
+    source, converted = load_dir(checkpoints["dense"]), load_dir(dst)
+    x = source["model.layers.0.mlp.down_proj.weight"]
+    assert "model.layers.0.mlp.down_proj.weight_scale_inv" not in converted
+    check_block(
+        x, converted["model.layers.0.mlp.down_proj.weight"], converted["model.layers.0.mlp.down_proj.weight_scale"]
+    )
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"] == weights
+    assert qc["ignore"][0] == "lm_head" and "model.embed_tokens" in qc["ignore"]
     assert cc.select_default_conversion(dst) == BLOCK_NAME
 
 

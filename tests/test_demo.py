@@ -7,12 +7,14 @@ import math
 import sys
 
 import pytest
+from plan_expectations import needs_builtin_plugins
 
 import conversion_core as cc
 from conversion_core.cli import main
 from conversion_core.demo import INFERENCE_CONFIGS, MODEL_CONFIG, build_model_state, data_path, run_demo
 
 
+@needs_builtin_plugins
 def test_shipped_configs_are_package_data_and_resolve_to_both_fp8_formats():
     model = json.loads(data_path(MODEL_CONFIG).read_text())
     assert model["model_type"] == "qwen3_moe"
@@ -21,6 +23,7 @@ def test_shipped_configs_are_package_data_and_resolve_to_both_fp8_formats():
     assert cc.select_default_conversion(data_path(INFERENCE_CONFIGS["channel"])) == "cutlass_fp8_e4m3_per_channel"
 
 
+@needs_builtin_plugins
 @pytest.mark.parametrize("fmt", ["block", "channel"])
 def test_demo_converts_the_shipped_model(fmt):
     pytest.importorskip("transformers")
@@ -45,6 +48,7 @@ def test_demo_converts_the_shipped_model(fmt):
         assert q.scale_name.endswith("q_proj.weight_scale") and q.scale_shape == (q.src_shape[0], 1)
 
 
+@needs_builtin_plugins
 def test_demo_command_prints_the_table(capsys):
     pytest.importorskip("transformers")
     assert main(["demo"]) == 0

@@ -13,6 +13,7 @@ from plan_expectations import (
     check_channel,
     expand_blocks,
     expected_block_scales,
+    needs_builtin_plugins,
     same_bytes,
 )
 
@@ -38,6 +39,8 @@ CT_BLOCK["config_groups"]["g"]["weights"].update(strategy="block", block_structu
 CT_BLOCK["ignore"] = []
 
 E, I, H = 3, 160, 256  # noqa: E741 (the issue's names) 2*ceil(160/128) = 4 scale rows, not ceil(320/128) = 3
+
+pytestmark = needs_builtin_plugins
 
 
 def moe_specs(dtype: torch.dtype = torch.bfloat16) -> dict[str, TensorSpec]:
