@@ -311,6 +311,14 @@ def _row_scale_axis(conversion: Conversion, k: int) -> int:
     return differing[0] - len(small)
 
 
+def _rows_independent(conversion: Conversion, k: int) -> bool:
+    """True when each row has its own scale (or none): shards then need no separate calls."""
+    if not conversion.requires_scale:
+        return True
+    axis = _row_scale_axis(conversion, k)
+    return all((conversion.expected_scale_shape((n, k)) or ())[axis] == n for n in (1, 127, 1 << 20))
+
+
 def _fused_layout(entry_name: str, conversion: Conversion, shape: Shape, sizes: tuple[int, ...]) -> Shape:
     """Scale buffer shape of a fused tensor whose shards are quantized separately."""
     if len(shape) not in (2, 3):
@@ -531,8 +539,8 @@ class Plan:
     def _calls_of(e: PlanEntry, buffers: Mapping[str, torch.Tensor]) -> list[_Call]:
         out = buffers[e.name]
         scale = buffers[e.scale_name] if e.scale_name is not None else None
-        if e.shards is None or len(e.shards) == 1:
-            return [_Call(e.name, (), out, scale)]
+        if e.shards is None or len(e.shards) == 1 or _rows_independent(e.conversion, e.src_shape[-1]):
+            return [_Call(e.name, (), out, scale)]  # one call writes the same bytes as one per shard
         axis = _row_scale_axis(e.conversion, e.src_shape[-1]) if scale is not None else 0
         experts = [(i,) for i in range(e.src_shape[0])] if len(e.src_shape) == 3 else [()]
         calls = []

@@ -168,6 +168,19 @@ def test_fused_gate_up_blocks_never_straddle_the_boundary():
         assert torch.equal(deq[e], q[e].float() * full)
 
 
+def test_fused_gate_up_per_channel_scales_are_one_per_row():
+    specs = {"model.layers.0.mlp.experts.gate_up_proj": TensorSpec((E, 2 * I, H), torch.float32)}
+    state = random_state(specs, 5)
+    plan = build_plan(specs, CT_CHANNEL)
+    out = plan.allocate("cpu")
+    plan.run(state)
+    w = state["model.layers.0.mlp.experts.gate_up_proj"]
+    q, scale = out["model.layers.0.mlp.experts.gate_up_proj"], out["model.layers.0.mlp.experts.gate_up_proj_scale"]
+    assert tuple(scale.shape) == (E, 2 * I, 1)
+    for e in range(E):
+        check_channel(w[e], q[e], scale[e])
+
+
 def test_fused_shard_sizes_can_be_declared_and_are_checked():
     name = "model.layers.0.mlp.w13"
     specs = {name + ".weight": TensorSpec((300, 256), torch.float32)}
