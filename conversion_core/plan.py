@@ -525,7 +525,7 @@ class Plan:
         for (name, shape, dtype), offset in zip(layout, offsets, strict=True):
             size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             buffers[name] = arena[offset : offset + size].view(dtype).view(shape)
-        self.arena, self.device, self._ready = arena, device, False
+        self.arena, self.device, self._ready = arena, arena.device, False  # cuda -> cuda:0
         self._calls = [call for e in self.entries for call in self._calls_of(e, buffers)]
         self._outputs = {}
         for e in self.entries:
