@@ -245,3 +245,23 @@ def test_a_checkpoint_saved_by_transformers_converts(tmp_path):
         else:
             check_block(x, converted[name], converted[name[: -len("weight")] + "weight_scale_inv"])
     assert cc.select_default_conversion(tmp_path / "dst") == BLOCK_NAME
+
+
+def test_convert_holds_one_shard_at_a_time(checkpoints, tmp_path, monkeypatch):
+    from conversion_core.plan import Plan
+
+    allocated: list[set[str]] = []
+    original = Plan.allocate
+
+    def recording(self, device=None):
+        allocated.append({e.name for e in self.entries})
+        return original(self, device)
+
+    monkeypatch.setattr(Plan, "allocate", recording)
+    convert_checkpoint(checkpoints["moe"], tmp_path / "out", conversion=BLOCK_NAME, progress=False)
+    index = json.loads((checkpoints["moe"] / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = {}
+    for name, file in index.items():
+        shards.setdefault(file, set()).add(name)
+    assert len(shards) == 3
+    assert sorted(map(sorted, allocated)) == sorted(map(sorted, shards.values()))  # one buffer set per shard
