@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a config.json, a model directory or a model name")
     p.add_argument("--explain", action="store_true", help="print every rule with its outcome")
     p.set_defaults(func=_cmd_resolve)
+
+    from . import checkpoint, demo
+
+    checkpoint.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,436 @@
+"""``conversion-core convert SRC DST``: a safetensors checkpoint converted for an inference format.
+
+Reads SRC shard by shard (``safe_open``: only one shard's tensors in memory at a time), converts
+each through the whole-model plan, and writes DST with the converted shards, the index, the
+plan's manifest, the other files (tokenizer, generation config, ...) and a ``config.json`` whose
+``quantization_config`` is what vLLM loads for that format and what ``select_default_conversion``
+maps back to the same conversion. Everything is written into a temporary directory beside DST and
+renamed at the end, so a failure midway (a NaN in one shard) leaves nothing behind; SRC is only
+ever read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fnmatch
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import quantization_config_of
+from .errors import ConfigError, ConversionCoreError, ConversionInputError
+from .plan import TensorSpec, build_plan, dtype_from_safetensors, resolve_conversion, scale_naming_for
+from .registry import Registry, load_registry
+from .types import Conversion
+
+#: ``[(shard file name, tensor names)]``
+Shards = list[tuple[str, list[str]]]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MANIFEST_NAME = "conversion_manifest.json"
+CONFIG_NAME = "config.json"
+#: Files of SRC not copied to DST: the weights (rewritten) and other frameworks' copies of them.
+NOT_COPIED = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+    "*.msgpack",
+    "*.h5",
+    CONFIG_NAME,
+    MANIFEST_NAME,
+)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What ``convert_checkpoint`` wrote."""
+
+    dst: Path
+    conversion: str
+    tensors: int
+    quantized: int
+    kept: int
+    shards: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+
+
+# ---- the quantization_config written for each format ----------------------------------------
+
+
+def fp8_block_config(block: list[int], ignored: list[str]) -> dict[str, Any]:
+    """DeepSeek-V3 / Qwen3 FP8 style, read by vLLM's ``fp8`` method (``weight_scale_inv`` scales)."""
+    qc: dict[str, Any] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+    }
+    if ignored:
+        qc["ignored_layers"] = list(ignored)
+        qc["modules_to_not_convert"] = list(ignored)  # transformers' spelling of the same list
+    return qc
+
+
+def compressed_tensors_channel_config(ignored: list[str]) -> dict[str, Any]:
+    """compressed-tensors ``float-quantized`` FP8, per-channel weights (``weight_scale`` (N, 1)), dynamic tokens."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "format": "float-quantized",
+                "weights": {
+                    "num_bits": 8,
+                    "type": "float",
+                    "strategy": "channel",
+                    "symmetric": True,
+                    "dynamic": False,
+                    "group_size": None,
+                    "block_structure": None,
+                    "actorder": None,
+                    "observer": "minmax",
+                },
+                "input_activations": {
+                    "num_bits": 8,
+                    "type": "float",
+                    "strategy": "token",
+                    "symmetric": True,
+                    "dynamic": True,
+                    "group_size": None,
+                    "observer": None,
+                },
+                "output_activations": None,
+            }
+        },
+        "ignore": list(ignored),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
+
+
+_IGNORE_KEYS = {"fp8": ("ignored_layers", "modules_to_not_convert"), "compressed-tensors": ("ignore",)}
+_IGNORE_KEYS["fbgemm_fp8"] = ("modules_to_not_convert",)
+
+
+def _with_ignored(qc: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
+    """``qc`` with the kept modules added to its own ignore list(s)."""
+    out = copy.deepcopy(qc)
+    for key in _IGNORE_KEYS.get(str(qc.get("quant_method")), ()):
+        existing = list(out.get(key) or [])
+        out[key] = existing + [m for m in ignored if m not in existing]
+    return out
+
+
+def target_quantization_config(conversion: Conversion, like: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``quantization_config`` family DST is written in, before its ignore list (None: unquantized).
+
+    A ``--like`` config in a format that names scales ``weight_scale`` (compressed-tensors, fbgemm)
+    is kept as it is; otherwise the format follows from the conversion's tags. A conversion whose
+    format is unknown here needs ``--like`` with a config that selects it.
+    """
+    meta = conversion.tags["compile_metadata"]
+    if like and like.get("quant_method") in ("compressed-tensors", "fbgemm_fp8"):
+        return dict(like)
+    if not conversion.requires_scale and conversion.dst_dtype == torch.bfloat16:
+        return None
+    if meta.get("dtype") == "e4m3" and meta.get("scale_layout") == "blockwise" and "block_size" in meta:
+        return fp8_block_config(list(meta["block_size"]), [])
+    if meta.get("dtype") == "e4m3" and meta.get("scale_layout") == "per_channel":
+        return compressed_tensors_channel_config([])
+    if like:
+        return dict(like)
+    raise ConfigError(
+        f"conversion {conversion.name!r} ({conversion.compile_target}) has no checkpoint config known to "
+        "conversion-core; pass --like CONFIG with a config whose quantization_config selects it"
+    )
+
+
+# ---- reading SRC ------------------------------------------------------------------------------
+
+
+def source_shards(src: Path) -> Shards:
+    """``[(file name, tensor names)]`` in file order, from the index or the single safetensors file."""
+    index = src / INDEX_NAME
+    if index.is_file():
+        data = _read_json(index)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionInputError(f"{index}: 'weight_map' must be a non-empty object of tensor -> file")
+        by_file: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or "/" in file or file.startswith("."):
+                raise ConversionInputError(f"{index}: tensor {name!r} maps to {file!r}, not a file name in {src}")
+            by_file.setdefault(file, []).append(name)
+        return sorted(by_file.items())
+    files = sorted(p.name for p in src.glob("*.safetensors"))
+    if not files:
+        raise ConversionInputError(f"{src} holds no *.safetensors file (and no {INDEX_NAME})")
+    if len(files) > 1:
+        raise ConversionInputError(f"{src} holds {len(files)} safetensors files but no {INDEX_NAME}: {files[:5]}")
+    return [(files[0], [])]  # names come from the file's header
+
+
+def read_specs(src: Path, shards: Shards) -> tuple[Shards, dict[str, TensorSpec]]:
+    """Every tensor's shape and dtype from the shard headers (no tensor data is read)."""
+    from safetensors import safe_open
+
+    specs: dict[str, TensorSpec] = {}
+    resolved = []
+    for file, indexed in shards:
+        path = src / file
+        if not path.is_file():
+            raise ConversionInputError(f"shard {path} named in {INDEX_NAME} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+                for name in names:
+                    sl = f.get_slice(name)
+                    specs[name] = TensorSpec(tuple(sl.get_shape()), dtype_from_safetensors(sl.get_dtype()))
+        except ConversionCoreError:
+            raise
+        except Exception as exc:
+            raise ConversionInputError(f"cannot read safetensors shard {path}: {exc}") from exc
+        if indexed and set(indexed) != set(names):
+            missing = sorted(set(indexed) - set(names))[:5]
+            extra = sorted(set(names) - set(indexed))[:5]
+            raise ConversionInputError(
+                f"shard {path} disagrees with {INDEX_NAME}: indexed but absent {missing}, "
+                f"present but not indexed {extra}"
+            )
+        resolved.append((file, names))
+    return resolved, specs
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversionInputError(f"cannot read {path} as JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConversionInputError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+# ---- writing DST atomically -----------------------------------------------------------------
+
+
+def _check_paths(src: Path, dst: Path, force: bool) -> None:
+    if not src.is_dir():
+        raise ConversionInputError(f"SRC {src} is not a directory")
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise ConversionInputError(f"DST {dst} must not be SRC {src}, inside it, or contain it")
+    if not d.parent.is_dir():
+        raise ConversionInputError(f"the parent of DST, {d.parent}, does not exist")
+    if d.exists() or d.is_symlink():
+        if not d.is_dir():
+            raise ConversionInputError(f"DST {dst} exists and is not a directory")
+        if any(d.iterdir()) and not force:
+            raise ConversionInputError(f"DST {dst} exists and is not empty; pass --force to replace it")
+
+
+def _publish(tmp: Path, dst: Path) -> None:
+    """Move the finished ``tmp`` to ``dst``, replacing an existing ``dst`` only once ``tmp`` is complete."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    if not dst.exists():
+        os.rename(tmp, dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _copy_others(src: Path, tmp: Path) -> list[str]:
+    copied = []
+    for entry in sorted(src.iterdir()):
+        if entry.name.startswith(".") or any(fnmatch.fnmatch(entry.name, p) for p in NOT_COPIED):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, tmp / entry.name)
+        else:
+            shutil.copy2(entry, tmp / entry.name)
+        copied.append(entry.name)
+    return copied
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    conversion: str | None = None,
+    like: Any = None,
+    force: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    registry: Registry | None = None,
+    fused_shards: Mapping[str, Any] | None = None,
+) -> ConvertResult:
+    """Convert the safetensors checkpoint in ``src`` into ``dst`` (see the module docstring)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from .resolver import select_default_conversion
+
+    start = time.perf_counter()
+    src_path, dst_path = Path(src).expanduser(), Path(dst).expanduser()
+    if (conversion is None) == (like is None):
+        raise ConversionInputError("convert needs exactly one of --conversion NAME or --like CONFIG")
+    _check_paths(src_path, dst_path, force)
+    registry = registry or load_registry()
+
+    src_config = _read_json(src_path / CONFIG_NAME) if (src_path / CONFIG_NAME).is_file() else {}
+    if quantization_config_of(src_config):
+        raise ConversionInputError(
+            f"{src_path / CONFIG_NAME} already has a quantization_config; convert reads unquantized checkpoints"
+        )
+    chosen, like_qc = resolve_conversion(like, conversion, registry)
+    shards, specs = read_specs(src_path, source_shards(src_path))
+    if not specs:
+        raise ConversionInputError(f"{src_path} holds no tensors")
+
+    out_qc = target_quantization_config(chosen, like_qc)
+    naming = scale_naming_for(chosen, out_qc or {})
+    plan = build_plan(
+        specs, like_qc, conversion=chosen.name, registry=registry, fused_shards=fused_shards, scale_naming=naming
+    )
+    if out_qc is not None:
+        out_qc = _with_ignored(out_qc, plan.kept_modules())
+    out_config = dict(src_config)
+    out_config.pop("quantization_config", None)
+    if out_qc is not None:
+        out_config["quantization_config"] = out_qc
+    back = select_default_conversion(out_config or {}, registry)
+    if back != chosen.name:
+        raise ConfigError(
+            f"the config written for {chosen.name!r} would select {back!r} when read back; refusing to write "
+            f"a checkpoint that loads as another format (quantization_config: {json.dumps(out_qc)})"
+        )
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst_path.name}.tmp-", dir=dst_path.resolve().parent))
+    weight_map: dict[str, str] = {}
+    bytes_in = bytes_out = 0
+    try:
+        total = sum(_nbytes(s.shape, s.dtype) for s in specs.values())
+        with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress, file=sys.stderr) as bar:
+            for file, names in shards:
+                shard_plan = plan.subset(names)
+                outputs = shard_plan.allocate(device)
+                with safe_open(str(src_path / file), framework="pt", device=str(device)) as f:
+                    state = {name: f.get_tensor(name) for name in names}
+                shard_plan.run(state)
+                save_file(outputs, str(tmp / file), metadata={"format": "pt"})
+                shard_in = sum(t.numel() * t.element_size() for t in state.values())
+                bytes_in += shard_in
+                bytes_out += sum(t.numel() * t.element_size() for t in outputs.values())
+                weight_map.update({name: file for name in outputs})
+                del state, outputs, shard_plan
+                bar.update(shard_in)
+        if (src_path / INDEX_NAME).is_file():
+            index = {"metadata": {"total_size": bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (tmp / CONFIG_NAME).write_text(json.dumps(out_config, indent=2) + "\n", encoding="utf-8")
+        plan.write_manifest(tmp / MANIFEST_NAME)
+        _copy_others(src_path, tmp)
+        _publish(tmp, dst_path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise ConversionInputError(f"writing {dst_path} failed: {exc}") from exc
+        raise
+    return ConvertResult(
+        dst=dst_path,
+        conversion=chosen.name,
+        tensors=len(plan),
+        quantized=len(plan.quantized),
+        kept=len(plan.kept),
+        shards=len(shards),
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    result = convert_checkpoint(
+        args.src,
+        args.dst,
+        conversion=args.conversion,
+        like=args.like,
+        force=args.force,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {result.dst}: {result.conversion}, {result.quantized} tensors quantized, {result.kept} kept, "
+        f"{result.shards} shard(s), {result.bytes_in / 1e6:.1f} MB in -> {result.bytes_out / 1e6:.1f} MB out "
+        f"in {result.seconds:.1f} s"
+    )
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``convert`` on the CLI's subparsers."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "convert", help="convert a safetensors checkpoint directory into an inference format"
+    )
+    p.add_argument("src", help="source checkpoint directory (safetensors, sharded or not); never modified")
+    p.add_argument("dst", help="output directory (written atomically; must not exist or be empty)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--conversion", help="a registered conversion name, e.g. fp8_128x128")
+    which.add_argument("--like", metavar="CONFIG", help="an inference config whose quantization_config selects it")
+    p.add_argument("--force", action="store_true", help="replace a non-empty DST")
+    p.add_argument("--device", default="cpu", help="where tensors are converted (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert)
+    return p
+
+
+def plan_of(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a converted checkpoint (what :meth:`Plan.manifest` wrote)."""
+    return _read_json(Path(path) / MANIFEST_NAME)
+
+
+__all__ = [
+    "ConvertResult",
+    "add_parser",
+    "compressed_tensors_channel_config",
+    "convert_checkpoint",
+    "fp8_block_config",
+    "plan_of",
+    "target_quantization_config",
+]
