@@ -4,11 +4,15 @@ Accepted: a dict (a whole config.json, or just its ``quantization_config``), a
 ``transformers.PretrainedConfig``, a path to a config.json or to a model directory, or a
 model name (loaded with ``transformers.AutoConfig``, imported only then, never with
 ``trust_remote_code``). ``{}`` means the model is not quantized.
+
+Whatever comes in, what comes out is made only of dicts, lists, str, int, float, bool and
+None (so rules and error messages can rely on JSON semantics), and every failure is a
+:class:`~conversion_core.errors.ConfigError` naming the key at fault and what was expected.
 """
 
 from __future__ import annotations
 
-import copy
+import enum
 import json
 import os
 from collections.abc import Mapping
@@ -19,6 +23,18 @@ from .errors import ConfigError
 
 #: Keys that mark a dict as a whole config.json rather than a bare quantization_config.
 WHOLE_CONFIG_KEYS = ("quantization_config", "model_type", "architectures")
+
+#: Keys every rule may read as a string when present.
+STRING_KEYS = ("fmt", "scale_fmt", "activation_scheme", "quant_format", "format", "expert_dtype")
+
+#: Keys listing modules left unquantized (HF fp8 / fbgemm / compressed-tensors spellings).
+MODULE_LIST_KEYS = ("modules_to_not_convert", "ignored_layers", "ignore", "modules_to_convert")
+
+#: Nesting deeper than this is not a config anybody wrote; refusing it keeps recursion bounded.
+MAX_DEPTH = 64
+
+#: Checkpoint formats that name every weight scale ``weight_scale`` whatever its layout.
+WEIGHT_SCALE_FORMATS = ("compressed-tensors", "fbgemm_fp8")
 
 
 def quantization_config_of(config: Any) -> dict[str, Any]:
@@ -35,6 +51,16 @@ def quantization_config_of(config: Any) -> dict[str, Any]:
     )
 
 
+def checkpoint_scale_name(qc: Mapping[str, Any], default: str | None) -> str | None:
+    """Tensor-name suffix the target checkpoint format loads weight scales under.
+
+    compressed-tensors and fbgemm_fp8 call every weight scale ``weight_scale`` (a 128x128
+    block scale included), where the DeepSeek-style ``fp8`` format says ``weight_scale_inv``;
+    ``default`` (the conversion's own ``scale_name``) for every other format.
+    """
+    return "weight_scale" if qc.get("quant_method") in WEIGHT_SCALE_FORMATS else default
+
+
 def _from_mapping(config: Mapping[Any, Any], origin: str) -> dict[str, Any]:
     if "quant_method" in config:
         return validate_quantization_config(config, origin)
@@ -45,7 +71,7 @@ def _from_mapping(config: Mapping[Any, Any], origin: str) -> dict[str, Any]:
         if qc is None:
             return {}
         return validate_quantization_config(qc, f"{origin}['quantization_config']")
-    keys = ", ".join(sorted(map(str, config))[:8])
+    keys = ", ".join(sorted(map(repr, config))[:8])
     raise ConfigError(
         f"{origin} is neither a model config (it has none of the keys "
         f"{', '.join(WHOLE_CONFIG_KEYS)}) nor a quantization_config (no 'quant_method' key); "
@@ -57,7 +83,7 @@ def validate_quantization_config(qc: Any, origin: str = "quantization_config") -
     """Check the keys every rule relies on; return a deep plain copy predicates may not spoil."""
     if not isinstance(qc, Mapping):
         raise ConfigError(f"{origin} must be a mapping (a JSON object), got {type(qc).__name__}")
-    plain = _plain(qc, origin)
+    plain = _plain(qc, origin, 0)
     if not plain:
         return {}
     method = plain.get("quant_method")
@@ -74,37 +100,81 @@ def validate_quantization_config(qc: Any, origin: str = "quantization_config") -
         raise ConfigError(
             f"{origin}['weight_block_size'] must be a list of two positive ints [rows, cols], got {block!r}"
         )
-    for key in ("fmt", "scale_fmt", "activation_scheme", "quant_format", "format"):
+    for key in STRING_KEYS:
         value = plain.get(key)
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{origin}[{key!r}] must be a string, got {value!r}")
+    for key in MODULE_LIST_KEYS:
+        value = plain.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(m, str) for m in value)):
+            raise ConfigError(f"{origin}[{key!r}] must be a list of module names (strings) or null, got {value!r}")
+    groups = plain.get("config_groups")
+    if groups is not None:
+        if not isinstance(groups, dict):
+            raise ConfigError(
+                f"{origin}['config_groups'] must be a mapping of group name to scheme, got {type(groups).__name__}"
+            )
+        for name, group in groups.items():
+            if not isinstance(group, dict):
+                raise ConfigError(
+                    f"{origin}['config_groups'][{name!r}] must be a mapping with 'weights' and "
+                    f"'input_activations', got {type(group).__name__}"
+                )
     return plain
 
 
-def _plain(value: Any, origin: str) -> Any:
-    """A deep copy made of dicts, lists and scalars (tuples become lists)."""
+def _plain(value: Any, origin: str, depth: int) -> Any:
+    """A deep copy made only of dicts, lists and JSON scalars (tuples become lists).
+
+    Str-valued enums (transformers' ``QuantizationMethod``) become plain strings so that
+    ``==``, ``json.dumps`` and ``repr`` behave as for a config read from JSON.
+    """
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{origin} is nested more than {MAX_DEPTH} levels deep; expected a JSON-like config")
+    if isinstance(value, enum.Enum):
+        value = value.value
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
+            if isinstance(k, enum.Enum) and isinstance(k.value, str):
+                k = k.value
             if not isinstance(k, str):
-                raise ConfigError(f"{origin} has a non-string key {k!r}")
-            out[k] = _plain(v, f"{origin}[{k!r}]")
+                raise ConfigError(f"{origin} has a non-string key {k!r}; expected JSON object keys (strings)")
+            out[str(k)] = _plain(v, f"{origin}[{k!r}]", depth + 1)
         return out
     if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{origin}[{i}]") for i, v in enumerate(value)]
-    return copy.deepcopy(value)
+        return [_plain(v, f"{origin}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    raise ConfigError(
+        f"{origin} is a {type(value).__name__}; expected a JSON value (object, array, string, number, bool, null)"
+    )
 
 
 def _from_location(location: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(location).expanduser()
-    if path.is_dir():
+    text = os.fspath(location)
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(
+            f"config location {text!r} is empty; expected a path to config.json, a model directory or a model name"
+        )
+    try:
+        path = Path(text).expanduser()
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, ValueError) as exc:  # embedded NUL, name too long, ...
+        raise ConfigError(f"config location {text!r} is not a usable path: {exc}") from exc
+    if is_dir:
         path = path / "config.json"
         if not path.is_file():
-            raise ConfigError(f"model directory {location} has no config.json")
+            raise ConfigError(f"model directory {text} has no config.json")
         return _from_json_file(path)
-    if path.is_file():
+    if is_file:
         return _from_json_file(path)
-    text = os.fspath(location)
     if isinstance(location, os.PathLike) or text.endswith(".json") or text.startswith(("/", ".", "~")):
         raise ConfigError(f"config path {text} does not exist")
     return _from_model_name(text)
@@ -117,6 +187,8 @@ def _from_json_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path} is nested too deeply to be a model config") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return _from_mapping(data, str(path))
@@ -142,9 +214,13 @@ def _is_pretrained_config(obj: Any) -> bool:
 
 
 def _from_pretrained(config: Any) -> dict[str, Any]:
+    origin = f"{type(config).__name__}.quantization_config"
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return {}
     if not isinstance(qc, Mapping) and hasattr(qc, "to_dict"):
-        qc = qc.to_dict()
-    return validate_quantization_config(qc, f"{type(config).__name__}.quantization_config")
+        try:
+            qc = qc.to_dict()
+        except Exception as exc:  # a quantizer config object that cannot describe itself
+            raise ConfigError(f"{origin}.to_dict() failed: {exc!r}") from exc
+    return validate_quantization_config(qc, origin)

@@ -42,28 +42,69 @@ def check_fp8_dequantize_args(q: torch.Tensor, scale: torch.Tensor | None, conve
     return scale
 
 
+#: ``scale_fmt`` values that mean plain float32 scales (transformers writes ``"float"``).
+FLOAT32_SCALE_FMTS = (None, "float", "float32", "fp32")
+
+#: Every key of an HF ``fp8`` quantization_config whose meaning is known not to change the
+#: weight bytes beyond what the guards check. An unknown key might (DeepSeek-V4's
+#: ``expert_dtype`` switched the experts to FP4), so a config with one matches no FP8 rule.
+FP8_CONFIG_KEYS = frozenset(
+    {
+        "quant_method",
+        "fmt",
+        "activation_scheme",
+        "weight_block_size",
+        "scale_fmt",
+        "expert_dtype",
+        "quant_format",
+        "modules_to_not_convert",
+        "ignored_layers",
+        "modules_to_convert",
+        "dequantize",
+    }
+)
+
+#: Keys of transformers' ``fbgemm_fp8`` config (per-channel weights, dynamic per-token activations).
+FBGEMM_FP8_CONFIG_KEYS = frozenset({"quant_method", "activation_scale_ub", "modules_to_not_convert"})
+
+
 def is_dynamic_e4m3_fp8(qc: dict) -> bool:
     """An HF ``fp8`` quantization_config these float32-scale e4m3 bytes can serve.
 
     ``fmt`` absent or e4m3; ``scale_fmt`` absent or float32 (``ue8m0`` needs power-of-two
-    scales); ``activation_scheme`` absent or dynamic (static needs input scales).
+    scales); ``activation_scheme`` absent or dynamic (static needs input scales);
+    ``expert_dtype`` absent or fp8 (``fp4`` experts are another format); no unknown key.
     """
     return (
         qc.get("quant_method") == "fp8"
+        and all(key in FP8_CONFIG_KEYS for key in qc)
         and qc.get("fmt") in (None, "e4m3")
-        and qc.get("scale_fmt") in (None, "float32", "fp32")
+        and qc.get("scale_fmt") in FLOAT32_SCALE_FMTS
         and qc.get("activation_scheme") in (None, "dynamic")
+        and qc.get("expert_dtype") in (None, "fp8")
     )
+
+
+def is_fbgemm_fp8_config(qc: dict) -> bool:
+    """transformers' ``fbgemm_fp8``: e4m3 weights with one float32 scale per output row."""
+    return qc.get("quant_method") == "fbgemm_fp8" and all(key in FBGEMM_FP8_CONFIG_KEYS for key in qc)
 
 
 def compressed_tensors_fp8_weights(qc: dict) -> dict | None:
     """The weight quantization args of a compressed-tensors FP8 config, or None.
 
-    Returns the ``weights`` dict shared by every config group when all groups quantize
-    weights to 8-bit float, symmetric and static, with activations absent or dynamic;
-    None for anything else (int formats, static activations, disagreeing groups).
+    Returns the ``weights`` dict shared by every config group when all groups are
+    ``float-quantized`` 8-bit float weights, symmetric, static, with float32 scales and no
+    group size or activation ordering, activations absent or dynamic 8-bit float, and no
+    output activations; the checkpoint must be ``compressed`` with no sparsity and no
+    transform (rotated weights need more than a cast). None for anything else (int or
+    4-bit formats, static activations, disagreeing groups, ...).
     """
     if qc.get("quant_method") != "compressed-tensors":
+        return None
+    if qc.get("quantization_status") not in (None, "compressed"):
+        return None
+    if qc.get("sparsity_config") or qc.get("transform_config"):
         return None
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
@@ -73,15 +114,39 @@ def compressed_tensors_fp8_weights(qc: dict) -> dict | None:
         if not isinstance(group, dict):
             return None
         weights, acts = group.get("weights"), group.get("input_activations")
-        if group.get("format", qc.get("format")) not in (None, "float-quantized"):
+        if (group.get("format") or qc.get("format")) != "float-quantized":
             return None
-        if not isinstance(weights, dict) or weights.get("type") != "float" or weights.get("num_bits") != 8:
+        if not _is_fp8_static_weights(weights) or not _is_dynamic_fp8_activations(acts):
             return None
-        if weights.get("dynamic") not in (None, False) or weights.get("symmetric") not in (None, True):
-            return None
-        if acts is not None and not (isinstance(acts, dict) and acts.get("dynamic") is True):
+        if group.get("output_activations") is not None:
             return None
         if shared is not None and weights != shared:
             return None
         shared = weights
     return shared
+
+
+def _is_fp8_static_weights(weights: object) -> bool:
+    return (
+        isinstance(weights, dict)
+        and weights.get("type") == "float"
+        and weights.get("num_bits") == 8
+        and weights.get("symmetric", True) is True
+        and weights.get("dynamic", False) is False
+        and weights.get("group_size") is None
+        and weights.get("actorder") is None
+        and weights.get("scale_dtype") in (None, "float32", "torch.float32")
+        and weights.get("zp_dtype") is None
+    )
+
+
+def _is_dynamic_fp8_activations(acts: object) -> bool:
+    """Absent (weight-only) or computed at run time: no input scales to ship."""
+    if acts is None:
+        return True
+    return (
+        isinstance(acts, dict)
+        and acts.get("dynamic") is True
+        and acts.get("type", "float") == "float"
+        and acts.get("num_bits", 8) == 8
+    )

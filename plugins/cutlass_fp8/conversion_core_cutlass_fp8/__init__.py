@@ -12,7 +12,13 @@ import torch
 
 import conversion_core as cc
 from conversion_core.backend import use_triton
-from conversion_core.fp8 import E4M3, check_fp8_dequantize_args, compressed_tensors_fp8_weights, is_dynamic_e4m3_fp8
+from conversion_core.fp8 import (
+    E4M3,
+    check_fp8_dequantize_args,
+    compressed_tensors_fp8_weights,
+    is_dynamic_e4m3_fp8,
+    is_fbgemm_fp8_config,
+)
 
 from . import torch_path
 
@@ -68,18 +74,22 @@ def is_fp8_cutlass_format(qc: dict[str, Any]) -> bool:
 
 
 def is_fp8_dynamic_without_blocks(qc: dict[str, Any]) -> bool:
+    """``fp8`` without blocks and with dynamic activations: the seed's per-channel reading."""
     return is_dynamic_e4m3_fp8(qc) and qc.get("weight_block_size") is None and qc.get("activation_scheme") == "dynamic"
 
 
 def is_compressed_tensors_channel(qc: dict[str, Any]) -> bool:
-    """compressed-tensors ``float-quantized`` FP8 with weights ``strategy: channel``."""
+    """compressed-tensors ``float-quantized`` FP8 with weights ``strategy: channel`` (RedHatAI FP8-dynamic).
+
+    The checkpoint stores the scale as ``weight_scale`` of shape (N, 1).
+    """
     weights = compressed_tensors_fp8_weights(qc)
-    return weights is not None and weights.get("strategy") == "channel"
+    return weights is not None and weights.get("strategy") == "channel" and weights.get("block_structure") is None
 
 
 def is_fbgemm_fp8(qc: dict[str, Any]) -> bool:
-    """transformers' ``fbgemm_fp8``: per-channel weight scales, dynamic per-token activations."""
-    return qc.get("quant_method") == "fbgemm_fp8"
+    """transformers' ``fbgemm_fp8`` (Meta-Llama-3.1-405B-Instruct-FP8): per-channel weight scales."""
+    return is_fbgemm_fp8_config(qc)
 
 
 @cc.hookimpl

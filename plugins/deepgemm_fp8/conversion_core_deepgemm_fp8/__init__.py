@@ -59,17 +59,18 @@ FP8_128X128 = cc.Conversion(
 
 
 def is_fp8_block_128(qc: dict[str, Any]) -> bool:
-    return is_dynamic_e4m3_fp8(qc) and list(qc.get("weight_block_size") or []) == list(BLOCK)
+    """HF ``fp8`` with ``weight_block_size: [128, 128]`` (DeepSeek-V3, Qwen3 FP8), ``fmt`` or not."""
+    return is_dynamic_e4m3_fp8(qc) and qc.get("weight_block_size") == list(BLOCK)
 
 
 def is_compressed_tensors_block_128(qc: dict[str, Any]) -> bool:
-    """compressed-tensors ``float-quantized`` FP8, weights ``strategy: block`` of [128, 128]."""
+    """compressed-tensors ``float-quantized`` FP8, weights ``strategy: block`` of [128, 128].
+
+    Same bytes as the ``fp8`` format; the checkpoint calls the scale ``weight_scale``
+    (see ``conversion_core.config.checkpoint_scale_name``).
+    """
     weights = compressed_tensors_fp8_weights(qc)
-    return (
-        weights is not None
-        and weights.get("strategy") == "block"
-        and (list(weights.get("block_structure") or []) == list(BLOCK))
-    )
+    return weights is not None and weights.get("strategy") == "block" and weights.get("block_structure") == list(BLOCK)
 
 
 @cc.hookimpl
