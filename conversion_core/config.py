@@ -209,8 +209,16 @@ def _from_model_name(name: str) -> dict[str, Any]:
     return _from_pretrained(loaded)
 
 
+#: transformers 5 renamed ``PretrainedConfig`` to ``PreTrainedConfig`` (the old name is an alias).
+PRETRAINED_CONFIG_CLASS_NAMES = ("PretrainedConfig", "PreTrainedConfig")
+
+
 def _is_pretrained_config(obj: Any) -> bool:
-    return any(cls.__name__ == "PretrainedConfig" for cls in type(obj).__mro__)
+    """True for a transformers config object, without importing transformers to find out."""
+    return any(
+        cls.__name__ in PRETRAINED_CONFIG_CLASS_NAMES and cls.__module__.startswith("transformers")
+        for cls in type(obj).__mro__
+    )
 
 
 def _from_pretrained(config: Any) -> dict[str, Any]:
