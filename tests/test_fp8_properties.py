@@ -44,7 +44,9 @@ MIN_AMAX = 1e-12
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 
-PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: CI-sized by default; set CONVERSION_CORE_HYPOTHESIS_EXAMPLES for a longer local run.
+EXAMPLES = int(os.environ.get("CONVERSION_CORE_HYPOTHESIS_EXAMPLES", "30"))
+PROPERTY_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 dims = st.one_of(st.sampled_from([1, 2, 127, 128, 129, 255, 256, 257]), st.integers(1, 300))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +18,9 @@ from hypothesis import strategies as st
 import conversion_core as cc
 from conversion_core.config import quantization_config_of
 
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: CI-sized by default; set CONVERSION_CORE_HYPOTHESIS_EXAMPLES for a longer local run.
+EXAMPLES = int(os.environ.get("CONVERSION_CORE_HYPOTHESIS_EXAMPLES", "200"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 PLAUSIBLE_KEYS = [
     "quant_method", "weight_block_size", "fmt", "scale_fmt", "activation_scheme", "quant_format", "expert_dtype",
