@@ -8,6 +8,7 @@ produce bytes for. Every entry is resolved through every accepted config form.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,21 @@ from conversion_core.config import checkpoint_scale_name
 CORPUS_DIR = Path(__file__).parent / "data" / "quantization_configs"
 ENTRIES = sorted(CORPUS_DIR.glob("*.json"))
 BUILT_IN = {"bf16_cast", "fp32_cast", "fp8_128x128", "cutlass_fp8_e4m3_per_channel"}
+
+
+@pytest.fixture(scope="module")
+def registry() -> cc.Registry:
+    """The three built-in plugins only, so other installed plugins cannot change the expected picks."""
+    saved = os.environ.get("CONVERSION_CORE_PLUGINS")
+    os.environ["CONVERSION_CORE_PLUGINS"] = "bf16,deepgemm_fp8,cutlass_fp8"
+    try:
+        return cc.load_registry(reload=True)
+    finally:
+        if saved is None:
+            del os.environ["CONVERSION_CORE_PLUGINS"]
+        else:
+            os.environ["CONVERSION_CORE_PLUGINS"] = saved
+        cc.load_registry(reload=True)  # leave the process-wide registry as the environment says
 
 
 def _load(path: Path) -> dict:
@@ -51,52 +67,52 @@ def test_corpus_covers_every_outcome():
 
 
 @pytest.mark.parametrize("path", ENTRIES, ids=[p.stem for p in ENTRIES])
-def test_real_config_resolves_as_expected(path: Path, tmp_path: Path):
+def test_real_config_resolves_as_expected(path: Path, tmp_path: Path, registry: cc.Registry):
     entry = _load(path)
     for form, config in _forms(entry["config"], tmp_path).items():
         if entry["expected"] == "no-match":
             with pytest.raises(cc.NoMatchingConversionError) as excinfo:
-                cc.select_default_conversion(config)
+                cc.select_default_conversion(config, registry=registry)
             message = str(excinfo.value)
             assert entry["config"]["quantization_config"]["quant_method"] in message, form
             assert "fp8_128x128" in message and "cutlass_fp8_e4m3_per_channel" in message, form
-            assert not any(o.selected for o in cc.explain(config)), form
+            assert not any(o.selected for o in cc.explain(config, registry=registry)), form
         else:
-            assert cc.select_default_conversion(config) == entry["expected"], form
-            selected = [o for o in cc.explain(config) if o.selected]
+            assert cc.select_default_conversion(config, registry=registry) == entry["expected"], form
+            selected = [o for o in cc.explain(config, registry=registry) if o.selected]
             assert [o.conversion for o in selected] == [entry["expected"]], form
 
 
 @pytest.mark.parametrize("path", ENTRIES, ids=[p.stem for p in ENTRIES])
-def test_real_config_through_pretrained_config(path: Path):
+def test_real_config_through_pretrained_config(path: Path, registry: cc.Registry):
     transformers = pytest.importorskip("transformers")
     entry = _load(path)
     qc = entry["config"].get("quantization_config")
     config = transformers.PretrainedConfig(**({"quantization_config": qc} if qc else {}))
     if entry["expected"] == "no-match":
         with pytest.raises(cc.NoMatchingConversionError):
-            cc.select_default_conversion(config)
+            cc.select_default_conversion(config, registry=registry)
     else:
-        assert cc.select_default_conversion(config) == entry["expected"]
+        assert cc.select_default_conversion(config, registry=registry) == entry["expected"]
 
 
 @pytest.mark.parametrize("path", [p for p in ENTRIES if _load(p)["expected"] != "no-match"], ids=lambda p: p.stem)
-def test_checkpoint_scale_name_follows_the_target_format(path: Path):
+def test_checkpoint_scale_name_follows_the_target_format(path: Path, registry: cc.Registry):
     """compressed-tensors and fbgemm name every scale ``weight_scale``; DeepSeek fp8 ``weight_scale_inv``."""
     entry = _load(path)
-    conversion = cc.load_registry().get(entry["expected"])
+    conversion = registry.get(entry["expected"])
     qc = entry["config"].get("quantization_config") or {}
     assert checkpoint_scale_name(qc, conversion.scale_name) == entry["checkpoint_scale_name"]
 
 
-def test_transformers_quantizer_config_object_round_trips():
+def test_transformers_quantizer_config_object_round_trips(registry: cc.Registry):
     """A FineGrainedFP8Config object (what a loaded model carries) resolves like its dict."""
     transformers = pytest.importorskip("transformers")
     from transformers import FineGrainedFP8Config
 
     config = transformers.PretrainedConfig()
     config.quantization_config = FineGrainedFP8Config(weight_block_size=(128, 128))
-    assert cc.select_default_conversion(config) == "fp8_128x128"
+    assert cc.select_default_conversion(config, registry=registry) == "fp8_128x128"
     config.quantization_config = FineGrainedFP8Config(weight_block_size=(128, 128), scale_fmt="ue8m0")
     with pytest.raises(cc.NoMatchingConversionError):
-        cc.select_default_conversion(config)
+        cc.select_default_conversion(config, registry=registry)

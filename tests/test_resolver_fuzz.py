@@ -86,10 +86,30 @@ configs = st.one_of(
 )
 
 
+BUILT_IN_PLUGINS = "bf16,deepgemm_fp8,cutlass_fp8"
+
+
+def _built_in_registry() -> cc.Registry:
+    """The three built-in plugins only, so other installed plugins cannot change the expected picks."""
+    saved = os.environ.get("CONVERSION_CORE_PLUGINS")
+    os.environ["CONVERSION_CORE_PLUGINS"] = BUILT_IN_PLUGINS
+    try:
+        return cc.load_registry(reload=True)
+    finally:
+        if saved is None:
+            del os.environ["CONVERSION_CORE_PLUGINS"]
+        else:
+            os.environ["CONVERSION_CORE_PLUGINS"] = saved
+        cc.load_registry(reload=True)  # leave the process-wide registry as the environment says
+
+
+REGISTRY = _built_in_registry()
+
+
 def _resolve(config):
     """('picked', name) / ('error', exception type): anything else propagates and fails the test."""
     try:
-        return "picked", cc.select_default_conversion(config)
+        return "picked", cc.select_default_conversion(config, registry=REGISTRY)
     except cc.ConversionCoreError as exc:
         return "error", type(exc)
 
@@ -125,16 +145,17 @@ def _assert_never_a_wrong_pick(config, name: str) -> None:
 
 
 def _check(config) -> str:
-    registry = cc.load_registry()
     kind, value = _resolve(config)
     try:
-        outcomes = cc.explain(config)
+        outcomes = cc.explain(config, registry=REGISTRY)
     except cc.ConfigError:
         assert (kind, value) == ("error", cc.ConfigError)
         return "ConfigError"
     selected = [o.conversion for o in outcomes if o.selected]
+    raised = [(o.rule, o.error) for o in outcomes if o.outcome == "raised"]
+    assert not raised, f"a built-in rule raised on a validated config: {raised}"
     if kind == "picked":
-        assert value in registry.names()
+        assert value in REGISTRY.names()
         assert selected == [value]
         _assert_never_a_wrong_pick(config, value)
         return value
