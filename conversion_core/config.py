@@ -5,13 +5,14 @@ Accepted: a dict (a whole config.json, or just its ``quantization_config``), a
 model name (loaded with ``transformers.AutoConfig``, imported only then, never with
 ``trust_remote_code``). ``{}`` means the model is not quantized.
 
-Whatever comes in, what comes out is made only of dicts, lists, str, int, float, bool and
-None (so rules and error messages can rely on JSON semantics), and every failure is a
+Whatever comes in, what comes out is a deep copy made of dicts with str keys and lists (so
+predicates cannot spoil the caller's config and see JSON-shaped data), and every failure is a
 :class:`~conversion_core.errors.ConfigError` naming the key at fault and what was expected.
 """
 
 from __future__ import annotations
 
+import copy
 import enum
 import json
 import os
@@ -124,14 +125,16 @@ def validate_quantization_config(qc: Any, origin: str = "quantization_config") -
 
 
 def _plain(value: Any, origin: str, depth: int) -> Any:
-    """A deep copy made only of dicts, lists and JSON scalars (tuples become lists).
+    """A deep copy in which every mapping is a dict with str keys and every sequence a list.
 
     Str-valued enums (transformers' ``QuantizationMethod``) become plain strings so that
-    ``==``, ``json.dumps`` and ``repr`` behave as for a config read from JSON.
+    ``==``, ``json.dumps`` and ``repr`` behave as for a config read from JSON. Other leaves
+    (a ``torch.dtype``, a quantizer's own objects) are deep-copied as they are: no built-in
+    rule matches them, and a plugin that understands them may.
     """
     if depth > MAX_DEPTH:
         raise ConfigError(f"{origin} is nested more than {MAX_DEPTH} levels deep; expected a JSON-like config")
-    if isinstance(value, enum.Enum):
+    if isinstance(value, enum.Enum) and isinstance(value.value, (str, int, float, bool)):
         value = value.value
     if isinstance(value, Mapping):
         out = {}
@@ -144,17 +147,16 @@ def _plain(value: Any, origin: str, depth: int) -> Any:
         return out
     if isinstance(value, (list, tuple)):
         return [_plain(v, f"{origin}[{i}]", depth + 1) for i, v in enumerate(value)]
-    if value is None or isinstance(value, bool):
-        return value
     if isinstance(value, str):
-        return str(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    raise ConfigError(
-        f"{origin} is a {type(value).__name__}; expected a JSON value (object, array, string, number, bool, null)"
-    )
+        return str.__str__(value)  # a plain str even from a str subclass
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    try:
+        return copy.deepcopy(value)
+    except Exception as exc:  # locks, open files, ... cannot be copied for the predicates
+        raise ConfigError(
+            f"{origin} holds a {type(value).__name__} that cannot be copied ({exc}); expected a JSON-like value"
+        ) from exc
 
 
 def _from_location(location: str | os.PathLike[str]) -> dict[str, Any]:

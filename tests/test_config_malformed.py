@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -55,8 +56,8 @@ MALFORMED = {
         ["config_groups", "group_0", "mapping"],
     ),
     "non-string key": ({**FP8, 1: "x"}, ["non-string key", "1"]),
-    "a set value": ({**FP8, "extra": {1, 2}}, ["extra", "set", "JSON value"]),
-    "a bytes value": ({**FP8, "fmt": b"e4m3"}, ["fmt", "bytes", "JSON value"]),
+    "a lock value": ({**FP8, "extra": threading.Lock()}, ["extra", "lock", "cannot be copied"]),
+    "fmt as bytes": ({**FP8, "fmt": b"e4m3"}, ["fmt", "string"]),
     "neither a model config nor a quantization_config": ({"hidden_size": 4096}, ["quant_method", "model_type"]),
     "a list instead of a config": ([FP8], ["list", "expected a dict"]),
     "None instead of a config": (None, ["NoneType", "expected a dict"]),
@@ -180,3 +181,14 @@ def test_predicates_see_a_plain_copy():
     assert type(qc["quant_method"]) is str and qc["quant_method"] == "fp8"
     assert qc["weight_block_size"] == [128, 128]
     assert json.loads(json.dumps(qc)) == qc
+
+
+def test_non_json_leaves_reach_no_match_not_a_crash():
+    """Objects a quantizer's to_dict() may leave (a dtype, a set) are copied, not refused: no
+    built-in rule matches them, and the no-match error still names the config."""
+    import torch
+
+    qc = {"quant_method": "torchao", "quant_type": {"dtype": torch.int8, "layers": {1, 2}}}
+    with pytest.raises(cc.NoMatchingConversionError, match="torchao"):
+        cc.select_default_conversion(qc)
+    assert qc["quant_type"]["layers"] == {1, 2}  # the caller's config is untouched

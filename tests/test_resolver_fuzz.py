@@ -1,4 +1,4 @@
-"""Fuzz the resolver: whatever JSON-like config comes in, only conversion-core errors come out,
+"""Fuzz the resolver: whatever JSON-like config comes in (odd leaves included), only conversion-core errors come out,
 and whatever it picks passes the guards written here independently of the rules.
 
 Top-level strings are left out on purpose: a string that is not a path is a model name, which
@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -44,8 +45,10 @@ scalars = st.one_of(
     st.text(max_size=8),
     st.sampled_from(PLAUSIBLE_VALUES),
 )
+# what a quantizer's to_dict() may leave in a config: no rule should crash on them
+odd_leaves = st.one_of(st.sets(st.integers(), max_size=3), st.binary(max_size=4), st.just(torch.float16))
 json_like = st.recursive(
-    scalars,
+    scalars | odd_leaves,
     lambda inner: st.one_of(
         st.lists(inner, max_size=4),
         st.tuples(inner, inner),
