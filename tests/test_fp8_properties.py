@@ -200,7 +200,7 @@ TRITON_MODULES = {
     BLOCK: "conversion_core_deepgemm_fp8.triton_kernels",
     CHANNEL: "conversion_core_cutlass_fp8.triton_kernels",
 }
-TRITON_EXAMPLES = 12
+TRITON_EXAMPLES = int(os.environ.get("CONVERSION_CORE_HYPOTHESIS_EXAMPLES", "12"))  # the interpreter is slow
 
 CHILD = textwrap.dedent(
     """

@@ -66,8 +66,8 @@ def is_fp8_block_128(qc: dict[str, Any]) -> bool:
 def is_compressed_tensors_block_128(qc: dict[str, Any]) -> bool:
     """compressed-tensors ``float-quantized`` FP8, weights ``strategy: block`` of [128, 128].
 
-    Same bytes as the ``fp8`` format; the checkpoint calls the scale ``weight_scale``
-    (see ``conversion_core.config.checkpoint_scale_name``).
+    Same bytes as the ``fp8`` format; the checkpoint calls the scale ``weight_scale``, which
+    the whole-model plan's scale naming follows from ``quant_method``.
     """
     weights = compressed_tensors_fp8_weights(qc)
     return weights is not None and weights.get("strategy") == "block" and weights.get("block_structure") == list(BLOCK)
