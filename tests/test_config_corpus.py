@@ -26,7 +26,10 @@ def registry() -> cc.Registry:
     saved = os.environ.get("CONVERSION_CORE_PLUGINS")
     os.environ["CONVERSION_CORE_PLUGINS"] = "bf16,deepgemm_fp8,cutlass_fp8"
     try:
-        return cc.load_registry(reload=True)
+        registry = cc.load_registry(reload=True)
+        missing = BUILT_IN - set(registry.names())
+        assert not missing, f"{sorted(missing)} not registered: are the three built-in plugin distributions installed?"
+        return registry
     finally:
         if saved is None:
             del os.environ["CONVERSION_CORE_PLUGINS"]

@@ -148,6 +148,8 @@ def _assert_never_a_wrong_pick(config, name: str) -> None:
 
 
 def _check(config) -> str:
+    missing = {"bf16_cast", "fp8_128x128", "cutlass_fp8_e4m3_per_channel"} - set(REGISTRY.names())
+    assert not missing, f"{sorted(missing)} not registered: are the three built-in plugin distributions installed?"
     kind, value = _resolve(config)
     try:
         outcomes = cc.explain(config, registry=REGISTRY)
