@@ -80,11 +80,6 @@ def test_dict_that_is_neither_form_is_refused(forms: FakeSite) -> None:
     assert isinstance(info.value, ValueError) and "quant_method" in str(info.value)
 
 
-@pytest.mark.xfail(
-    raises=cc.ConfigError,
-    reason="config.py (not owned here) recognises the class name 'PretrainedConfig' only; transformers 5 "
-    "names it 'PreTrainedConfig' (PretrainedConfig is an alias), so the config is refused",
-)
 def test_pretrained_config(forms: FakeSite) -> None:
     transformers = pytest.importorskip("transformers")
     _assert_quantized(forms, transformers.PretrainedConfig(quantization_config=dict(QC)))
