@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -74,6 +75,12 @@ def _str_keys_only(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_str_keys_only(v) for v in value)
     return True
+
+
+def _is_dtensor(x: Any) -> bool:
+    """DTensor sources go to conversion_core.distributed; never imports torch.distributed.tensor itself."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(x, dtensor.DTensor)
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -197,7 +204,11 @@ class Conversion:
         return out, scale
 
     def convert(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Allocate buffers on ``src``'s device and convert into them."""
+        """Allocate buffers on ``src``'s device and convert into them (DTensor in, DTensors out)."""
+        if _is_dtensor(src):
+            from .distributed import convert as convert_dtensor
+
+            return convert_dtensor(self, src)
         self.check_source(src)
         out, scale = self.allocate(src.shape, src.device)
         self.fn(src, out, scale)
@@ -221,6 +232,10 @@ def _check_buffer(where: str, what: str, buf: Any, shape: Shape, dtype: torch.dt
 def _checked(conversion: Conversion, raw: ConvertFn) -> ConvertFn:
     @functools.wraps(raw)
     def fn(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None = None) -> None:
+        if _is_dtensor(src):
+            from .distributed import convert_into
+
+            return convert_into(conversion, src, out, scale_out)
         conversion.check_buffers(src, out, scale_out)
         raw(src, out, scale_out)
 

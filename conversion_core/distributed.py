@@ -1,0 +1,429 @@
+"""DTensor inputs: sharded conversion whose bytes equal the unsharded conversion exactly.
+
+Trainers hold weights as ``torch.distributed.tensor.DTensor`` (FSDP2, tensor and expert parallel).
+A scale is a function of a whole block (128x128, or a whole row for per-channel), so a shard
+boundary that cuts a block would give each rank its own, wrong, scale. Here each rank computes the
+amax of its part of every block it touches, the ranks that share blocks all-reduce those partial
+amaxes with ``ReduceOp.MAX`` (max is exact, so the global amax is bit-identical), and each rank
+quantizes its own shard with the global scale through the same helpers as the single-device path
+(:func:`~conversion_core.fp8.scale_from_amax`, :func:`~conversion_core.fp8.quantize_into`).
+
+Which mesh dims communicate, and how the outputs are placed (decided from the global shape, the
+mesh shape and the placements only, so every rank decides the same without talking):
+
+- ``q`` (``out``) always mirrors the input: same mesh, same placements, same local shard.
+- ``Replicate`` on a mesh dim: no communication; the scale is ``Replicate`` there too.
+- ``Shard`` of a dim whose scale block is one element (experts ``E``; rows ``N`` for
+  per-channel): no communication; the scale is ``Shard`` of the same dim.
+- ``Shard`` of ``N`` or ``K`` for 128x128 blocks, when that mesh dim alone shards the dim and the
+  chunk size ``ceil(size / mesh_size)`` is a multiple of 128: every shard holds whole blocks, no
+  communication, the scale is ``Shard`` of the same dim (DTensor's chunking of the scale grid then
+  gives each rank exactly the blocks of its shard; uneven last shards included).
+- Otherwise (a block cut by a shard boundary, ``K`` sharded for per-channel, or a dim sharded by
+  several mesh dims): all-reduce MAX of the partial amaxes over that mesh dim's group, and the
+  scale is ``Replicate`` there (a cut block belongs to two ranks, which ``Shard`` cannot express).
+
+Non-finite sources: the reduction carries one flag per tensor next to the amaxes (gloo's and
+NCCL's MAX do not reliably propagate NaN), so every rank of a reduction group raises, after the
+collective, never leaving a peer waiting in it. A shard converted without communication raises
+on the ranks holding it, once every collective of the call is done.
+``Partial`` and ``_StridedShard`` inputs are refused with an error (redistribute them first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DeviceMesh, DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from .errors import ConversionInputError, ConversionTypeError
+from .fp8 import E4M3, non_finite_error, quantize_into, scale_from_amax
+
+if TYPE_CHECKING:
+    from .types import Conversion
+
+Item = tuple["Conversion", DTensor, "DTensor | None", "DTensor | None"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a conversion's scale depends on its source: the block one scale covers.
+
+    ``block`` is ``None`` for elementwise conversions (casts: each shard converts alone);
+    otherwise ``(rows, cols)`` with ``cols == 0`` meaning the whole row (per-channel).
+    """
+
+    block: tuple[int, int] | None
+
+    def grid_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Global shape of the amax grid: ``(*lead, ceil(N/rows), ceil(K/cols) or 1)``."""
+        assert self.block is not None
+        *lead, n, k = shape
+        rows, cols = self.block
+        return (*lead, -(-n // rows), 1 if cols == 0 else -(-k // cols))
+
+    def scale_shape(self, grid_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-channel scales drop the grid's size-1 ``K`` dim; block scales are the grid.
+
+        Placements carry over unchanged: the grid's ``K`` dim is never sharded for per-channel.
+        """
+        assert self.block is not None
+        return grid_shape[:-1] if self.block[1] == 0 else grid_shape
+
+
+def recipe_for(conversion: Conversion) -> Recipe:
+    """The sharding recipe of a conversion, read from its byte-affecting fields; never guessed.
+
+    Elementwise: no scale, ``compile_target == "hf_raw"``, same output shape (the casts).
+    Blocks: e4m3 with float32 scales (the :mod:`conversion_core.fp8` numerics) and
+    ``scale_layout`` ``"blockwise"`` (``block_size``) or ``"per_channel"`` (``scale_axis`` -1).
+    """
+    md = conversion.compile_metadata
+    if not conversion.requires_scale and conversion.compile_target == "hf_raw":
+        return Recipe(block=None)
+    if conversion.dst_dtype == E4M3 and conversion.scale_dtype == torch.float32 and md.get("dtype") == "e4m3":
+        block = md.get("block_size")
+        if md.get("scale_layout") == "blockwise" and isinstance(block, Sequence) and len(block) == 2:
+            if all(isinstance(b, int) and b > 0 for b in block):
+                return Recipe(block=(int(block[0]), int(block[1])))
+        if md.get("scale_layout") == "per_channel" and md.get("scale_axis", -1) == -1:
+            return Recipe(block=(1, 0))
+    raise ConversionInputError(
+        f"conversion {conversion.name!r} cannot take a DTensor source: its sharded form is unknown "
+        f"(compile_target {conversion.compile_target!r}, compile_metadata {dict(md)}); supported are "
+        "elementwise hf_raw casts and e4m3 float32-scale 'blockwise'/'per_channel' layouts. "
+        "Convert src.full_tensor() instead, or add a recipe to conversion_core.distributed"
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Placements of the outputs and the mesh dims whose ranks must all-reduce their amaxes."""
+
+    out_placements: tuple[Placement, ...]
+    scale_placements: tuple[Placement, ...] | None
+    grid_shape: tuple[int, ...] | None
+    grid_placements: tuple[Placement, ...] | None
+    reduce_mesh_dims: tuple[int, ...]
+
+
+def _shard_dims(src: DTensor) -> list[int | None]:
+    """Normalised tensor dim sharded by each mesh dim (None for Replicate); refuses the rest."""
+    dims: list[int | None] = []
+    for mesh_dim, p in enumerate(src.placements):
+        if type(p) is Shard:
+            dims.append(p.dim % src.dim())
+        elif type(p) is Replicate:
+            dims.append(None)
+        else:
+            raise ConversionInputError(
+                f"DTensor of shape {tuple(src.shape)}: placement {p} on mesh dim {mesh_dim} is not supported "
+                f"(placements {tuple(src.placements)}); expected Shard(dim) or Replicate: "
+                "redistribute Partial / strided placements first"
+            )
+    return dims
+
+
+def layout_for(conversion: Conversion, src: DTensor) -> Layout:
+    """Decide placements and communication from global shape, mesh shape and placements only."""
+    recipe = recipe_for(conversion)
+    conversion.check_source(src)
+    dims = _shard_dims(src)
+    out_placements = tuple(src.placements)
+    if recipe.block is None:
+        if tuple(conversion.out_shape(tuple(src.shape))) != tuple(src.shape):
+            raise ConversionInputError(f"conversion {conversion.name!r}: an hf_raw cast must keep the shape")
+        return Layout(out_placements, None, None, None, ())
+    shape = tuple(src.shape)
+    grid_shape = recipe.grid_shape(shape)
+    if tuple(conversion.expected_scale_shape(shape) or ()) != recipe.scale_shape(grid_shape):
+        raise ConversionInputError(
+            f"conversion {conversion.name!r}: scale_shape {conversion.expected_scale_shape(shape)} disagrees with "
+            f"its compile_metadata {dict(conversion.compile_metadata)} for source shape {shape}"
+        )
+    ndim = len(shape)
+    rows, cols = recipe.block
+    block = (1,) * (ndim - 2) + (rows, cols)
+    mesh_shape = src.device_mesh.shape
+    grid_placements: list[Placement] = []
+    reduce_dims: list[int] = []
+    for mesh_dim, d in enumerate(dims):
+        if d is None or mesh_shape[mesh_dim] == 1:
+            grid_placements.append(Replicate())
+            continue
+        chunk = -(-shape[d] // mesh_shape[mesh_dim])
+        alone = dims.count(d) == 1
+        if block[d] == 1 or (block[d] > 1 and alone and chunk % block[d] == 0):
+            grid_placements.append(Shard(d))
+        else:  # a cut block (or the whole row for per-channel): global amax over this mesh dim
+            grid_placements.append(Replicate())
+            reduce_dims.append(mesh_dim)
+    return Layout(
+        out_placements=out_placements,
+        scale_placements=tuple(grid_placements),
+        grid_shape=grid_shape,
+        grid_placements=tuple(grid_placements),
+        reduce_mesh_dims=tuple(reduce_dims),
+    )
+
+
+def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= max(int(size), 1)
+    return tuple(reversed(stride))
+
+
+def _wrap(local: torch.Tensor, mesh: DeviceMesh, placements: Sequence[Placement], shape: Sequence[int]) -> DTensor:
+    return DTensor.from_local(
+        local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape)
+    )
+
+
+def _local_shape(shape: Sequence[int], mesh: DeviceMesh, placements: Sequence[Placement]) -> tuple[int, ...]:
+    return tuple(compute_local_shape_and_global_offset(tuple(shape), mesh, list(placements))[0])
+
+
+def allocate(conversion: Conversion, src: DTensor) -> tuple[DTensor, DTensor | None]:
+    """Empty output (and scale) DTensors for ``src``, placed as :func:`layout_for` decides; allocate once."""
+    layout = layout_for(conversion, src)
+    mesh, device = src.device_mesh, src.to_local().device
+    out_shape = tuple(conversion.out_shape(tuple(src.shape)))
+    out_local = torch.empty(
+        _local_shape(out_shape, mesh, layout.out_placements), dtype=conversion.dst_dtype, device=device
+    )
+    out = _wrap(out_local, mesh, layout.out_placements, out_shape)
+    if layout.scale_placements is None:
+        return out, None
+    scale_shape = tuple(conversion.expected_scale_shape(tuple(src.shape)) or ())
+    scale_local = torch.empty(
+        _local_shape(scale_shape, mesh, layout.scale_placements), dtype=conversion.scale_dtype, device=device
+    )
+    return out, _wrap(scale_local, mesh, layout.scale_placements, scale_shape)
+
+
+def _check_dbuffer(
+    conversion: Conversion,
+    what: str,
+    buf: object,
+    src: DTensor,
+    shape: tuple[int, ...],
+    placements: tuple[Placement, ...],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Validate a preallocated output DTensor; return its local tensor (written in place)."""
+    where = f"conversion {conversion.name!r}"
+    expected = f"expected a DTensor of shape {shape}, dtype {dtype}, placements {placements} on {src.device_mesh}"
+    if not isinstance(buf, DTensor):
+        raise ConversionTypeError(
+            f"{where}: {what} must be a DTensor for a DTensor source ({expected}), "
+            f"got {type(buf).__name__} (see conversion_core.distributed.allocate)"
+        )
+    if (
+        tuple(buf.shape) != shape
+        or buf.dtype != dtype
+        or tuple(buf.placements) != placements
+        or buf.device_mesh != src.device_mesh
+    ):
+        raise ConversionInputError(
+            f"{where}: {what} has shape {tuple(buf.shape)}, dtype {buf.dtype}, placements "
+            f"{tuple(buf.placements)} on {buf.device_mesh}; {expected}"
+        )
+    local = buf.to_local()
+    want_local = _local_shape(shape, src.device_mesh, placements)
+    device = src.to_local().device
+    if tuple(local.shape) != want_local or local.device != device or not local.is_contiguous():
+        raise ConversionInputError(
+            f"{where}: {what}'s local tensor has shape {tuple(local.shape)} on {local.device}; "
+            f"expected contiguous {want_local} on {device}"
+        )
+    return local
+
+
+def _block_amax_1d(a: torch.Tensor, dim: int, offset: int, block: int) -> torch.Tensor:
+    """Max over the global blocks of ``dim`` this local slice touches (partial edge blocks included).
+
+    ``block == 0`` is the whole dim. Zero padding never raises a block's amax (``a`` is ``|x|``).
+    """
+    length = a.shape[dim]
+    if block == 0 or (offset % block) + length <= block:
+        return a.amax(dim=dim, keepdim=True)
+    front = offset % block
+    nblocks = -(-(front + length) // block)
+    back = nblocks * block - front - length
+    if front or back:
+        pad = [0, 0] * (a.dim() - 1 - dim) + [front, back]
+        a = F.pad(a, pad)
+    return a.unflatten(dim, (nblocks, block)).amax(dim=dim + 1)
+
+
+def _expand_1d(s: torch.Tensor, dim: int, offset: int, block: int, length: int) -> torch.Tensor:
+    """Per-block scales of ``dim`` broadcast back over this shard's elements of that dim."""
+    if s.shape[dim] == 1:
+        return s  # broadcasts
+    front = offset % block
+    return s.repeat_interleave(block, dim=dim).narrow(dim, front, length)
+
+
+@dataclass
+class _Job:
+    conversion: Conversion
+    src: DTensor
+    layout: Layout
+    recipe: Recipe
+    out: DTensor
+    scale: DTensor | None
+    out_local: torch.Tensor
+    scale_local: torch.Tensor | None
+    label: str
+    x: torch.Tensor | None = None  # (E, n, k) float32 local source, kept between the phases
+    offset: tuple[int, ...] = ()
+    grid: torch.Tensor | None = None  # this rank's local amax grid, then the reduced one
+    grid_offset: tuple[int, ...] = ()
+    flag: float = 0.0
+
+
+def _prepare(index: int, item: Item) -> _Job:
+    if not (isinstance(item, tuple) and len(item) == 4):
+        raise ConversionTypeError(f"convert_many item {index}: expected (conversion, src, out, scale), got {item!r}")
+    conversion, src, out, scale = item
+    if not isinstance(src, DTensor):
+        raise ConversionTypeError(f"convert_many item {index}: src must be a DTensor, got {type(src).__name__}")
+    layout = layout_for(conversion, src)
+    recipe = recipe_for(conversion)
+    if out is None and scale is None:
+        out, scale = allocate(conversion, src)
+    out_shape = tuple(conversion.out_shape(tuple(src.shape)))
+    out_local = _check_dbuffer(conversion, "out", out, src, out_shape, layout.out_placements, conversion.dst_dtype)
+    scale_local = None
+    if layout.scale_placements is not None:
+        scale_shape = tuple(conversion.expected_scale_shape(tuple(src.shape)) or ())
+        scale_local = _check_dbuffer(
+            conversion, "scale_out", scale, src, scale_shape, layout.scale_placements, conversion.scale_dtype
+        )
+    elif scale is not None:
+        raise ConversionInputError(f"conversion {conversion.name!r} writes no scale: pass scale_out=None")
+    assert out is not None
+    label = f"item {index} (conversion {conversion.name!r}, DTensor of shape {tuple(src.shape)})"
+    return _Job(conversion, src, layout, recipe, out, scale, out_local, scale_local, label)
+
+
+def _local_amax(job: _Job) -> None:
+    """This rank's partial amax of every block its shard touches, written into its grid buffer."""
+    assert job.recipe.block is not None and job.layout.grid_shape is not None
+    src, mesh = job.src, job.src.device_mesh
+    local = src.to_local()
+    _, job.offset = compute_local_shape_and_global_offset(tuple(src.shape), mesh, list(src.placements))
+    grid_local_shape, job.grid_offset = compute_local_shape_and_global_offset(
+        job.layout.grid_shape, mesh, list(job.layout.grid_placements or ())
+    )
+    grid = torch.zeros(grid_local_shape, dtype=torch.float32, device=local.device)
+    job.grid = grid
+    if local.numel() == 0:
+        return
+    rows, cols = job.recipe.block
+    n0, k0 = job.offset[-2:]
+    x = local.float().reshape(-1, *local.shape[-2:])
+    job.x = x
+    amax = _block_amax_1d(_block_amax_1d(x.abs(), 2, k0, cols), 1, n0, rows)
+    if not bool(torch.isfinite(amax).all()):
+        job.flag = 1.0
+    nb0 = n0 // rows - job.grid_offset[-2]
+    kb0 = 0 if cols == 0 else k0 // cols - job.grid_offset[-1]
+    grid3 = grid.view(-1, *grid.shape[-2:])
+    if grid3.shape[0] != amax.shape[0]:  # leading dims share placements, so their extents must agree
+        raise AssertionError(f"{job.label}: local experts {amax.shape[0]} != scale grid experts {grid3.shape[0]}")
+    grid3[:, nb0 : nb0 + amax.shape[1], kb0 : kb0 + amax.shape[2]] = amax
+
+
+def _reduce(jobs: list[_Job]) -> None:
+    """One all-reduce MAX per (mesh, mesh dim) for every tensor sharing that reduction: amaxes + flags."""
+    groups: list[tuple[DeviceMesh, tuple[int, ...], torch.device, list[_Job]]] = []
+    for job in jobs:
+        key = (job.src.device_mesh, job.layout.reduce_mesh_dims, job.src.to_local().device)
+        for mesh, dims, device, members in groups:
+            if (mesh, dims, device) == key:
+                members.append(job)
+                break
+        else:
+            groups.append((*key, [job]))
+    for mesh, dims, device, members in groups:
+        grids = [job.grid for job in members]
+        assert all(g is not None for g in grids)
+        flags = torch.tensor([job.flag for job in members], dtype=torch.float32, device=device)
+        flat = torch.cat([g.reshape(-1) for g in grids if g is not None] + [flags])
+        for mesh_dim in dims:
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=mesh.get_group(mesh_dim))
+        sizes = [g.numel() for g in grids if g is not None] + [len(members)]
+        *parts, flags = torch.split(flat, sizes)
+        for job, part, flag in zip(members, parts, flags.tolist(), strict=True):
+            assert job.grid is not None
+            job.grid = part.view(job.grid.shape)
+            job.flag = flag
+
+
+def _quantize(job: _Job) -> None:
+    """Quantize the local shard with the global scales; write the local scale shard."""
+    assert job.grid is not None and job.recipe.block is not None and job.scale_local is not None
+    scale_grid = scale_from_amax(job.grid.clone())
+    job.scale_local.copy_(scale_grid.reshape(job.scale_local.shape))
+    if job.x is None:  # empty local shard
+        return
+    rows, cols = job.recipe.block
+    x = job.x
+    _, ln, lk = x.shape
+    n0, k0 = job.offset[-2:]
+    nb0 = n0 // rows - job.grid_offset[-2]
+    kb0 = 0 if cols == 0 else k0 // cols - job.grid_offset[-1]
+    nbl = -(-((n0 % rows) + ln) // rows)
+    kbl = 1 if cols == 0 else -(-((k0 % cols) + lk) // cols)
+    s = scale_grid.view(-1, *scale_grid.shape[-2:])[:, nb0 : nb0 + nbl, kb0 : kb0 + kbl]
+    s = _expand_1d(_expand_1d(s, 1, n0, rows, ln), 2, k0, max(cols, 1), lk)
+    quantize_into(x, s, job.out_local.view(x.shape))
+
+
+def convert_many(items: Sequence[Item]) -> list[tuple[DTensor, DTensor | None]]:
+    """Convert many DTensors with the collectives batched: one all-reduce per shared reduction.
+
+    ``items``: ``(conversion, src, out, scale)``; ``out``/``scale`` are preallocated DTensors
+    (see :func:`allocate`) or both None to allocate. Returns ``(out, scale)`` per item. Every rank
+    of the mesh must call it with the same items (same shapes, placements, order).
+    """
+    jobs = [_prepare(i, item) for i, item in enumerate(items)]
+    reducing = [job for job in jobs if job.layout.reduce_mesh_dims]
+    for job in reducing:
+        _local_amax(job)
+    _reduce(reducing)
+    for job in reducing:
+        if job.flag > 0:
+            raise ConversionInputError(
+                f"{job.label} on rank {dist.get_rank()}: {non_finite_error(job.conversion.name, tuple(job.src.shape))}"
+            )
+    for job in jobs:
+        if job.layout.reduce_mesh_dims:
+            _quantize(job)
+        elif job.src.to_local().numel() or job.out_local.numel():
+            job.conversion.fn(job.src.to_local(), job.out_local, job.scale_local)
+    return [(job.out, job.scale) for job in jobs]
+
+
+def convert_into(conversion: Conversion, src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None) -> None:
+    """``Conversion.fn`` for a DTensor source: writes into preallocated DTensors (see :func:`allocate`)."""
+    if not isinstance(out, DTensor):
+        raise ConversionTypeError(
+            f"conversion {conversion.name!r}: out must be a DTensor for a DTensor source, got {type(out).__name__} "
+            "(see conversion_core.distributed.allocate)"
+        )
+    convert_many([(conversion, src, out, scale_out)])  # type: ignore[list-item]
+
+
+def convert(conversion: Conversion, src: torch.Tensor) -> tuple[DTensor, DTensor | None]:
+    """``Conversion.convert`` for a DTensor source: allocate and convert."""
+    return convert_many([(conversion, src, None, None)])[0]  # type: ignore[list-item]

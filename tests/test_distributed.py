@@ -1,0 +1,353 @@
+"""DTensor sources on gloo (CPU), 2 and 4 processes: bytes equal the unsharded conversion exactly.
+
+Each world is started once (a module fixture) and runs every case of that world; each case is a
+separate pytest test reading its rank-by-rank outcome, so a failure names the case and rank.
+Expectations are independent of the sharded code: the unsharded conversion of the full tensor,
+cut by ``distribute_tensor(..., src_data_rank=None)`` (DTensor's own local slicing, no
+communication) under the placements the test states; scales of outlier blocks are computed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import traceback
+import zlib
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import conversion_core as cc
+
+BLOCK = "fp8_128x128"
+CHANNEL = "cutlass_fp8_e4m3_per_channel"
+CAST = "bf16_cast"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    mesh: tuple[int, ...]
+    conversion: str
+    shape: tuple[int, ...]
+    placements: tuple[str, ...]  # "S0", "S1", "S2", "R" per mesh dim
+    scale_placements: tuple[str, ...] | None  # expected placements of the scale DTensor
+    all_reduces: int  # expected all-reduce count (0: shards own whole blocks, no communication)
+    dtype: torch.dtype = torch.bfloat16
+    outlier: tuple[int, ...] | None = None  # index of a 1000.0 only one shard sees
+    outlier_block: tuple[int, ...] | None = None  # scale index whose value must be 1000/448
+    extra: dict = field(default_factory=dict, hash=False)
+
+
+def _cases_2() -> list[Case]:
+    return [
+        # 128x128 blocks
+        Case(
+            "block_S0_cut_outlier", (2,), BLOCK, (300, 256), ("S0",), ("R",), 1, outlier=(200, 5), outlier_block=(1, 0)
+        ),
+        Case(
+            "block_S0_cut_outlier_lower",
+            (2,),
+            BLOCK,
+            (300, 256),
+            ("S0",),
+            ("R",),
+            1,
+            outlier=(140, 3),
+            outlier_block=(1, 0),
+        ),
+        Case("block_S1_cut", (2,), BLOCK, (256, 260), ("S1",), ("R",), 1, outlier=(10, 131), outlier_block=(0, 1)),
+        Case("block_S0_aligned_uneven", (2,), BLOCK, (255, 200), ("S0",), ("S0",), 0),
+        Case("block_S1_aligned", (2,), BLOCK, (136, 512), ("S1",), ("S1",), 0),
+        Case("block_R", (2,), BLOCK, (200, 136), ("R",), ("R",), 0, dtype=torch.float32),
+        Case("block_3d_S0_experts_uneven", (2,), BLOCK, (3, 130, 140), ("S0",), ("S0",), 0),
+        Case(
+            "block_3d_S1_cut",
+            (2,),
+            BLOCK,
+            (2, 200, 136),
+            ("S1",),
+            ("R",),
+            1,
+            outlier=(1, 101, 7),
+            outlier_block=(1, 0, 0),
+        ),
+        Case("block_3d_S2_cut_fp16", (2,), BLOCK, (2, 136, 300), ("S2",), ("R",), 1, dtype=torch.float16),
+        Case("block_empty_shard", (2,), BLOCK, (1, 300), ("S0",), ("R",), 1),
+        # per-channel
+        Case(
+            "channel_S1_K_outlier", (2,), CHANNEL, (64, 300), ("S1",), ("R",), 1, outlier=(7, 250), outlier_block=(7,)
+        ),
+        Case("channel_S0_N_uneven", (2,), CHANNEL, (77, 96), ("S0",), ("S0",), 0),
+        Case("channel_3d_S0", (2,), CHANNEL, (3, 40, 50), ("S0",), ("S0",), 0),
+        Case(
+            "channel_3d_S2_K", (2,), CHANNEL, (2, 40, 33), ("S2",), ("R",), 1, outlier=(1, 3, 30), outlier_block=(1, 3)
+        ),
+        Case("channel_R", (2,), CHANNEL, (40, 50), ("R",), ("R",), 0),
+        # casts
+        Case("cast_S0_uneven", (2,), CAST, (33, 20), ("S0",), None, 0, dtype=torch.float32),
+        Case("cast_3d_S2", (2,), CAST, (3, 8, 10), ("S2",), None, 0, dtype=torch.float32),
+        Case("cast_R", (2,), CAST, (5, 7), ("R",), None, 0, dtype=torch.float16),
+    ]
+
+
+def _cases_4() -> list[Case]:
+    return [
+        Case("block_S0_mesh4_cut", (4,), BLOCK, (300, 140), ("S0",), ("R",), 1, outlier=(290, 2), outlier_block=(2, 0)),
+        Case("channel_S1_mesh4_uneven", (4,), CHANNEL, (16, 202), ("S1",), ("R",), 1),
+        Case(
+            "block_2d_S0_S1_cut",
+            (2, 2),
+            BLOCK,
+            (300, 260),
+            ("S0", "S1"),
+            ("R", "R"),
+            2,
+            outlier=(160, 200),
+            outlier_block=(1, 1),
+        ),
+        Case("block_2d_S0_S1_aligned", (2, 2), BLOCK, (256, 511), ("S0", "S1"), ("S0", "S1"), 0),
+        Case(
+            "block_2d_experts_and_K_cut",
+            (2, 2),
+            BLOCK,
+            (3, 136, 200),
+            ("S0", "S2"),
+            ("S0", "R"),
+            1,
+            outlier=(2, 5, 120),
+            outlier_block=(2, 0, 0),
+        ),
+        Case("block_2d_nested_S0_S0", (2, 2), BLOCK, (520, 136), ("S0", "S0"), ("R", "R"), 2),
+        Case("block_2d_R_S1_cut", (2, 2), BLOCK, (136, 200), ("R", "S1"), ("R", "R"), 1),
+        Case(
+            "channel_2d_N_and_K",
+            (2, 2),
+            CHANNEL,
+            (30, 70),
+            ("S0", "S1"),
+            ("S0", "R"),
+            1,
+            outlier=(29, 69),
+            outlier_block=(29,),
+        ),
+        Case("cast_2d", (2, 2), CAST, (9, 11), ("S1", "S0"), None, 0, dtype=torch.float32),
+    ]
+
+
+def _placements(spec: tuple[str, ...]) -> list:
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Replicate() if p == "R" else Shard(int(p[1:])) for p in spec]
+
+
+def _source(case: Case) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
+    full = (torch.randn(case.shape, generator=gen) * 3).to(case.dtype)
+    if case.outlier is not None:
+        full[case.outlier] = 1000.0
+    return full
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def _expected_local(ref: torch.Tensor, like) -> torch.Tensor:
+    """This rank's slice of an unsharded result under ``like``'s placements (DTensor's slicing, no comm)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return _bits(distribute_tensor(ref, like.device_mesh, like.placements, src_data_rank=None).to_local())
+
+
+def _run_case(case: Case, mesh) -> None:
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    conv = cc.load_registry().get(case.conversion)
+    full = _source(case)
+    placements = _placements(case.placements)
+    src = distribute_tensor(full, mesh, placements, src_data_rank=None)
+    with CommDebugMode() as comm:
+        out, scale = conv.convert(src)
+    ref_out, ref_scale = conv.convert(full)
+
+    assert comm.get_total_counts() == case.all_reduces, f"{comm.get_total_counts()} collectives"
+    assert tuple(out.shape) == tuple(full.shape) and out.dtype == conv.dst_dtype
+    assert tuple(out.placements) == tuple(placements), out.placements
+    assert torch.equal(_bits(out.to_local()), _expected_local(ref_out, out)), "q bytes differ from the unsharded"
+    if case.scale_placements is None:
+        assert scale is None and ref_scale is None
+        return
+    assert tuple(scale.placements) == tuple(_placements(case.scale_placements)), scale.placements
+    assert tuple(scale.shape) == tuple(ref_scale.shape)
+    want_scale = distribute_tensor(ref_scale, mesh, _placements(case.scale_placements), src_data_rank=None)
+    assert torch.equal(_bits(scale.to_local()), _bits(want_scale.to_local())), "scales differ"
+    gathered = scale.full_tensor()
+    assert torch.equal(_bits(gathered), _bits(ref_scale))
+    if case.outlier_block is not None:  # independent of both code paths: the outlier sets its block's scale
+        assert gathered[case.outlier_block].item() == (torch.tensor(1000.0) / 448.0).item()
+
+
+def _run_extra(name: str, mesh, rank: int) -> None:
+    """Cases that are not one conversion of one layout: buffers, batching, failures."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from conversion_core import distributed
+
+    reg = cc.load_registry()
+    block, channel, cast = reg.get(BLOCK), reg.get(CHANNEL), reg.get(CAST)
+    gen = torch.Generator().manual_seed(7)
+    if name == "prealloc_fn":
+        full = torch.randn(300, 200, generator=gen).bfloat16()
+        src = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
+        out, scale = distributed.allocate(block, src)
+        block.fn(src, out, scale)
+        ref_out, ref_scale = block.convert(full)
+        assert torch.equal(_bits(out.to_local()), _expected_local(ref_out, out))
+        assert torch.equal(_bits(scale.to_local()), _expected_local(ref_scale, scale))
+        with pytest.raises(cc.ConversionTypeError, match="must be a DTensor"):
+            block.fn(src, torch.empty(300, 200, dtype=torch.float8_e4m3fn), scale)
+        with pytest.raises(cc.ConversionInputError, match="placements"):
+            block.fn(src, out, distribute_tensor(ref_scale, mesh, [Shard(0)], src_data_rank=None))
+    elif name == "convert_many_one_allreduce":
+        fulls = [torch.randn(300, 136, generator=gen).bfloat16(), torch.randn(2, 140, 300, generator=gen).bfloat16()]
+        fulls.append(torch.randn(64, 90, generator=gen))
+        items = [
+            (block, distribute_tensor(fulls[0], mesh, [Shard(0)], src_data_rank=None), None, None),
+            (block, distribute_tensor(fulls[1], mesh, [Shard(2)], src_data_rank=None), None, None),
+            (channel, distribute_tensor(fulls[2], mesh, [Shard(1)], src_data_rank=None), None, None),
+            (channel, distribute_tensor(fulls[2], mesh, [Shard(0)], src_data_rank=None), None, None),  # no comm
+            (cast, distribute_tensor(fulls[2], mesh, [Shard(1)], src_data_rank=None), None, None),
+        ]
+        with CommDebugMode() as comm:
+            results = distributed.convert_many(items)
+        assert comm.get_total_counts() == 1
+        for full, (conv, _, _, _), (out, scale) in zip([*fulls[:3], fulls[2], fulls[2]], items, results, strict=True):
+            ref_out, ref_scale = conv.convert(full)
+            assert torch.equal(_bits(out.to_local()), _expected_local(ref_out, out)), conv.name
+            if ref_scale is not None:
+                assert torch.equal(_bits(scale.to_local()), _expected_local(ref_scale, scale)), conv.name
+    elif name == "nan_raises_on_every_rank":
+        full = torch.randn(300, 256, generator=gen).bfloat16()
+        full[200, 3] = float("nan")  # rank 1's half of a block rank 0 also holds
+        src = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
+        with pytest.raises(cc.ConversionInputError, match=r"\(300, 256\).*NaN or Inf"):
+            block.convert(src)
+        full = torch.randn(16, 300, generator=gen)
+        full[3, 0] = float("inf")  # rank 0's part of row 3
+        src = distribute_tensor(full, mesh, [Shard(1)], src_data_rank=None)
+        with pytest.raises(cc.ConversionInputError, match="NaN or Inf"):
+            channel.convert(src)
+    elif name == "nan_aligned_raises_where_held":
+        full = torch.randn(256, 128, generator=gen).bfloat16()
+        full[200, 3] = float("inf")  # rank 1's own blocks: no communication, rank 1 raises
+        src = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
+        if rank == 1:
+            with pytest.raises(cc.ConversionInputError, match="NaN or Inf"):
+                block.convert(src)
+        else:
+            block.convert(src)
+    elif name == "refuses_partial":
+        src = DTensor.from_local(torch.ones(4, 8), mesh, [Partial()], run_check=False)
+        with pytest.raises(cc.ConversionInputError, match="Partial"):
+            block.convert(src)
+        src = distribute_tensor(torch.ones(4, 8), mesh, [Replicate()], src_data_rank=None)
+        fp32 = reg.get("fp32_cast").replace(name="custom", compile_target="custom_layout")
+        with pytest.raises(cc.ConversionInputError, match="custom"):
+            fp32.convert(src)
+    else:
+        raise AssertionError(f"unknown extra case {name}")
+
+
+EXTRA_2 = [
+    "prealloc_fn",
+    "convert_many_one_allreduce",
+    "nan_raises_on_every_rank",
+    "nan_aligned_raises_where_held",
+    "refuses_partial",
+]
+
+
+def _worker(rank: int, world: int, store_path: str, result_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    from torch.distributed.tensor import init_device_mesh
+
+    results: dict[str, str] = {}
+    meshes: dict[tuple[int, ...], object] = {}
+    cases = _cases_2() if world == 2 else _cases_4()
+    try:
+        for case in cases:
+            if case.mesh not in meshes:
+                meshes[case.mesh] = init_device_mesh("cpu", case.mesh)
+            try:
+                _run_case(case, meshes[case.mesh])
+                results[case.name] = "ok"
+            except Exception:
+                results[case.name] = traceback.format_exc()
+        if world == 2:
+            for name in EXTRA_2:
+                try:
+                    _run_extra(name, meshes[(2,)], rank)
+                    results[name] = "ok"
+                except Exception:
+                    results[name] = traceback.format_exc()
+    finally:
+        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _run_world(world: int) -> list[dict[str, str]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        # fork: the children reuse the imported torch (seconds saved per process on a shared CPU)
+        mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), tmp), nprocs=world, start_method="fork")
+        out = []
+        for rank in range(world):
+            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
+                out.append(json.load(f))
+        return out
+
+
+@pytest.fixture(scope="module")
+def world2() -> list[dict[str, str]]:
+    return _run_world(2)
+
+
+@pytest.fixture(scope="module")
+def world4() -> list[dict[str, str]]:
+    return _run_world(4)
+
+
+def _check(results: list[dict[str, str]], name: str) -> None:
+    failures = [f"rank {r}: {res.get(name, 'did not run')}" for r, res in enumerate(results) if res.get(name) != "ok"]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("name", [c.name for c in _cases_2()] + EXTRA_2)
+def test_two_processes(world2: list[dict[str, str]], name: str) -> None:
+    _check(world2, name)
+
+
+@pytest.mark.parametrize("name", [c.name for c in _cases_4()])
+def test_four_processes(world4: list[dict[str, str]], name: str) -> None:
+    _check(world4, name)
+
+
+def test_import_does_not_load_dtensor() -> None:
+    """``import conversion_core`` must not pay for torch.distributed.tensor (about 1.6 s)."""
+    import subprocess
+    import sys
+
+    code = "import sys, conversion_core as cc; cc.load_registry(); print('torch.distributed.tensor' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
