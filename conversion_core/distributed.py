@@ -32,6 +32,7 @@ on the ranks holding it, once every collective of the call is done.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -113,18 +114,18 @@ class Layout:
     reduce_mesh_dims: tuple[int, ...]
 
 
-def _shard_dims(src: DTensor) -> list[int | None]:
+def _shard_dims(shape: tuple[int, ...], placements: tuple[Placement, ...]) -> list[int | None]:
     """Normalised tensor dim sharded by each mesh dim (None for Replicate); refuses the rest."""
     dims: list[int | None] = []
-    for mesh_dim, p in enumerate(src.placements):
+    for mesh_dim, p in enumerate(placements):
         if type(p) is Shard:
-            dims.append(p.dim % src.dim())
+            dims.append(p.dim % len(shape))
         elif type(p) is Replicate:
             dims.append(None)
         else:
             raise ConversionInputError(
-                f"DTensor of shape {tuple(src.shape)}: placement {p} on mesh dim {mesh_dim} is not supported "
-                f"(placements {tuple(src.placements)}); expected Shard(dim) or Replicate: "
+                f"DTensor of shape {shape}: placement {p} on mesh dim {mesh_dim} is not supported "
+                f"(placements {placements}); expected Shard(dim) or Replicate: "
                 "redistribute Partial / strided placements first"
             )
     return dims
@@ -134,13 +135,20 @@ def layout_for(conversion: Conversion, src: DTensor) -> Layout:
     """Decide placements and communication from global shape, mesh shape and placements only."""
     recipe = recipe_for(conversion)
     conversion.check_source(src)
-    dims = _shard_dims(src)
-    out_placements = tuple(src.placements)
+    return _layout(conversion, recipe, tuple(src.shape), src.device_mesh, tuple(src.placements))
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(
+    conversion: Conversion, recipe: Recipe, shape: tuple[int, ...], mesh: DeviceMesh, placements: tuple[Placement, ...]
+) -> Layout:
+    """Cached: a trainer converts the same shapes every step; this is pure Python per tensor."""
+    dims = _shard_dims(shape, placements)
+    out_placements = placements
     if recipe.block is None:
-        if tuple(conversion.out_shape(tuple(src.shape))) != tuple(src.shape):
+        if tuple(conversion.out_shape(shape)) != shape:
             raise ConversionInputError(f"conversion {conversion.name!r}: an hf_raw cast must keep the shape")
         return Layout(out_placements, None, None, None, ())
-    shape = tuple(src.shape)
     grid_shape = recipe.grid_shape(shape)
     if tuple(conversion.expected_scale_shape(shape) or ()) != recipe.scale_shape(grid_shape):
         raise ConversionInputError(
@@ -150,7 +158,7 @@ def layout_for(conversion: Conversion, src: DTensor) -> Layout:
     ndim = len(shape)
     rows, cols = recipe.block
     block = (1,) * (ndim - 2) + (rows, cols)
-    mesh_shape = src.device_mesh.shape
+    mesh_shape = mesh.shape
     grid_placements: list[Placement] = []
     reduce_dims: list[int] = []
     for mesh_dim, d in enumerate(dims):
@@ -187,8 +195,17 @@ def _wrap(local: torch.Tensor, mesh: DeviceMesh, placements: Sequence[Placement]
     )
 
 
+@functools.lru_cache(maxsize=16384)
+def _local_shape_and_offset(
+    shape: tuple[int, ...], mesh: DeviceMesh, placements: tuple[Placement, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """This rank's shard of a global shape: DTensor's own arithmetic (cached; the rank never changes)."""
+    local, offset = compute_local_shape_and_global_offset(shape, mesh, list(placements))
+    return tuple(local), tuple(offset)
+
+
 def _local_shape(shape: Sequence[int], mesh: DeviceMesh, placements: Sequence[Placement]) -> tuple[int, ...]:
-    return tuple(compute_local_shape_and_global_offset(tuple(shape), mesh, list(placements))[0])
+    return _local_shape_and_offset(tuple(shape), mesh, tuple(placements))[0]
 
 
 def allocate(conversion: Conversion, src: DTensor) -> tuple[DTensor, DTensor | None]:
@@ -220,21 +237,24 @@ def _check_dbuffer(
 ) -> torch.Tensor:
     """Validate a preallocated output DTensor; return its local tensor (written in place)."""
     where = f"conversion {conversion.name!r}"
-    expected = f"expected a DTensor of shape {shape}, dtype {dtype}, placements {placements} on {src.device_mesh}"
+
+    def expected() -> str:  # built only on failure: a DeviceMesh repr is not free
+        return f"expected a DTensor of shape {shape}, dtype {dtype}, placements {placements} on {src.device_mesh}"
+
     if not isinstance(buf, DTensor):
         raise ConversionTypeError(
-            f"{where}: {what} must be a DTensor for a DTensor source ({expected}), "
+            f"{where}: {what} must be a DTensor for a DTensor source ({expected()}), "
             f"got {type(buf).__name__} (see conversion_core.distributed.allocate)"
         )
     if (
         tuple(buf.shape) != shape
         or buf.dtype != dtype
         or tuple(buf.placements) != placements
-        or buf.device_mesh != src.device_mesh
+        or (buf.device_mesh is not src.device_mesh and buf.device_mesh != src.device_mesh)
     ):
         raise ConversionInputError(
             f"{where}: {what} has shape {tuple(buf.shape)}, dtype {buf.dtype}, placements "
-            f"{tuple(buf.placements)} on {buf.device_mesh}; {expected}"
+            f"{tuple(buf.placements)} on {buf.device_mesh}; {expected()}"
         )
     local = buf.to_local()
     want_local = _local_shape(shape, src.device_mesh, placements)
@@ -320,9 +340,9 @@ def _local_amax(job: _Job) -> None:
     assert job.recipe.block is not None and job.layout.grid_shape is not None
     src, mesh = job.src, job.src.device_mesh
     local = src.to_local()
-    _, job.offset = compute_local_shape_and_global_offset(tuple(src.shape), mesh, list(src.placements))
-    grid_local_shape, job.grid_offset = compute_local_shape_and_global_offset(
-        job.layout.grid_shape, mesh, list(job.layout.grid_placements or ())
+    _, job.offset = _local_shape_and_offset(tuple(src.shape), mesh, tuple(src.placements))
+    grid_local_shape, job.grid_offset = _local_shape_and_offset(
+        job.layout.grid_shape, mesh, tuple(job.layout.grid_placements or ())
     )
     grid = torch.zeros(grid_local_shape, dtype=torch.float32, device=local.device)
     job.grid = grid
@@ -389,6 +409,7 @@ def _quantize(job: _Job) -> None:
     quantize_into(x, s, job.out_local.view(x.shape))
 
 
+@torch.no_grad()
 def convert_many(items: Sequence[Item]) -> list[tuple[DTensor, DTensor | None]]:
     """Convert many DTensors with the collectives batched: one all-reduce per shared reduction.
 
