@@ -22,7 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# Imported here, before the workers fork, so the children share them (seconds of CPU each).
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
+from torch.distributed.tensor.debug import CommDebugMode
+
 import conversion_core as cc
+from conversion_core import distributed
 
 BLOCK = "fp8_128x128"
 CHANNEL = "cutlass_fp8_e4m3_per_channel"
@@ -141,8 +146,6 @@ def _cases_4() -> list[Case]:
 
 
 def _placements(spec: tuple[str, ...]) -> list:
-    from torch.distributed.tensor import Replicate, Shard
-
     return [Replicate() if p == "R" else Shard(int(p[1:])) for p in spec]
 
 
@@ -160,15 +163,10 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _expected_local(ref: torch.Tensor, like) -> torch.Tensor:
     """This rank's slice of an unsharded result under ``like``'s placements (DTensor's slicing, no comm)."""
-    from torch.distributed.tensor import distribute_tensor
-
     return _bits(distribute_tensor(ref, like.device_mesh, like.placements, src_data_rank=None).to_local())
 
 
 def _run_case(case: Case, mesh) -> None:
-    from torch.distributed.tensor import distribute_tensor
-    from torch.distributed.tensor.debug import CommDebugMode
-
     conv = cc.load_registry().get(case.conversion)
     full = _source(case)
     placements = _placements(case.placements)
@@ -196,11 +194,6 @@ def _run_case(case: Case, mesh) -> None:
 
 def _run_extra(name: str, mesh, rank: int) -> None:
     """Cases that are not one conversion of one layout: buffers, batching, failures."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-    from torch.distributed.tensor.debug import CommDebugMode
-
-    from conversion_core import distributed
-
     reg = cc.load_registry()
     block, channel, cast = reg.get(BLOCK), reg.get(CHANNEL), reg.get(CAST)
     gen = torch.Generator().manual_seed(7)
@@ -277,11 +270,10 @@ EXTRA_2 = [
 
 def _worker(rank: int, world: int, store_path: str, result_dir: str) -> None:
     torch.set_num_threads(1)
+    cc.load_registry()
     dist.init_process_group(
         "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
-    from torch.distributed.tensor import init_device_mesh
-
     results: dict[str, str] = {}
     meshes: dict[tuple[int, ...], object] = {}
     cases = _cases_2() if world == 2 else _cases_4()
