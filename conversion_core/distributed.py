@@ -392,7 +392,7 @@ def _reduce(jobs: list[_Job]) -> None:
 def _quantize(job: _Job) -> None:
     """Quantize the local shard with the global scales; write the local scale shard."""
     assert job.grid is not None and job.recipe.block is not None and job.scale_local is not None
-    scale_grid = scale_from_amax(job.grid.clone())
+    scale_grid = scale_from_amax(job.grid)  # out of place: the reduced amaxes stay as they are
     job.scale_local.copy_(scale_grid.reshape(job.scale_local.shape))
     if job.x is None:  # empty local shard
         return

@@ -128,6 +128,17 @@ def _cases_4() -> list[Case]:
             outlier=(2, 5, 120),
             outlier_block=(2, 0, 0),
         ),
+        Case(
+            "block_2d_N_aligned_K_cut",
+            (2, 2),
+            BLOCK,
+            (256, 300),
+            ("S0", "S1"),
+            ("S0", "R"),
+            1,
+            outlier=(3, 140),
+            outlier_block=(0, 1),
+        ),
         Case("block_2d_nested_S0_S0", (2, 2), BLOCK, (520, 136), ("S0", "S0"), ("R", "R"), 2),
         Case("block_2d_R_S1_cut", (2, 2), BLOCK, (136, 200), ("R", "S1"), ("R", "R"), 1),
         Case(
