@@ -410,29 +410,54 @@ def _quantize(job: _Job) -> None:
 
 
 @torch.no_grad()
-def convert_many(items: Sequence[Item]) -> list[tuple[DTensor, DTensor | None]]:
+def convert_many(items: Sequence[Item], *, raise_on_all_ranks: bool = False) -> list[tuple[DTensor, DTensor | None]]:
     """Convert many DTensors with the collectives batched: one all-reduce per shared reduction.
 
     ``items``: ``(conversion, src, out, scale)``; ``out``/``scale`` are preallocated DTensors
     (see :func:`allocate`) or both None to allocate. Returns ``(out, scale)`` per item. Every rank
     of the mesh must call it with the same items (same shapes, placements, order).
+
+    NaN/Inf: the ranks of a reduction always raise together. ``raise_on_all_ranks=True`` makes
+    every rank of the default (world) group raise for a non-finite shard anywhere, also one
+    converted without communication, at the price of one more all-reduce of one flag per item
+    over the world: then every rank of the world must pass the same number of items.
     """
     jobs = [_prepare(i, item) for i, item in enumerate(items)]
     reducing = [job for job in jobs if job.layout.reduce_mesh_dims]
     for job in reducing:
         _local_amax(job)
     _reduce(reducing)
-    for job in reducing:
+    if raise_on_all_ranks:
+        for job in jobs:
+            if not job.layout.reduce_mesh_dims:
+                try:
+                    _convert_local(job)
+                except ConversionInputError:  # the only input error left after _prepare: NaN/Inf
+                    job.flag = 1.0
+        device = jobs[0].src.to_local().device if jobs else torch.device("cpu")
+        flags = torch.tensor([job.flag for job in jobs] or [0.0], dtype=torch.float32, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        for job, flag in zip(jobs, flags.tolist(), strict=False):
+            job.flag = flag
+    for job in jobs:
         if job.flag > 0:
             raise ConversionInputError(
-                f"{job.label} on rank {dist.get_rank()}: {non_finite_error(job.conversion.name, tuple(job.src.shape))}"
+                f"{job.label}, raised on rank {dist.get_rank()}: "
+                f"{non_finite_error(job.conversion.name, tuple(job.src.shape))}"
             )
     for job in jobs:
         if job.layout.reduce_mesh_dims:
             _quantize(job)
-        elif job.src.to_local().numel() or job.out_local.numel():
-            job.conversion.fn(job.src.to_local(), job.out_local, job.scale_local)
+        elif not raise_on_all_ranks:
+            _convert_local(job)
     return [(job.out, job.scale) for job in jobs]
+
+
+def _convert_local(job: _Job) -> None:
+    """A shard that owns whole blocks: the conversion's own fn (its Triton kernel on CUDA)."""
+    local = job.src.to_local()
+    if local.numel() or job.out_local.numel():
+        job.conversion.fn(local, job.out_local, job.scale_local)
 
 
 def convert_into(conversion: Conversion, src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None) -> None:

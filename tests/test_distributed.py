@@ -258,6 +258,20 @@ def _run_extra(name: str, mesh, rank: int) -> None:
                 block.convert(src)
         else:
             block.convert(src)
+        with CommDebugMode() as comm, pytest.raises(cc.ConversionInputError, match=r"item 1 .*NaN or Inf"):
+            distributed.convert_many(
+                [
+                    (
+                        block,
+                        distribute_tensor(torch.zeros(256, 128).bfloat16(), mesh, [Replicate()], src_data_rank=None),
+                        None,
+                        None,
+                    ),
+                    (block, src, None, None),
+                ],
+                raise_on_all_ranks=True,
+            )
+        assert comm.get_total_counts() == 1  # the flags only: these shards own whole blocks
     elif name == "refuses_partial":
         src = DTensor.from_local(torch.ones(4, 8), mesh, [Partial()], run_check=False)
         with pytest.raises(cc.ConversionInputError, match="Partial"):
