@@ -23,10 +23,18 @@ mesh shape and the placements only, so every rank decides the same without talki
   several mesh dims): all-reduce MAX of the partial amaxes over that mesh dim's group, and the
   scale is ``Replicate`` there (a cut block belongs to two ranks, which ``Shard`` cannot express).
 
-Non-finite sources: the reduction carries one flag per tensor next to the amaxes (gloo's and
-NCCL's MAX do not reliably propagate NaN), so every rank of a reduction group raises, after the
-collective, never leaving a peer waiting in it. A shard converted without communication raises
-on the ranks holding it, once every collective of the call is done.
+Non-finite sources: the reduction carries one flag per tensor next to the amaxes (gloo's MAX
+keeps or drops a NaN depending on which rank holds it, as measured on torch 2.13), so every rank
+of a reduction group raises, after the collective, never leaving a peer waiting in it. A shard
+converted without communication raises on the ranks holding it, once every collective of the
+call is done; with
+``convert_many(..., raise_on_all_ranks=True)`` one more all-reduce of one flag per tensor makes
+every rank raise.
+
+Cost: shards that own whole blocks run the conversion's own ``fn`` (its Triton kernel on CUDA);
+a reduced tensor runs the torch path of :mod:`conversion_core.fp8` on its shard, plus one small
+all-reduce of float32 amaxes (``ceil(N/128)*ceil(K/128)`` or ``N`` values) shared by every tensor
+of the call with the same mesh and reduction dims.
 ``Partial`` and ``_StridedShard`` inputs are refused with an error (redistribute them first).
 """
 
