@@ -41,9 +41,10 @@ of the call with the same mesh and reduction dims.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -318,7 +319,7 @@ class _Job:
     flag: float = 0.0
 
 
-def _prepare(index: int, item: Item) -> _Job:
+def _prepare(index: int, item: Item, name: str | None = None) -> _Job:
     if not (isinstance(item, tuple) and len(item) == 4):
         raise ConversionTypeError(f"convert_many item {index}: expected (conversion, src, out, scale), got {item!r}")
     conversion, src, out, scale = item
@@ -339,7 +340,8 @@ def _prepare(index: int, item: Item) -> _Job:
     elif scale is not None:
         raise ConversionInputError(f"conversion {conversion.name!r} writes no scale: pass scale_out=None")
     assert out is not None
-    label = f"item {index} (conversion {conversion.name!r}, DTensor of shape {tuple(src.shape)})"
+    what = f"tensor {name!r}" if name is not None else f"item {index}"
+    label = f"{what} (conversion {conversion.name!r}, DTensor of shape {tuple(src.shape)})"
     return _Job(conversion, src, layout, recipe, out, scale, out_local, scale_local, label)
 
 
@@ -418,7 +420,9 @@ def _quantize(job: _Job) -> None:
 
 
 @torch.no_grad()
-def convert_many(items: Sequence[Item], *, raise_on_all_ranks: bool = False) -> list[tuple[DTensor, DTensor | None]]:
+def convert_many(
+    items: Sequence[Item], *, raise_on_all_ranks: bool = False, names: Sequence[str] | None = None
+) -> list[tuple[DTensor, DTensor | None]]:
     """Convert many DTensors with the collectives batched: one all-reduce per shared reduction.
 
     ``items``: ``(conversion, src, out, scale)``; ``out``/``scale`` are preallocated DTensors
@@ -429,8 +433,11 @@ def convert_many(items: Sequence[Item], *, raise_on_all_ranks: bool = False) -> 
     every rank of the default (world) group raise for a non-finite shard anywhere, also one
     converted without communication, at the price of one more all-reduce of one flag per item
     over the world: then every rank of the world must pass the same number of items.
+    ``names`` (one per item) name the tensors in errors.
     """
-    jobs = [_prepare(i, item) for i, item in enumerate(items)]
+    if names is not None and len(names) != len(items):
+        raise ConversionInputError(f"convert_many: {len(names)} names for {len(items)} items")
+    jobs = [_prepare(i, item, None if names is None else names[i]) for i, item in enumerate(items)]
     reducing = [job for job in jobs if job.layout.reduce_mesh_dims]
     for job in reducing:
         _local_amax(job)
@@ -481,3 +488,160 @@ def convert_into(conversion: Conversion, src: torch.Tensor, out: torch.Tensor, s
 def convert(conversion: Conversion, src: torch.Tensor) -> tuple[DTensor, DTensor | None]:
     """``Conversion.convert`` for a DTensor source: allocate and convert."""
     return convert_many([(conversion, src, None, None)])[0]  # type: ignore[list-item]
+
+
+# ---- the whole-model plan -----------------------------------------------------------------------
+
+
+def _rows_view(t: DTensor, index: tuple, shape: tuple[int, ...]) -> DTensor:
+    """Rows of a DTensor whose row dim (-2) is not sharded: a local view, no communication."""
+    return _wrap_view(t.to_local()[index], t.device_mesh, tuple(t.placements), shape)
+
+
+def _wrap_view(local: torch.Tensor, mesh: DeviceMesh, placements: tuple[Placement, ...], shape: tuple) -> DTensor:
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=local.stride())
+
+
+def _plan_pieces(plan_entry: Any, src: DTensor, recipe: Recipe) -> list[tuple[tuple, tuple[int, ...]]]:
+    """``(index, global shape)`` of each separately converted piece of a plan entry's source.
+
+    A fused tensor (gate and up stacked) converts as one piece when its shards are scaled row by
+    row or their boundaries fall on block rows (the same bytes either way); otherwise shard by
+    shard, over all experts at once, which needs the row dim unsharded.
+    """
+    from .plan import _rows_independent
+
+    shape, shards = tuple(plan_entry.src_shape), plan_entry.shards
+    conversion = plan_entry.conversion
+    if shards is None or len(shards) == 1 or _rows_independent(conversion, shape[-1]):
+        return [((), shape)]
+    rows = recipe.block[0] if recipe.block is not None else 1
+    if all(r % rows == 0 for r in shards[:-1]):
+        return [((), shape)]
+    row_dim = len(shape) - 2
+    if any(type(p) is Shard and p.dim % len(shape) == row_dim for p in src.placements):
+        raise ConversionInputError(
+            f"tensor {plan_entry.name!r}: fused shards {shards} cut {rows}-row blocks and the DTensor shards the "
+            f"fused rows (placements {tuple(src.placements)}); shard another dim or convert the parts separately"
+        )
+    pieces, row = [], 0
+    for n in shards:
+        index = (*[slice(None)] * (len(shape) - 2), slice(row, row + n))
+        pieces.append((index, (*shape[:-2], n, shape[-1])))
+        row += n
+    return pieces
+
+
+def _staged_call_type() -> type:
+    from .plan import _Call
+
+    @dataclass(frozen=True)
+    class StagedCall(_Call):  # type: ignore[misc,valid-type]
+        """A plan call writing into contiguous staging buffers copied into strided output views."""
+
+        copies: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+
+    return StagedCall
+
+
+def allocate_plan(plan: Any, like: Mapping[str, Any], align: int) -> tuple[torch.Tensor, list, dict[str, torch.Tensor]]:
+    """The DTensor form of ``Plan.allocate``: one local arena, outputs placed like their sources.
+
+    Returns the arena, the calls (``plan._Call`` with DTensor ``out``/``scale`` views, ``index`` the
+    rows of a fused piece) and the outputs (DTensors; per-row scales stored ``(N, 1)`` where the
+    format asks).
+    """
+    from .plan import _Call
+
+    _StagedCall = _staged_call_type()
+    planned: list[tuple[Any, DTensor, list, Layout, tuple[int, ...], tuple[int, ...] | None]] = []
+    total, device = 0, None
+    for e in plan.entries:
+        src = like.get(e.name) if isinstance(like, Mapping) else None
+        if not isinstance(src, DTensor):
+            raise ConversionTypeError(
+                f"tensor {e.name!r}: a sharded plan needs a DTensor for every tensor, got {type(src).__name__}"
+            )
+        if (tuple(src.shape), src.dtype) != (tuple(e.src_shape), e.src_dtype):
+            raise ConversionInputError(
+                f"tensor {e.name!r}: DTensor of shape {tuple(src.shape)}, dtype {src.dtype}; the plan expects "
+                f"shape {tuple(e.src_shape)}, dtype {e.src_dtype}"
+            )
+        recipe = recipe_for(e.conversion)
+        pieces = _plan_pieces(e, src, recipe)
+        layouts = [_layout(e.conversion, recipe, shape, src.device_mesh, tuple(src.placements)) for _, shape in pieces]
+        if len({lay.scale_placements for lay in layouts}) != 1:
+            raise ConversionInputError(f"tensor {e.name!r}: its fused shards would place their scales differently")
+        mesh, placements = src.device_mesh, tuple(src.placements)
+        out_local = _local_shape(e.out_shape, mesh, placements)
+        scale_local = None
+        if e.scale_name is not None:
+            assert layouts[0].scale_placements is not None
+            scale_local = _local_shape(e.scale_buffer_shape, mesh, layouts[0].scale_placements)
+        planned.append((e, src, pieces, layouts[0], out_local, scale_local))
+        device = src.to_local().device
+    sizes = []
+    for e, _, _, _, out_local, scale_local in planned:
+        for shape, dtype in ((out_local, e.conversion.dst_dtype), (scale_local, e.conversion.scale_dtype)):
+            if shape is not None:
+                nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                sizes.append((total, shape, dtype))
+                total += -(-nbytes // align) * align
+    arena = torch.empty(max(total, align), dtype=torch.uint8, device=device)
+    views = iter(
+        arena[off : off + math.prod(shape) * torch.empty((), dtype=dtype).element_size()].view(dtype).view(shape)
+        for off, shape, dtype in sizes
+    )
+    calls, outputs = [], dict[str, torch.Tensor]()
+    for e, src, pieces, layout, _, scale_local in planned:
+        mesh, placements = src.device_mesh, tuple(src.placements)
+        out = next(views)
+        scale = next(views) if scale_local is not None else None
+        outputs[e.name] = _wrap_view(out, mesh, placements, e.out_shape)
+        sp = layout.scale_placements or ()
+        if scale is not None:
+            stored = scale.unsqueeze(-1) if len(e.scale_shape) == len(e.scale_buffer_shape) + 1 else scale
+            outputs[e.scale_name] = _wrap_view(stored, mesh, sp, e.scale_shape)
+        scale_row = 0
+        for index, shape in pieces:
+            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+            piece_out = _wrap_view(_staged(out[index], copies), mesh, placements, tuple(e.conversion.out_shape(shape)))
+            piece_scale = None
+            if scale is not None:
+                scale_shape = tuple(e.conversion.expected_scale_shape(shape) or ())
+                local = scale
+                if index:  # several pieces only for block scales: their block rows stack along -2
+                    local = scale.narrow(-2, scale_row, scale_shape[-2])
+                    scale_row += scale_shape[-2]
+                piece_scale = _wrap_view(_staged(local, copies), mesh, sp, scale_shape)
+            calls.append(
+                _StagedCall(e.name, index, piece_out, piece_scale, tuple(copies))
+                if copies
+                else _Call(e.name, index, piece_out, piece_scale)
+            )
+    return arena, calls, outputs
+
+
+def _staged(view: torch.Tensor, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """A contiguous buffer for a strided view (a fused piece of stacked experts), copied back after the run."""
+    if view.is_contiguous():
+        return view
+    staging = torch.empty(view.shape, dtype=view.dtype, device=view.device)
+    copies.append((staging, view))
+    return staging
+
+
+def run_plan(plan: Any, calls: Sequence[Any], state_dict: Mapping[str, Any]) -> None:
+    """The DTensor form of ``Plan.run``'s loop: every call of the step in one :func:`convert_many`."""
+    items: list[Item] = []
+    for call in calls:
+        src = state_dict[call.name]
+        if not isinstance(src, DTensor):
+            raise ConversionTypeError(f"tensor {call.name!r}: a sharded plan needs a DTensor, got {type(src).__name__}")
+        if call.index:
+            src = _rows_view(src, call.index, tuple(call.out.shape))
+        items.append((plan[call.name].conversion, src, call.out, call.scale))
+    convert_many(items, names=[call.name for call in calls])
+    for call in calls:
+        for staging, view in getattr(call, "copies", ()):
+            view.copy_(staging)

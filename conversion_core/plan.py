@@ -461,6 +461,7 @@ class Plan:
         self.arena: torch.Tensor | None = None
         self._outputs: dict[str, torch.Tensor] = {}
         self._calls: list[_Call] = []
+        self._sharded = False
         self._ready = False
 
     # ---- decisions -------------------------------------------------------------------------
@@ -506,8 +507,22 @@ class Plan:
         Path(path).write_text(json.dumps(self.manifest(), indent=2) + "\n", encoding="utf-8")
 
     # ---- buffers ---------------------------------------------------------------------------
-    def allocate(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Allocate every output once, as views of one arena on ``device``; returns the outputs."""
+    def allocate(
+        self, device: torch.device | str | None = None, *, like: Mapping[str, Any] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Allocate every output once, as views of one arena on ``device``; returns the outputs.
+
+        ``like``: a state dict of DTensors (FSDP2, tensor or expert parallel): the outputs are then
+        DTensors placed like their sources, carved from one arena of local shards, and each
+        :meth:`run` batches its collectives (see :mod:`conversion_core.distributed`).
+        """
+        if like is not None:
+            from .distributed import allocate_plan
+
+            self.arena, self._calls, self._outputs = allocate_plan(self, like, ALIGN)
+            self.device, self._ready, self._sharded = self.arena.device, False, True
+            return dict(self._outputs)
+        self._sharded = False
         device = torch.device(device if device is not None else "cpu")
         layout: list[tuple[str, Shape, torch.dtype]] = []
         for e in self.entries:
@@ -565,6 +580,8 @@ class Plan:
         entry = self[name]
         if self.arena is None:
             raise ConversionInputError("the plan has no buffers yet: call allocate(device) first")
+        if self._sharded:
+            raise ConversionInputError(f"tensor {name!r}: a sharded plan's outputs are DTensors: read .full_tensor()")
         result = torch.empty(entry.src_shape, dtype=torch.float32, device=self.device)
         for call in self._calls:
             if call.name == name:
@@ -626,6 +643,12 @@ class Plan:
         """
         self._ready = False
         self.validate(state_dict, strict)
+        if self._sharded:
+            from .distributed import run_plan
+
+            run_plan(self, self._calls, state_dict)
+            self._ready = True
+            return dict(self._outputs)
         for call in self._calls:
             src = state_dict[call.name]
             conversion = self._by_name[call.name].conversion

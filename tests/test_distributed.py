@@ -280,6 +280,43 @@ def _run_extra(name: str, mesh, rank: int) -> None:
         fp32 = reg.get("fp32_cast").replace(name="custom", compile_target="custom_layout")
         with pytest.raises(cc.ConversionInputError, match="custom"):
             fp32.convert(src)
+    elif name == "plan_dtensor_state_dict":
+        from conversion_core.plan import ScaleNaming, build_plan
+
+        fulls = {
+            "model.embed_tokens.weight": torch.randn(64, 32, generator=gen).bfloat16(),
+            "model.layers.0.self_attn.q_proj.weight": torch.randn(300, 200, generator=gen).bfloat16(),
+            "model.layers.0.mlp.gate.weight": torch.randn(4, 200, generator=gen).bfloat16(),
+            "model.layers.0.mlp.experts.gate_up_proj": torch.randn(4, 200, 200, generator=gen).bfloat16(),
+            "model.layers.0.mlp.experts.down_proj": torch.randn(4, 200, 100, generator=gen).bfloat16(),
+            "model.norm.weight": torch.randn(32, generator=gen).bfloat16(),
+        }
+        fulls["model.layers.0.mlp.experts.gate_up_proj"][3, 150, 7] = 1000.0  # up half, a block gate does not share
+        fulls["model.layers.0.mlp.experts.down_proj"][1, 10, 90] = -1000.0  # rank 1's part of a cut block
+        placements = {"model.layers.0.mlp.experts.down_proj": [Shard(2)], "model.norm.weight": [Replicate()]}
+        sharded = {
+            k: distribute_tensor(v, mesh, placements.get(k, [Shard(0)]), src_data_rank=None) for k, v in fulls.items()
+        }
+        for conversion, naming in ((BLOCK, None), (CHANNEL, ScaleNaming("weight_scale", rows_as_column=True))):
+            ref_plan = build_plan(fulls, conversion=conversion, scale_naming=naming)
+            ref_plan.allocate("cpu")
+            want = ref_plan.run(fulls)
+            plan = build_plan(sharded, conversion=conversion, scale_naming=naming)
+            plan.allocate(like=sharded)
+            with CommDebugMode() as comm:
+                got = plan.run(sharded)
+            assert comm.get_total_counts() == 1, (conversion, comm.get_total_counts())  # one step, one all-reduce
+            assert plan.ready and sorted(got) == sorted(want) and len(want) == len(fulls) + 3
+            for key, ref in want.items():
+                assert isinstance(got[key], DTensor) and tuple(got[key].shape) == tuple(ref.shape), key
+                assert torch.equal(_bits(got[key].to_local()), _expected_local(ref, got[key])), (conversion, key)
+            with pytest.raises(cc.ConversionInputError, match="full_tensor"):
+                plan.dequantize("model.layers.0.self_attn.q_proj.weight")
+            arena = plan.arena
+            plan.run(sharded)  # the same buffers, refilled
+            assert plan.arena is arena and all(
+                got[k].to_local().data_ptr() == v.to_local().data_ptr() for k, v in plan.outputs.items()
+            )
     else:
         raise AssertionError(f"unknown extra case {name}")
 
@@ -290,6 +327,7 @@ EXTRA_2 = [
     "nan_raises_on_every_rank",
     "nan_aligned_raises_where_held",
     "refuses_partial",
+    "plan_dtensor_state_dict",
 ]
 
 
