@@ -8,6 +8,8 @@ mesh, for both FP8 conversions. Per scenario and conversion it prints, for the w
                shared, so the bytes are wrong wherever a block is cut: the floor, not an alternative);
 - ``sharded``: ``conversion.fn(dtensor, out, scale)`` tensor by tensor (global scales);
 - ``batched``: ``distributed.convert_many`` over the layer (one all-reduce for all that need one);
+- ``plan``:    the whole-model plan over the layer's DTensor state dict (``allocate(like=...)``,
+               ``run``), which batches the same way and refills one local arena;
 
 with the ratio to ``local`` and the all-reduces per layer. It also checks, once, that the sharded
 bytes equal the unsharded conversion of the full tensor.
@@ -31,22 +33,24 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 import conversion_core as cc
 from conversion_core import distributed
+from conversion_core.plan import build_plan
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, MOE_INTER = 2048, 32, 4, 128, 128, 768
 
 
 def layer_shapes(tiny: bool) -> dict[str, tuple[int, ...]]:
-    """Qwen3-30B-A3B decoder layer weights (``--tiny``: every dim divided by 8, experts by 32)."""
+    """Qwen3-30B-A3B decoder layer weights (``--tiny``: dims / 8, experts / 32, moe_intermediate 256)."""
     d = 8 if tiny else 1
     e = EXPERTS // (32 if tiny else 1)
+    moe = 256 * d if tiny else MOE_INTER  # 768 / 8 would cut the fused gate/up blocks, which 768 does not
     return {
         "q_proj": (HEADS * HEAD_DIM // d, HIDDEN // d),
         "k_proj": (KV_HEADS * HEAD_DIM // d, HIDDEN // d),
         "v_proj": (KV_HEADS * HEAD_DIM // d, HIDDEN // d),
         "o_proj": (HIDDEN // d, HEADS * HEAD_DIM // d),
-        "experts.gate_up_proj": (e, 2 * MOE_INTER // d, HIDDEN // d),
-        "experts.down_proj": (e, HIDDEN // d, MOE_INTER // d),
-        "cut.experts.down_proj": (e, HIDDEN // d, MOE_INTER // 2 // d),
+        "experts.gate_up_proj": (e, 2 * moe // d, HIDDEN // d),
+        "experts.down_proj": (e, HIDDEN // d, moe // d),
+        "cut.experts.down_proj": (e, HIDDEN // d, moe // 2 // d),
     }
 
 
@@ -108,7 +112,7 @@ def bench(args: argparse.Namespace) -> None:
         )
         print(
             f"{'scenario':8} {'conversion':30} {'MB/rank':>8} {'local ms':>9} {'sharded ms':>10} {'x':>5} "
-            f"{'batched ms':>10} {'x':>5} {'allreduce':>9} {'exact':>5}"
+            f"{'batched ms':>10} {'x':>5} {'plan ms':>8} {'x':>5} {'allreduce':>9} {'exact':>5}"
         )
     for scenario in args.scenarios:
         plan = SCENARIOS[scenario]
@@ -142,15 +146,31 @@ def bench_one(
     def batched() -> None:
         distributed.convert_many(items)
 
+    state_dict = {hf_name(name): src for name, src in srcs.items()}
+    plan = build_plan(state_dict, conversion=conv.name)
+    plan.allocate(like=state_dict)
+
+    def whole_plan() -> None:
+        plan.run(state_dict)
+
     with CommDebugMode() as comm:
         batched()
     exact = all(_matches(conv, fulls[name], *bufs[name]) for name in srcs)
-    t_local, t_sharded, t_batched = (timed(f, device, iters) for f in (local, sharded, batched))
+    t_local, t_sharded, t_batched, t_plan = (timed(f, device, iters) for f in (local, sharded, batched, whole_plan))
     mb = sum(x.numel() * x.element_size() for x, _, _ in plain) / 1e6
     return (
         f"{mb:8.1f} {t_local * 1e3:9.3f} {t_sharded * 1e3:10.3f} {t_sharded / t_local:5.2f} "
-        f"{t_batched * 1e3:10.3f} {t_batched / t_local:5.2f} {comm.get_total_counts():9d} {str(exact):>5}"
+        f"{t_batched * 1e3:10.3f} {t_batched / t_local:5.2f} {t_plan * 1e3:8.3f} {t_plan / t_local:5.2f} "
+        f"{comm.get_total_counts():9d} {str(exact):>5}"
     )
+
+
+def hf_name(short: str) -> str:
+    """The transformers name of a layer weight (so the plan treats it as in a real checkpoint)."""
+    short = short.removeprefix("cut.")
+    if short.startswith("experts."):
+        return f"model.layers.0.mlp.{short}"
+    return f"model.layers.0.self_attn.{short}.weight"
 
 
 def _matches(conv: cc.Conversion, full: torch.Tensor, out, scale) -> bool:

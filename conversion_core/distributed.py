@@ -36,6 +36,12 @@ a reduced tensor runs the torch path of :mod:`conversion_core.fp8` on its shard,
 all-reduce of float32 amaxes (``ceil(N/128)*ceil(K/128)`` or ``N`` values) shared by every tensor
 of the call with the same mesh and reduction dims.
 ``Partial`` and ``_StridedShard`` inputs are refused with an error (redistribute them first).
+
+Entry points: ``Conversion.convert`` / ``Conversion.fn`` with a DTensor source (they delegate
+here), :func:`allocate` for preallocated DTensor outputs, :func:`convert_many` for a batch, and
+the whole-model plan (``Plan.allocate(like=dtensor_state_dict)`` then ``Plan.run``), which sends
+one step's tensors through one :func:`convert_many`. A fused plan tensor (gate/up stacked) whose
+parts cut 128-row blocks is converted part by part, which needs its row dim unsharded.
 """
 
 from __future__ import annotations
@@ -495,11 +501,7 @@ def convert(conversion: Conversion, src: torch.Tensor) -> tuple[DTensor, DTensor
 
 def _rows_view(t: DTensor, index: tuple, shape: tuple[int, ...]) -> DTensor:
     """Rows of a DTensor whose row dim (-2) is not sharded: a local view, no communication."""
-    return _wrap_view(t.to_local()[index], t.device_mesh, tuple(t.placements), shape)
-
-
-def _wrap_view(local: torch.Tensor, mesh: DeviceMesh, placements: tuple[Placement, ...], shape: tuple) -> DTensor:
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=local.stride())
+    return _wrap(t.to_local()[index], t.device_mesh, tuple(t.placements), shape)
 
 
 def _plan_pieces(plan_entry: Any, src: DTensor, recipe: Recipe) -> list[tuple[tuple, tuple[int, ...]]]:
@@ -597,15 +599,15 @@ def allocate_plan(plan: Any, like: Mapping[str, Any], align: int) -> tuple[torch
         mesh, placements = src.device_mesh, tuple(src.placements)
         out = next(views)
         scale = next(views) if scale_local is not None else None
-        outputs[e.name] = _wrap_view(out, mesh, placements, e.out_shape)
+        outputs[e.name] = _wrap(out, mesh, placements, e.out_shape)
         sp = layout.scale_placements or ()
         if scale is not None:
             stored = scale.unsqueeze(-1) if len(e.scale_shape) == len(e.scale_buffer_shape) + 1 else scale
-            outputs[e.scale_name] = _wrap_view(stored, mesh, sp, e.scale_shape)
+            outputs[e.scale_name] = _wrap(stored, mesh, sp, e.scale_shape)
         scale_row = 0
         for index, shape in pieces:
             copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-            piece_out = _wrap_view(_staged(out[index], copies), mesh, placements, tuple(e.conversion.out_shape(shape)))
+            piece_out = _wrap(_staged(out[index], copies), mesh, placements, tuple(e.conversion.out_shape(shape)))
             piece_scale = None
             if scale is not None:
                 scale_shape = tuple(e.conversion.expected_scale_shape(shape) or ())
@@ -613,7 +615,7 @@ def allocate_plan(plan: Any, like: Mapping[str, Any], align: int) -> tuple[torch
                 if index:  # several pieces only for block scales: their block rows stack along -2
                     local = scale.narrow(-2, scale_row, scale_shape[-2])
                     scale_row += scale_shape[-2]
-                piece_scale = _wrap_view(_staged(local, copies), mesh, sp, scale_shape)
+                piece_scale = _wrap(_staged(local, copies), mesh, sp, scale_shape)
             calls.append(
                 _StagedCall(e.name, index, piece_out, piece_scale, tuple(copies))
                 if copies
