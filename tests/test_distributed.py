@@ -203,6 +203,45 @@ def _run_case(case: Case, mesh) -> None:
         assert gathered[case.outlier_block].item() == (torch.tensor(1000.0) / 448.0).item()
 
 
+def _check_plan(mesh, placements: dict, default: list, all_reduces: dict[str, int]) -> None:
+    """A tiny MoE layer through the plan as DTensors == the plan over the full tensors, byte for byte."""
+    from conversion_core.plan import ScaleNaming, build_plan
+
+    gen = torch.Generator().manual_seed(11)
+    fulls = {
+        "model.embed_tokens.weight": torch.randn(64, 32, generator=gen).bfloat16(),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(300, 200, generator=gen).bfloat16(),
+        "model.layers.0.mlp.gate.weight": torch.randn(4, 200, generator=gen).bfloat16(),
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(4, 200, 200, generator=gen).bfloat16(),
+        "model.layers.0.mlp.experts.down_proj": torch.randn(4, 200, 100, generator=gen).bfloat16(),
+        "model.norm.weight": torch.randn(32, generator=gen).bfloat16(),
+    }
+    fulls["model.layers.0.mlp.experts.gate_up_proj"][3, 150, 7] = 1000.0  # up half (I = 100 cuts a block)
+    fulls["model.layers.0.mlp.experts.down_proj"][1, 10, 90] = -1000.0  # one shard's part of a cut block
+    sharded = {k: distribute_tensor(v, mesh, placements.get(k, default), src_data_rank=None) for k, v in fulls.items()}
+    for conversion, naming in ((BLOCK, None), (CHANNEL, ScaleNaming("weight_scale", rows_as_column=True))):
+        if conversion not in all_reduces:
+            continue
+        ref_plan = build_plan(fulls, conversion=conversion, scale_naming=naming)
+        ref_plan.allocate("cpu")
+        want = ref_plan.run(fulls)
+        plan = build_plan(sharded, conversion=conversion, scale_naming=naming)
+        plan.allocate(like=sharded)
+        with CommDebugMode() as comm:
+            got = plan.run(sharded)
+        assert comm.get_total_counts() == all_reduces[conversion], (conversion, comm.get_total_counts())
+        assert plan.ready and sorted(got) == sorted(want) and len(want) == len(fulls) + 3
+        for key, ref in want.items():
+            assert isinstance(got[key], DTensor) and tuple(got[key].shape) == tuple(ref.shape), key
+            assert torch.equal(_bits(got[key].to_local()), _expected_local(ref, got[key])), (conversion, key)
+        with pytest.raises(cc.ConversionInputError, match="full_tensor"):
+            plan.dequantize("model.layers.0.self_attn.q_proj.weight")
+        arena = plan.arena
+        plan.run(sharded)  # the same buffers, refilled
+        assert plan.arena is arena
+        assert all(got[k].to_local().data_ptr() == v.to_local().data_ptr() for k, v in plan.outputs.items())
+
+
 def _run_extra(name: str, mesh, rank: int) -> None:
     """Cases that are not one conversion of one layout: buffers, batching, failures."""
     reg = cc.load_registry()
@@ -281,41 +320,19 @@ def _run_extra(name: str, mesh, rank: int) -> None:
         with pytest.raises(cc.ConversionInputError, match="custom"):
             fp32.convert(src)
     elif name == "plan_dtensor_state_dict":
-        from conversion_core.plan import ScaleNaming, build_plan
-
-        fulls = {
-            "model.embed_tokens.weight": torch.randn(64, 32, generator=gen).bfloat16(),
-            "model.layers.0.self_attn.q_proj.weight": torch.randn(300, 200, generator=gen).bfloat16(),
-            "model.layers.0.mlp.gate.weight": torch.randn(4, 200, generator=gen).bfloat16(),
-            "model.layers.0.mlp.experts.gate_up_proj": torch.randn(4, 200, 200, generator=gen).bfloat16(),
-            "model.layers.0.mlp.experts.down_proj": torch.randn(4, 200, 100, generator=gen).bfloat16(),
-            "model.norm.weight": torch.randn(32, generator=gen).bfloat16(),
-        }
-        fulls["model.layers.0.mlp.experts.gate_up_proj"][3, 150, 7] = 1000.0  # up half, a block gate does not share
-        fulls["model.layers.0.mlp.experts.down_proj"][1, 10, 90] = -1000.0  # rank 1's part of a cut block
-        placements = {"model.layers.0.mlp.experts.down_proj": [Shard(2)], "model.norm.weight": [Replicate()]}
-        sharded = {
-            k: distribute_tensor(v, mesh, placements.get(k, [Shard(0)]), src_data_rank=None) for k, v in fulls.items()
-        }
-        for conversion, naming in ((BLOCK, None), (CHANNEL, ScaleNaming("weight_scale", rows_as_column=True))):
-            ref_plan = build_plan(fulls, conversion=conversion, scale_naming=naming)
-            ref_plan.allocate("cpu")
-            want = ref_plan.run(fulls)
-            plan = build_plan(sharded, conversion=conversion, scale_naming=naming)
-            plan.allocate(like=sharded)
-            with CommDebugMode() as comm:
-                got = plan.run(sharded)
-            assert comm.get_total_counts() == 1, (conversion, comm.get_total_counts())  # one step, one all-reduce
-            assert plan.ready and sorted(got) == sorted(want) and len(want) == len(fulls) + 3
-            for key, ref in want.items():
-                assert isinstance(got[key], DTensor) and tuple(got[key].shape) == tuple(ref.shape), key
-                assert torch.equal(_bits(got[key].to_local()), _expected_local(ref, got[key])), (conversion, key)
-            with pytest.raises(cc.ConversionInputError, match="full_tensor"):
-                plan.dequantize("model.layers.0.self_attn.q_proj.weight")
-            arena = plan.arena
-            plan.run(sharded)  # the same buffers, refilled
-            assert plan.arena is arena and all(
-                got[k].to_local().data_ptr() == v.to_local().data_ptr() for k, v in plan.outputs.items()
+        # 1-D mesh: every reduced tensor shares mesh dim 0, so each step is one all-reduce
+        _check_plan(
+            mesh,
+            {"model.layers.0.mlp.experts.down_proj": [Shard(2)], "model.norm.weight": [Replicate()]},
+            default=[Shard(0)],
+            all_reduces={BLOCK: 1, CHANNEL: 1},
+        )
+        with pytest.raises(cc.ConversionInputError, match="fused rows"):
+            _check_plan(
+                mesh,
+                {"model.layers.0.mlp.experts.gate_up_proj": [Shard(1)]},
+                default=[Shard(0)],
+                all_reduces={BLOCK: 1},
             )
     else:
         raise AssertionError(f"unknown extra case {name}")
@@ -349,6 +366,21 @@ def _worker(rank: int, world: int, store_path: str, result_dir: str) -> None:
                 results[case.name] = "ok"
             except Exception:
                 results[case.name] = traceback.format_exc()
+        if world == 4:
+            try:  # 2x2: q_proj reduces over both mesh dims, down_proj over dim 1: two groups, 2 + 1 all-reduces
+                _check_plan(
+                    meshes[(2, 2)],
+                    {
+                        "model.layers.0.self_attn.q_proj.weight": [Shard(0), Shard(1)],
+                        "model.layers.0.mlp.experts.down_proj": [Shard(0), Shard(2)],
+                        "model.norm.weight": [Replicate(), Replicate()],
+                    },
+                    default=[Shard(0), Replicate()],
+                    all_reduces={BLOCK: 3, CHANNEL: 1},
+                )
+                results["plan_2d_mesh"] = "ok"
+            except Exception:
+                results["plan_2d_mesh"] = traceback.format_exc()
         if world == 2:
             for name in EXTRA_2:
                 try:
@@ -402,7 +434,7 @@ def test_two_processes(world2: list[dict[str, str]], name: str) -> None:
     _check(world2, name)
 
 
-@pytest.mark.parametrize("name", [c.name for c in _cases_4()])
+@pytest.mark.parametrize("name", [c.name for c in _cases_4()] + ["plan_2d_mesh"])
 def test_four_processes(world4: list[dict[str, str]], name: str) -> None:
     _check(world4, name)
 
