@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DeviceMesh, DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .errors import ConversionInputError, ConversionTypeError
+from .errors import ConversionCoreError, ConversionInputError, ConversionTypeError
 from .fp8 import E4M3, non_finite_error, quantize_into, scale_from_amax
 
 if TYPE_CHECKING:
@@ -556,19 +556,21 @@ def allocate_plan(plan: Any, like: Mapping[str, Any], align: int) -> tuple[torch
     from .plan import _Call
 
     _StagedCall = _staged_call_type()
-    planned: list[tuple[Any, DTensor, list, Layout, tuple[int, ...], tuple[int, ...] | None]] = []
-    total, device = 0, None
+    planned: list[tuple[Any, DTensor | None, list, Layout | None, tuple[int, ...], tuple[int, ...] | None]] = []
+    total, devices = 0, set()
     for e in plan.entries:
         src = like.get(e.name) if isinstance(like, Mapping) else None
-        if not isinstance(src, DTensor):
-            raise ConversionTypeError(
-                f"tensor {e.name!r}: a sharded plan needs a DTensor for every tensor, got {type(src).__name__}"
-            )
+        if not isinstance(src, torch.Tensor):
+            raise ConversionTypeError(f"tensor {e.name!r}: `like` must hold a tensor, got {type(src).__name__}")
         if (tuple(src.shape), src.dtype) != (tuple(e.src_shape), e.src_dtype):
             raise ConversionInputError(
-                f"tensor {e.name!r}: DTensor of shape {tuple(src.shape)}, dtype {src.dtype}; the plan expects "
+                f"tensor {e.name!r}: `like` has shape {tuple(src.shape)}, dtype {src.dtype}; the plan expects "
                 f"shape {tuple(e.src_shape)}, dtype {e.src_dtype}"
             )
+        if not isinstance(src, DTensor):  # not sharded (FSDP2 leaves buffers plain): the single-device path
+            devices.add(src.device)
+            planned.append((e, None, [], None, tuple(e.out_shape), e.scale_buffer_shape))
+            continue
         recipe = recipe_for(e.conversion)
         pieces = _plan_pieces(e, src, recipe)
         layouts = [_layout(e.conversion, recipe, shape, src.device_mesh, tuple(src.placements)) for _, shape in pieces]
@@ -581,7 +583,10 @@ def allocate_plan(plan: Any, like: Mapping[str, Any], align: int) -> tuple[torch
             assert layouts[0].scale_placements is not None
             scale_local = _local_shape(e.scale_buffer_shape, mesh, layouts[0].scale_placements)
         planned.append((e, src, pieces, layouts[0], out_local, scale_local))
-        device = src.to_local().device
+        devices.add(src.to_local().device)
+    if len(devices) > 1:
+        raise ConversionInputError(f"a plan's tensors must share one (local) device, got {sorted(map(str, devices))}")
+    device = devices.pop() if devices else None
     sizes = []
     for e, _, _, _, out_local, scale_local in planned:
         for shape, dtype in ((out_local, e.conversion.dst_dtype), (scale_local, e.conversion.scale_dtype)):
@@ -596,9 +601,17 @@ def allocate_plan(plan: Any, like: Mapping[str, Any], align: int) -> tuple[torch
     )
     calls, outputs = [], dict[str, torch.Tensor]()
     for e, src, pieces, layout, _, scale_local in planned:
-        mesh, placements = src.device_mesh, tuple(src.placements)
         out = next(views)
         scale = next(views) if scale_local is not None else None
+        if src is None:
+            buffers = {e.name: out} if scale is None else {e.name: out, e.scale_name: scale}
+            calls.extend(plan._calls_of(e, buffers))
+            outputs[e.name] = out
+            if scale is not None:
+                outputs[e.scale_name] = scale.view(e.scale_shape)
+            continue
+        assert layout is not None
+        mesh, placements = src.device_mesh, tuple(src.placements)
         outputs[e.name] = _wrap(out, mesh, placements, e.out_shape)
         sp = layout.scale_placements or ()
         if scale is not None:
@@ -634,16 +647,32 @@ def _staged(view: torch.Tensor, copies: list[tuple[torch.Tensor, torch.Tensor]])
 
 
 def run_plan(plan: Any, calls: Sequence[Any], state_dict: Mapping[str, Any]) -> None:
-    """The DTensor form of ``Plan.run``'s loop: every call of the step in one :func:`convert_many`."""
+    """The DTensor form of ``Plan.run``'s loop: every sharded call of the step in one :func:`convert_many`.
+
+    Tensors that were plain at allocation go through their checked ``fn`` after the collectives,
+    so a failure there cannot leave another rank waiting in them.
+    """
     items: list[Item] = []
+    sharded = [call for call in calls if isinstance(call.out, DTensor)]
     for call in calls:
+        if isinstance(state_dict[call.name], DTensor) != isinstance(call.out, DTensor):
+            raise ConversionTypeError(
+                f"tensor {call.name!r}: a {type(state_dict[call.name]).__name__} now, not what the plan was "
+                "allocated for (allocate(like=...) again)"
+            )
+    for call in sharded:
         src = state_dict[call.name]
-        if not isinstance(src, DTensor):
-            raise ConversionTypeError(f"tensor {call.name!r}: a sharded plan needs a DTensor, got {type(src).__name__}")
         if call.index:
             src = _rows_view(src, call.index, tuple(call.out.shape))
         items.append((plan[call.name].conversion, src, call.out, call.scale))
-    convert_many(items, names=[call.name for call in calls])
-    for call in calls:
+    convert_many(items, names=[call.name for call in sharded])
+    for call in sharded:
         for staging, view in getattr(call, "copies", ()):
             view.copy_(staging)
+    for call in calls:
+        if not isinstance(call.out, DTensor):
+            src = state_dict[call.name]
+            try:
+                plan[call.name].conversion.fn(src[call.index] if call.index else src, call.out, call.scale)
+            except ConversionCoreError as exc:
+                raise ConversionInputError(f"tensor {call.name!r}: {exc}") from exc
