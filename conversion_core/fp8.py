@@ -15,16 +15,52 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 MIN_AMAX = 1e-12
 
+# Float bits with the sign masked off order like the magnitudes, with Inf above every finite value
+# and NaN above Inf: an integer max over them is an exact abs-max that cannot drop a NaN.
+# dtype -> (same-size int dtype, mask clearing the sign, bits of +Inf)
+ABS_BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
+}
+
 
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """float32 dequantization scale for a float32 ``amax`` (any shape)."""
     return amax.clamp_min(MIN_AMAX).div_(E4M3_MAX)
 
 
+def abs_bits_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = bits(|x|)`` as ``ABS_BITS[x.dtype]``'s int dtype; ``x`` may have any strides."""
+    int_dtype, mask, _ = ABS_BITS[x.dtype]
+    return torch.bitwise_and(x.view(int_dtype), mask, out=out)
+
+
+def amax_from_abs_bits(bits: torch.Tensor, dtype: torch.dtype, conversion: str, shape: torch.Size) -> torch.Tensor:
+    """float32 abs-max from max-reduced ``abs_bits_into`` values; raises if any is NaN or Inf."""
+    if bool((bits >= ABS_BITS[dtype][2]).any()):
+        raise non_finite_error(conversion, shape)
+    return bits.view(dtype).float()
+
+
 def quantize_into(x: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
     """``out = e4m3(clamp(x / scale, ±448))``; ``x`` float32, ``scale`` broadcastable to it."""
     q = torch.div(x, scale)
     out.copy_(q.clamp_(-E4M3_MAX, E4M3_MAX))
+
+
+def quantize_chunk_into(x: torch.Tensor, scale: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor) -> None:
+    """``quantize_into`` for one cache-sized chunk, through the float32 ``scratch`` (``x``'s shape).
+
+    The same float32 ``x / scale`` (IEEE division: exact widening, then torch's float32 division),
+    clamp and cast, with no allocation.
+    """
+    if x.dtype == torch.float32:
+        torch.div(x, scale, out=scratch)
+    else:
+        scratch.copy_(x)
+        scratch.div_(scale)
+    out.copy_(scratch.clamp_(-E4M3_MAX, E4M3_MAX))
 
 
 def non_finite_error(conversion: str, shape: torch.Size | tuple[int, ...]) -> ConversionInputError:
