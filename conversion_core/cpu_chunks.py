@@ -19,9 +19,10 @@ import torch
 
 T = TypeVar("T")
 
-# Elements per chunk: its float32 scratch (2 MiB) stays in a core's L2/L3 while the chunk is divided,
-# clamped and cast, and a chunk is big enough that the ops' per-call overhead is small.
-CHUNK_ELEMENTS = 1 << 19
+# Elements per chunk: its float32 scratch (4 MiB a worker) stays in the last-level cache while the chunk
+# is divided, clamped and cast, and a chunk is big enough that the ops' per-call overhead is small.
+# Best of 2**19..2**21 on a 2-core AMD EPYC (bf16 4096x8192, 128x128 blocks); about flat on 2 Xeon cores.
+CHUNK_ELEMENTS = 1 << 20
 
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
