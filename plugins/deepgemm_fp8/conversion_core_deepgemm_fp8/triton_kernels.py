@@ -35,10 +35,6 @@ BLOCK_FAST_DIV = True
 GPU_SOFT_ROUND = False
 
 
-def _soft_round(src: torch.Tensor) -> bool:
-    return GPU_SOFT_ROUND or src.device.type != "cuda"
-
-
 @triton.jit
 def _div_exact(x, scale, recip, FAST_DIV: tl.constexpr):
     """``x / scale`` rounded to nearest (IEEE); ``recip`` must be ``div_rn(1, scale)``.
@@ -152,7 +148,7 @@ def launch_blocks(
         BLOCK_N=br,
         BLOCK_K=bc,
         FAST_DIV=BLOCK_FAST_DIV if fast_div is None else fast_div,
-        SOFT_ROUND=_soft_round(src) if soft_round is None else soft_round,
+        SOFT_ROUND=(GPU_SOFT_ROUND if soft_round is None else soft_round) or src.device.type != "cuda",
         num_warps=num_warps or BLOCK_NUM_WARPS,
     )
 
