@@ -122,10 +122,10 @@ def _variants(name: str, shape: Sequence[int]) -> list[dict[str, Any]]:
     default = _default_variant(name, shape)
     out = [default]
     if name == BLOCK:
-        for nw in (4, 8, 16):
+        for nw in (4, 8, 16, 32):
             for fd in (False, True):
-                for sr in (False, True):
-                    out.append({"num_warps": nw, "fast_div": fd, "soft_round": sr})
+                out.append({"num_warps": nw, "fast_div": fd, "soft_round": False})
+        out.append({**default, "soft_round": True})
     else:
         import triton
 
@@ -138,12 +138,16 @@ def _variants(name: str, shape: Sequence[int]) -> list[dict[str, Any]]:
             for elems in (2048, 4096, 8192, 16384):
                 for nw in (4, 8, 16):
                     out.append(dict(rows=max(1, elems // bk), block_k=bk, single=True, num_warps=nw))
+            chunk = 256 if k % 512 else 512  # rows in L1-sized tiles, no masked lanes
+            for rows in (8, 16, 32):
+                for nw in (4, 8):
+                    out.append(dict(rows=rows, block_k=chunk, single=False, num_warps=nw))
         else:
-            for nw in (8, 16, 32):
+            for nw in (16, 32):
                 out.append(dict(rows=1, block_k=triton.next_power_of_2(k), single=True, num_warps=nw))
-        for bk in (2048, 4096, 8192) if k > 4096 else ():
-            for nw in (4, 8):
-                for pps in (0, 1, 2, 4):
+        for bk in (4096, 8192, 16384) if k > 4096 else ():
+            for nw in (8, 16):
+                for pps in (0, 3, 4, 6):
                     out.append(dict(rows=1, block_k=bk, single=False, num_warps=nw, programs_per_sm=pps))
     unique: list[dict[str, Any]] = []
     for v in out:

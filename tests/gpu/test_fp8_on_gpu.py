@@ -115,8 +115,30 @@ def test_non_finite_refused_on_gpu(name: str, bad: float) -> None:
     src[2, 299, 499] = bad
     conversion = cc.load_registry().get(name)
     out, scale = conversion.allocate(src.shape, "cuda")
-    with pytest.raises(ConversionInputError, match=r"NaN or Inf.*\(3, 300, 500\)"):
+    with pytest.raises(ConversionInputError, match=r"NaN or Inf") as info:
         conversion.fn(src, out, scale)
+    assert "(3, 300, 500)" in str(info.value)
+
+
+@pytest.mark.parametrize("name", [BLOCK, CHANNEL])
+def test_ties_zeros_and_the_448_boundary_on_gpu(name: str) -> None:
+    """Halfway cases (RNE), signed zeros, subnormals, amax elements that land a hair above 448
+    before the cast, and values near FLT_MAX: the GPU cast must agree with torch on all."""
+    row = torch.tensor([448.0, 17.0, 19.0, -17.0, 3 * 2.0**-10, 2.0**-10, -(2.0**-10), 0.0, -0.0, 240.0, 232.0])
+    special = torch.stack([row, row * 2.0**-20, row * 2.0**60, -row * 3.1])
+    amax_rows = torch.linspace(0.5, 1000.0, 4096)[:, None] * torch.tensor([1.0, -0.999, 0.5, 1e-3])
+    huge = torch.full((2, 11), 3.0e38)
+    huge[1, 2] = -3.4028234663852886e38
+    for src in (special, amax_rows, huge):
+        _assert_gpu_equals_cpu(name, src)
+
+
+def test_torch_backend_on_gpu_equals_cpu(monkeypatch) -> None:
+    """CONVERSION_CORE_BACKEND=torch on CUDA tensors: the torch path itself must match the CPU.
+    (torch divides a CUDA tensor by a Python scalar as a multiplication by its reciprocal.)"""
+    monkeypatch.setenv("CONVERSION_CORE_BACKEND", "torch")
+    for name in (BLOCK, CHANNEL):
+        _assert_gpu_equals_cpu(name, _weights((3, 300, 700), torch.bfloat16, seed=9))
 
 
 # ---- real consumers -------------------------------------------------------------------------

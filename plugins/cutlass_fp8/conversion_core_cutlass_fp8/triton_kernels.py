@@ -1,11 +1,11 @@
 """Triton kernel for the per-channel quantizer: bit-identical to the torch path, near memory speed.
 
-A program owns ``ROWS`` rows (flattened over experts, so a row never mixes experts). Rows that
-fit in registers (``K <= BLOCK_K``) are read once: load, row amax, scale, e4m3 bytes. Longer
-rows are walked in ``BLOCK_K`` chunks twice, an amax pass that leaves the row in L2
-(``evict_last``) and a quantize pass that reads it back from there (``evict_first``); a grid
-capped at a few programs per SM keeps the rows in flight well under the L2 size, so HBM still
-sees each byte once. Any input strides, int64 offsets, masked tails.
+A program owns ``ROWS`` rows (flattened over experts, so a row never mixes experts). Short
+power-of-two rows are read once: load, row amax, scale, e4m3 bytes. Other rows are walked in
+``BLOCK_K`` chunks twice, an amax pass that leaves the row in L1/L2 (``evict_last``) and a
+quantize pass that reads it back from there (``evict_first``), so HBM still sees each byte
+once (measured on an H100: within a few percent of copy bandwidth up to K = 28672).
+Any input strides, int64 offsets, masked tails.
 
 Bit-identity with ``torch_path`` rests on IEEE division (``tl.math.div_rn``, or a reciprocal
 with one exact FMA correction, equal to it by Markstein's theorem), a clamp to ±448 before the
@@ -44,18 +44,21 @@ class RowConfig:
     soft_round: bool = False  # on a GPU; always on under the interpreter
 
 
-#: Longest row read in one load; longer rows take the chunked two-pass route.
-SINGLE_PASS_MAX_K = 8192
-#: Elements one program loads at a time.
-TILE_ELEMS = 8192
-
-
 def pick_config(k: int) -> RowConfig:
-    """The launch shape for rows of length ``k``."""
-    if k <= SINGLE_PASS_MAX_K:
-        block_k = triton.next_power_of_2(k)
-        return RowConfig(rows=max(1, TILE_ELEMS // block_k), block_k=block_k, single=True, num_warps=8)
-    return RowConfig(rows=1, block_k=4096, single=False, num_warps=8, programs_per_sm=2)
+    """The launch shape for rows of length ``k`` (from the H100 sweep in benchmarks/bench_quant.py).
+
+    Short power-of-two rows: a few whole rows per load, read once. Other short rows: 16 rows in
+    chunks that divide K (no masked lanes), the second pass hitting L1/L2. Long rows: big chunks,
+    the second pass hitting L2.
+    """
+    if k <= 2048 and k & (k - 1) == 0:
+        return RowConfig(rows=max(1, 4096 // k), block_k=k, single=True, num_warps=4)
+    if k <= 4096:
+        chunk = 512 if k % 512 == 0 else 256
+        return RowConfig(rows=4096 // chunk, block_k=chunk, single=False, num_warps=8)
+    if k <= 16384:
+        return RowConfig(rows=1, block_k=8192, single=False, num_warps=8)
+    return RowConfig(rows=1, block_k=16384, single=False, num_warps=16)
 
 
 @functools.lru_cache(maxsize=8)
@@ -64,18 +67,43 @@ def _sm_count(index: int) -> int:
 
 
 @triton.jit
+def _max_keep_nan(a, b):
+    """max that keeps NaN (the hardware max drops it), so a NaN anywhere makes the amax NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_amax(x, INTERPRET: tl.constexpr):
+    """Per-row max |x| of a 2D tile, NaN when the row holds a NaN (the hardware max drops it)."""
+    if INTERPRET:  # the interpreter calls a custom combine once per element, in Python: far too slow
+        amax = tl.max(tl.abs(x), 1)
+        amax = tl.where(tl.max((x != x).to(tl.int32), 1) > 0, float("nan"), amax)
+    else:
+        amax = tl.reduce(tl.abs(x), 1, _max_keep_nan)
+    return amax
+
+
+@triton.jit
+def _non_finite(amax):
+    """A NaN-keeping amax is NaN or Inf exactly when one of its elements was."""
+    return (amax != amax) | (amax > FLT_MAX)
+
+
+@triton.jit
 def _div_exact(x, scale, recip, FAST_DIV: tl.constexpr):
     """``x / scale`` rounded to nearest (IEEE); ``recip`` must be ``div_rn(1, scale)``.
 
     FAST_DIV: q0 = x*recip is within 1 ulp of x/scale, the FMA residual x - q0*scale is exact,
-    and q0 + residual*recip rounds to RN(x/scale) (Markstein). A zero q0 keeps its own sign
-    (the correction step would turn -0 into +0, torch keeps -0).
+    and q0 + residual*recip rounds to RN(x/scale) (Markstein's theorem): three instructions
+    instead of a division. A zero quotient then gets the sign of x back with one bit-or (torch
+    keeps -0; the correction step alone would give +0). Nonzero quotients already carry it.
     """
     if FAST_DIV:
         q0 = x * recip
         rem = tl.fma(-q0, scale, x)
         q = tl.fma(rem, recip, q0)
-        q = tl.where(q0 == 0.0, q0, q)
+        sign = x.to(tl.int32, bitcast=True) & -2147483648
+        q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     else:
         q = tl.math.div_rn(x, scale)
     return q
@@ -83,14 +111,16 @@ def _div_exact(x, scale, recip, FAST_DIV: tl.constexpr):
 
 @triton.jit
 def _to_e4m3(q, SOFT_ROUND: tl.constexpr):
-    """e4m3 bytes of float32 ``q`` (already clamped to ±448), round-to-nearest-even.
+    """e4m3 of float32 ``q``: clamp to ±448, then round to nearest even.
 
-    SOFT_ROUND rounds with float32/int32 arithmetic to a value e4m3 holds exactly, so the cast
-    itself has nothing left to round. Triton's interpreter needs this: its fp8 cast rounds half
-    up and loses the mantissa carry (31.8 becomes 16). On a GPU the hardware cast
-    (cvt.rn.satfinite) is exact RNE by itself; tests/gpu compares both with the torch path.
+    On a GPU the cast is cvt.rn.satfinite: RNE that saturates at ±448 itself, so no clamp is
+    spent (tests/gpu checks the bytes, the 448 boundary included, against the torch path).
+    SOFT_ROUND clamps and rounds with float32/int32 arithmetic to a value e4m3 holds exactly,
+    so the cast has nothing left to round. Triton's interpreter needs this: its fp8 cast
+    rounds half up, loses the mantissa carry (31.8 becomes 16) and does not saturate.
     """
     if SOFT_ROUND:
+        q = tl.minimum(tl.maximum(q, -Q_MAX), Q_MAX)
         bits = q.to(tl.int32, bitcast=True)
         mag = bits & 0x7FFFFFFF
         a = mag.to(tl.float32, bitcast=True)
@@ -116,8 +146,10 @@ def _quantize_rows_kernel(
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SINGLE: tl.constexpr,
+    EVEN: tl.constexpr,
     FAST_DIV: tl.constexpr,
     SOFT_ROUND: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -126,56 +158,51 @@ def _quantize_rows_kernel(
         rows = tl.arange(0, ROWS).to(tl.int64) + rb * ROWS  # R (rows, not elements) fits int32
         row_ok = rows < R
         e = rows // N
-        src_row = e * stride_e + (rows - e * N) * stride_n
-        out_row = rows * K
+        src_row = src_ptr + (e * stride_e + (rows - e * N) * stride_n)[:, None]
+        out_row = out_ptr + (rows * K)[:, None]
         if SINGLE:
-            cols = tl.arange(0, BLOCK_K).to(tl.int64)
-            mask = row_ok[:, None] & (cols[None, :] < K)
-            x = tl.load(
-                src_ptr + src_row[:, None] + cols[None, :] * stride_k,
-                mask=mask,
-                other=0.0,
-                eviction_policy="evict_first",
-            ).to(tl.float32)
-            ax = tl.abs(x)
-            bad = tl.max(tl.where(ax <= FLT_MAX, 0, 1), axis=1)  # NaN and Inf both fail `<= FLT_MAX`
-            amax = tl.max(ax, axis=1)
+            cols = tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
+            if EVEN:  # K == BLOCK_K and every row block full: no masks to compute
+                x = tl.load(src_row + cols * stride_k, eviction_policy="evict_first").to(tl.float32)
+            else:
+                mask = row_ok[:, None] & (cols < K)
+                x = tl.load(src_row + cols * stride_k, mask=mask, other=0.0, eviction_policy="evict_first")
+                x = x.to(tl.float32)
+            amax = _row_amax(x, INTERPRET)
             scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), Q_MAX)
             recip = tl.math.div_rn(1.0, scale)
-            q = _div_exact(x, scale[:, None], recip[:, None], FAST_DIV)
-            q = tl.minimum(tl.maximum(q, -Q_MAX), Q_MAX)
-            tl.store(out_ptr + out_row[:, None] + cols[None, :], _to_e4m3(q, SOFT_ROUND), mask=mask)
+            q = _to_e4m3(_div_exact(x, scale[:, None], recip[:, None], FAST_DIV), SOFT_ROUND)
+            if EVEN:
+                tl.store(out_row + cols, q, eviction_policy="evict_first")
+            else:
+                tl.store(out_row + cols, q, mask=mask, eviction_policy="evict_first")
         else:
+            # pass 1: the row's amax; its lines stay in L2 for pass 2
             amax = tl.zeros([ROWS], dtype=tl.float32)
-            bad = tl.zeros([ROWS], dtype=tl.int32)
             for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-                mask = row_ok[:, None] & (cols[None, :] < K)
-                x = tl.load(
-                    src_ptr + src_row[:, None] + cols[None, :] * stride_k,
-                    mask=mask,
-                    other=0.0,
-                    eviction_policy="evict_last",
-                ).to(tl.float32)
-                ax = tl.abs(x)
-                bad = tl.maximum(bad, tl.max(tl.where(ax <= FLT_MAX, 0, 1), axis=1))
-                amax = tl.maximum(amax, tl.max(ax, axis=1))
+                cols = (k0 + tl.arange(0, BLOCK_K).to(tl.int64))[None, :]
+                if EVEN:
+                    x = tl.load(src_row + cols * stride_k, eviction_policy="evict_last")
+                else:
+                    mask = row_ok[:, None] & (cols < K)
+                    x = tl.load(src_row + cols * stride_k, mask=mask, other=0.0, eviction_policy="evict_last")
+                amax = _max_keep_nan(amax, _row_amax(x.to(tl.float32), INTERPRET))
             scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), Q_MAX)
             recip = tl.math.div_rn(1.0, scale)
+            # pass 2: quantize, reading the row back from L2
             for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-                mask = row_ok[:, None] & (cols[None, :] < K)
-                x = tl.load(
-                    src_ptr + src_row[:, None] + cols[None, :] * stride_k,
-                    mask=mask,
-                    other=0.0,
-                    eviction_policy="evict_first",
-                ).to(tl.float32)
-                q = _div_exact(x, scale[:, None], recip[:, None], FAST_DIV)
-                q = tl.minimum(tl.maximum(q, -Q_MAX), Q_MAX)
-                tl.store(out_ptr + out_row[:, None] + cols[None, :], _to_e4m3(q, SOFT_ROUND), mask=mask)
+                cols = (k0 + tl.arange(0, BLOCK_K).to(tl.int64))[None, :]
+                if EVEN:
+                    x = tl.load(src_row + cols * stride_k, eviction_policy="evict_first").to(tl.float32)
+                    q = _to_e4m3(_div_exact(x, scale[:, None], recip[:, None], FAST_DIV), SOFT_ROUND)
+                    tl.store(out_row + cols, q, eviction_policy="evict_first")
+                else:
+                    mask = row_ok[:, None] & (cols < K)
+                    x = tl.load(src_row + cols * stride_k, mask=mask, other=0.0, eviction_policy="evict_first")
+                    q = _to_e4m3(_div_exact(x.to(tl.float32), scale[:, None], recip[:, None], FAST_DIV), SOFT_ROUND)
+                    tl.store(out_row + cols, q, mask=mask, eviction_policy="evict_first")
         tl.store(scale_ptr + rows, scale, mask=row_ok)
-        if tl.max(bad) > 0:
+        if tl.max(_non_finite(amax).to(tl.int32)) > 0:
             tl.store(flag_ptr, 1)
 
 
@@ -209,8 +236,10 @@ def launch_rows(
         ROWS=cfg.rows,
         BLOCK_K=cfg.block_k,
         SINGLE=cfg.single,
+        EVEN=rows_total % cfg.rows == 0 and (k == cfg.block_k if cfg.single else k % cfg.block_k == 0),
         FAST_DIV=cfg.fast_div,
         SOFT_ROUND=cfg.soft_round or src.device.type != "cuda",
+        INTERPRET=src.device.type != "cuda",
         num_warps=cfg.num_warps,
     )
 

@@ -28,7 +28,7 @@ Q_MAX = tl.constexpr(E4M3_MAX)
 AMAX_FLOOR = tl.constexpr(MIN_AMAX)
 
 #: Warps per 128x128 tile program (picked on an H100 by benchmarks/bench_quant.py).
-BLOCK_NUM_WARPS = 8
+BLOCK_NUM_WARPS = 16
 #: Division flavour: False = ``div_rn`` per element, True = reciprocal + exact FMA correction.
 BLOCK_FAST_DIV = True
 #: Round to the e4m3 grid in software on a GPU too (always under the interpreter).
@@ -36,18 +36,43 @@ GPU_SOFT_ROUND = False
 
 
 @triton.jit
+def _max_keep_nan(a, b):
+    """max that keeps NaN (the hardware max drops it), so a NaN anywhere makes the amax NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_amax(x, INTERPRET: tl.constexpr):
+    """Per-row max |x| of a 2D tile, NaN when the row holds a NaN (the hardware max drops it)."""
+    if INTERPRET:  # the interpreter calls a custom combine once per element, in Python: far too slow
+        amax = tl.max(tl.abs(x), 1)
+        amax = tl.where(tl.max((x != x).to(tl.int32), 1) > 0, float("nan"), amax)
+    else:
+        amax = tl.reduce(tl.abs(x), 1, _max_keep_nan)
+    return amax
+
+
+@triton.jit
+def _non_finite(amax):
+    """A NaN-keeping amax is NaN or Inf exactly when one of its elements was."""
+    return (amax != amax) | (amax > FLT_MAX)
+
+
+@triton.jit
 def _div_exact(x, scale, recip, FAST_DIV: tl.constexpr):
     """``x / scale`` rounded to nearest (IEEE); ``recip`` must be ``div_rn(1, scale)``.
 
     FAST_DIV: q0 = x*recip is within 1 ulp of x/scale, the FMA residual x - q0*scale is exact,
-    and q0 + residual*recip rounds to RN(x/scale) (Markstein). A zero q0 keeps its own sign
-    (the correction step would turn -0 into +0, torch keeps -0).
+    and q0 + residual*recip rounds to RN(x/scale) (Markstein's theorem): three instructions
+    instead of a division. A zero quotient then gets the sign of x back with one bit-or (torch
+    keeps -0; the correction step alone would give +0). Nonzero quotients already carry it.
     """
     if FAST_DIV:
         q0 = x * recip
         rem = tl.fma(-q0, scale, x)
         q = tl.fma(rem, recip, q0)
-        q = tl.where(q0 == 0.0, q0, q)
+        sign = x.to(tl.int32, bitcast=True) & -2147483648
+        q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     else:
         q = tl.math.div_rn(x, scale)
     return q
@@ -55,14 +80,16 @@ def _div_exact(x, scale, recip, FAST_DIV: tl.constexpr):
 
 @triton.jit
 def _to_e4m3(q, SOFT_ROUND: tl.constexpr):
-    """e4m3 bytes of float32 ``q`` (already clamped to ±448), round-to-nearest-even.
+    """e4m3 of float32 ``q``: clamp to ±448, then round to nearest even.
 
-    SOFT_ROUND rounds with float32/int32 arithmetic to a value e4m3 holds exactly, so the cast
-    itself has nothing left to round. Triton's interpreter needs this: its fp8 cast rounds half
-    up and loses the mantissa carry (31.8 becomes 16). On a GPU the hardware cast
-    (cvt.rn.satfinite) is exact RNE by itself; tests/gpu compares both with the torch path.
+    On a GPU the cast is cvt.rn.satfinite: RNE that saturates at ±448 itself, so no clamp is
+    spent (tests/gpu checks the bytes, the 448 boundary included, against the torch path).
+    SOFT_ROUND clamps and rounds with float32/int32 arithmetic to a value e4m3 holds exactly,
+    so the cast has nothing left to round. Triton's interpreter needs this: its fp8 cast
+    rounds half up, loses the mantissa carry (31.8 becomes 16) and does not saturate.
     """
     if SOFT_ROUND:
+        q = tl.minimum(tl.maximum(q, -Q_MAX), Q_MAX)
         bits = q.to(tl.int32, bitcast=True)
         mag = bits & 0x7FFFFFFF
         a = mag.to(tl.float32, bitcast=True)
@@ -88,8 +115,10 @@ def _quantize_tile_kernel(
     stride_k,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,
     FAST_DIV: tl.constexpr,
     SOFT_ROUND: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bk = pid % KB
@@ -98,20 +127,23 @@ def _quantize_tile_kernel(
     e = (rest // NB).to(tl.int64)
     rows = bn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     cols = bk.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    mask = (rows[:, None] < N) & (cols[None, :] < K)
-    src_off = e * stride_e + rows[:, None] * stride_n + cols[None, :] * stride_k
-    x = tl.load(src_ptr + src_off, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    ax = tl.abs(x)
-    bad = tl.max(tl.where(ax <= FLT_MAX, 0, 1))  # NaN and Inf both fail `<= FLT_MAX`
-    amax = tl.max(ax)
+    src = src_ptr + (e * stride_e + rows[:, None] * stride_n + cols[None, :] * stride_k)
+    out = out_ptr + ((e * N + rows[:, None]) * K + cols[None, :])
+    if EVEN:  # every tile full: no masks to compute
+        x = tl.load(src, eviction_policy="evict_first").to(tl.float32)
+    else:
+        mask = (rows[:, None] < N) & (cols[None, :] < K)
+        x = tl.load(src, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    amax = tl.reduce(_row_amax(x, INTERPRET), 0, _max_keep_nan)
     scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), Q_MAX)
     recip = tl.math.div_rn(1.0, scale)
-    q = _div_exact(x, scale, recip, FAST_DIV)
-    q = tl.minimum(tl.maximum(q, -Q_MAX), Q_MAX)
-    out_off = (e * N + rows[:, None]) * K + cols[None, :]
-    tl.store(out_ptr + out_off, _to_e4m3(q, SOFT_ROUND), mask=mask)
+    q = _to_e4m3(_div_exact(x, scale, recip, FAST_DIV), SOFT_ROUND)
+    if EVEN:
+        tl.store(out, q, eviction_policy="evict_first")
+    else:
+        tl.store(out, q, mask=mask, eviction_policy="evict_first")
     tl.store(scale_ptr + pid, scale)  # scale_out is contiguous (E, NB, KB): its flat index is pid
-    if bad > 0:
+    if _non_finite(amax):
         tl.store(flag_ptr, 1)
 
 
@@ -147,8 +179,10 @@ def launch_blocks(
         x.stride(2),
         BLOCK_N=br,
         BLOCK_K=bc,
+        EVEN=n % br == 0 and k % bc == 0,
         FAST_DIV=BLOCK_FAST_DIV if fast_div is None else fast_div,
         SOFT_ROUND=(GPU_SOFT_ROUND if soft_round is None else soft_round) or src.device.type != "cuda",
+        INTERPRET=src.device.type != "cuda",
         num_warps=num_warps or BLOCK_NUM_WARPS,
     )
 
