@@ -95,15 +95,13 @@ def _div_exact(x, scale, recip, FAST_DIV: tl.constexpr):
 
     FAST_DIV: q0 = x*recip is within 1 ulp of x/scale, the FMA residual x - q0*scale is exact,
     and q0 + residual*recip rounds to RN(x/scale) (Markstein's theorem): three instructions
-    instead of a division. A zero quotient then gets the sign of x back with one bit-or (torch
-    keeps -0; the correction step alone would give +0). Nonzero quotients already carry it.
+    instead of a division. A zero q0 is kept as it is, with its sign (torch keeps -0; the
+    correction step would give +0).
     """
     if FAST_DIV:
         q0 = x * recip
         rem = tl.fma(-q0, scale, x)
-        q = tl.fma(rem, recip, q0)
-        sign = x.to(tl.int32, bitcast=True) & -2147483648
-        q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        q = tl.where(q0 == 0.0, q0, tl.fma(rem, recip, q0))
     else:
         q = tl.math.div_rn(x, scale)
     return q
