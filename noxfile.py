@@ -1,0 +1,146 @@
+"""Test sessions: the core alone, each plugin alone, everything together, lint, types.
+
+``nox`` runs the default sessions (what CI runs); ``nox -s core`` one of them; ``nox -l`` lists
+them; ``nox -R`` reuses the virtualenvs of an earlier run. Arguments after ``--`` go to pytest.
+
+Every session installs ``torch==2.13.0`` (the CPU wheel) before anything that depends on torch:
+a bare ``torch`` requirement would pull a multi-GB CUDA build. Each session checks that what it
+is about to test exists, so a missing test directory fails loudly instead of passing with no
+test run (pytest's own "no tests ran", exit code 5, fails the session too).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+TORCH = "torch==2.13.0"
+TEST_TOOLS = ("pytest>=8", "hypothesis>=6.100")
+EXAMPLE_PLUGIN = "examples/third_party_plugin"
+#: Every directory under plugins/ with a pyproject.toml is a plugin distribution.
+PLUGINS = sorted(p.parent.name for p in (ROOT / "plugins").glob("*/pyproject.toml"))
+
+nox.options.sessions = ["lint", "types", "core", *(f"plugin-{name}" for name in PLUGINS), "all", "demo"]
+nox.options.error_on_external_run = True
+
+
+def _install(session: nox.Session, *args: str) -> None:
+    # --no-compile: byte-compiling torch's thousands of files triples its install time; Python
+    # compiles what the tests actually import on the fly.
+    session.install("--no-compile", *args)
+
+
+def _install_torch(session: nox.Session) -> None:
+    """First, always: the CPU wheel, so no later requirement can pull a CUDA build."""
+    _install(session, TORCH)
+
+
+def _require_dir(session: nox.Session, path: str) -> str:
+    if not (ROOT / path).is_dir():
+        session.error(f"{path}/ does not exist: this session would run no test")
+    return path
+
+
+def _check_entry_points(session: nox.Session, expected: list[str]) -> None:
+    """Prove the environment holds exactly the plugins this session means to test."""
+    session.run(
+        "python",
+        "-c",
+        "import sys\n"
+        "from importlib.metadata import entry_points\n"
+        "found = sorted(ep.name for ep in entry_points(group='conversion_core'))\n"
+        "expected = sys.argv[1:]\n"
+        "assert found == expected, f'installed plugins {found}, expected {expected}'\n",
+        *expected,
+    )
+
+
+def _pytest(session: nox.Session, path: str, env: dict[str, str] | None = None) -> None:
+    session.run("pytest", "-ra", _require_dir(session, path), *session.posargs, env=env or {})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting (config in pyproject.toml)."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy on conversion_core/ (config in pyproject.toml), with its optional dependencies."""
+    _install_torch(session)
+    _install(session, "-e", ".[hf,triton]", "mypy")
+    session.run("mypy")
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """The core alone: no plugin, no transformers, no triton installed."""
+    _install_torch(session)
+    _install(session, "-e", ".", *TEST_TOOLS)
+    _check_entry_points(session, [])
+    session.run(
+        "python",
+        "-c",
+        "import importlib.util as u\n"
+        "extra = [m for m in ('transformers', 'triton') if u.find_spec(m)]\n"
+        "assert not extra, f'the core session must not have {extra} installed'\n",
+    )
+    _pytest(session, "tests/core")
+
+
+def _plugin_session(name: str) -> None:
+    def session_fn(session: nox.Session) -> None:
+        _install_torch(session)
+        _install(session, "-e", ".", "-e", f"plugins/{name}", *TEST_TOOLS)
+        _check_entry_points(session, [name])
+        _pytest(session, f"plugins/{name}/tests")
+
+    session_fn.__doc__ = f"The {name} plugin alone with the core."
+    nox.session(name=f"plugin-{name}")(session_fn)
+
+
+for _name in PLUGINS:
+    _plugin_session(_name)
+
+
+@nox.session(name="all")
+def all_(session: nox.Session) -> None:
+    """Everything together, installed from built wheels, with transformers and triton (interpreted on CPU)."""
+    _install_torch(session)
+    # Not editable: prove the built wheels (package data, entry points) as users install them.
+    _install(
+        session,
+        ".[hf,triton]",
+        *(f"./plugins/{name}" for name in PLUGINS),
+        f"./{_require_dir(session, EXAMPLE_PLUGIN)}",
+        *TEST_TOOLS,
+    )
+    # TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors; the GPU tests run without it
+    # (one process cannot mix the two), and skip themselves where there is no CUDA device.
+    interpret = {"TRITON_INTERPRET": "1"}
+    session.run("pytest", "-ra", _require_dir(session, "tests"), "--ignore=tests/gpu", *session.posargs, env=interpret)
+    for name in PLUGINS:
+        _pytest(session, f"plugins/{name}/tests", env=interpret)
+    _pytest(session, f"{EXAMPLE_PLUGIN}/tests", env=interpret)
+    _pytest(session, "tests/gpu")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's main job: `conversion-core demo` on the model config shipped in the package."""
+    _install_torch(session)
+    _install(session, ".[hf]", *(f"./plugins/{name}" for name in PLUGINS))
+    session.run("conversion-core", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Not run by default: `conversion-core bench` (arguments after `--` go to it)."""
+    _install_torch(session)
+    _install(session, ".[triton]", *(f"./plugins/{name}" for name in PLUGINS))
+    session.run("conversion-core", "bench", *session.posargs)
