@@ -43,22 +43,13 @@ def _require_dir(session: nox.Session, path: str) -> str:
     return path
 
 
-def _check_entry_points(session: nox.Session, expected: list[str]) -> None:
+def _check_env(session: nox.Session, plugins: list[str], absent: tuple[str, ...] = ()) -> None:
     """Prove the environment holds exactly the plugins this session means to test."""
-    session.run(
-        "python",
-        "-c",
-        "import sys\n"
-        "from importlib.metadata import entry_points\n"
-        "found = sorted(ep.name for ep in entry_points(group='conversion_core'))\n"
-        "expected = sys.argv[1:]\n"
-        "assert found == expected, f'installed plugins {found}, expected {expected}'\n",
-        *expected,
-    )
+    session.run("python", ".ci/check_env.py", "--plugins", *plugins, "--absent", *absent)
 
 
-def _pytest(session: nox.Session, path: str, env: dict[str, str] | None = None) -> None:
-    session.run("pytest", "-ra", _require_dir(session, path), *session.posargs, env=env or {})
+def _pytest(session: nox.Session, path: str, *args: str, env: dict[str, str] | None = None) -> None:
+    session.run("pytest", "-ra", _require_dir(session, path), *args, *session.posargs, env=env or {})
 
 
 @nox.session
@@ -80,25 +71,20 @@ def types(session: nox.Session) -> None:
 @nox.session
 def core(session: nox.Session) -> None:
     """The core alone: no plugin, no transformers, no triton installed."""
+    tests = _require_dir(session, "tests/core")
     _install_torch(session)
     _install(session, "-e", ".", *TEST_TOOLS)
-    _check_entry_points(session, [])
-    session.run(
-        "python",
-        "-c",
-        "import importlib.util as u\n"
-        "extra = [m for m in ('transformers', 'triton') if u.find_spec(m)]\n"
-        "assert not extra, f'the core session must not have {extra} installed'\n",
-    )
-    _pytest(session, "tests/core")
+    _check_env(session, plugins=[], absent=("transformers", "triton"))
+    _pytest(session, tests)
 
 
 def _plugin_session(name: str) -> None:
     def session_fn(session: nox.Session) -> None:
+        tests = _require_dir(session, f"plugins/{name}/tests")
         _install_torch(session)
         _install(session, "-e", ".", "-e", f"plugins/{name}", *TEST_TOOLS)
-        _check_entry_points(session, [name])
-        _pytest(session, f"plugins/{name}/tests")
+        _check_env(session, plugins=[name], absent=("transformers",))
+        _pytest(session, tests)
 
     session_fn.__doc__ = f"The {name} plugin alone with the core."
     nox.session(name=f"plugin-{name}")(session_fn)
@@ -111,22 +97,19 @@ for _name in PLUGINS:
 @nox.session(name="all")
 def all_(session: nox.Session) -> None:
     """Everything together, installed from built wheels, with transformers and triton (interpreted on CPU)."""
+    test_dirs = ["tests", *(f"plugins/{name}/tests" for name in PLUGINS), f"{EXAMPLE_PLUGIN}/tests", "tests/gpu"]
+    for path in test_dirs:
+        _require_dir(session, path)
     _install_torch(session)
     # Not editable: prove the built wheels (package data, entry points) as users install them.
-    _install(
-        session,
-        ".[hf,triton]",
-        *(f"./plugins/{name}" for name in PLUGINS),
-        f"./{_require_dir(session, EXAMPLE_PLUGIN)}",
-        *TEST_TOOLS,
-    )
-    # TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors; the GPU tests run without it
-    # (one process cannot mix the two), and skip themselves where there is no CUDA device.
+    _install(session, ".[hf,triton]", *(f"./plugins/{name}" for name in PLUGINS), f"./{EXAMPLE_PLUGIN}", *TEST_TOOLS)
+    # TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors. The GPU tests run without it (one
+    # process cannot mix the two) and skip themselves where there is no CUDA device. One pytest
+    # run per directory: test modules of different distributions may share a file name.
     interpret = {"TRITON_INTERPRET": "1"}
-    session.run("pytest", "-ra", _require_dir(session, "tests"), "--ignore=tests/gpu", *session.posargs, env=interpret)
-    for name in PLUGINS:
-        _pytest(session, f"plugins/{name}/tests", env=interpret)
-    _pytest(session, f"{EXAMPLE_PLUGIN}/tests", env=interpret)
+    _pytest(session, "tests", "--ignore=tests/gpu", env=interpret)
+    for path in test_dirs[1:-1]:
+        _pytest(session, path, env=interpret)
     _pytest(session, "tests/gpu")
 
 
