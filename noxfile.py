@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import nox
+from nox.command import CommandFailed
 
 ROOT = Path(__file__).parent
 TORCH = "torch==2.13.0"
@@ -107,10 +108,17 @@ def all_(session: nox.Session) -> None:
     # process cannot mix the two) and skip themselves where there is no CUDA device. One pytest
     # run per directory: test modules of different distributions may share a file name.
     interpret = {"TRITON_INTERPRET": "1"}
-    _pytest(session, "tests", "--ignore=tests/gpu", env=interpret)
-    for path in test_dirs[1:-1]:
-        _pytest(session, path, env=interpret)
-    _pytest(session, "tests/gpu")
+    runs = [("tests", ("--ignore=tests/gpu",), interpret)]
+    runs += [(path, (), interpret) for path in test_dirs[1:-1]]
+    runs += [("tests/gpu", (), {})]
+    failed = []
+    for path, args, env in runs:  # run them all: one failing directory must not hide another's result
+        try:
+            _pytest(session, path, *args, env=env)
+        except CommandFailed:
+            failed.append(path)
+    if failed:
+        session.error(f"pytest failed in: {', '.join(failed)}")
 
 
 @nox.session
