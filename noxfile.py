@@ -19,6 +19,9 @@ from nox.command import CommandFailed
 ROOT = Path(__file__).parent
 TORCH = "torch==2.13.0"
 TEST_TOOLS = ("pytest>=8", "hypothesis>=6.100")
+#: Pinned: a new release of a formatter or type checker must not turn CI red on unchanged code.
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
 EXAMPLE_PLUGIN = "examples/third_party_plugin"
 #: Every directory under plugins/ with a pyproject.toml is a plugin distribution.
 PLUGINS = sorted(p.parent.name for p in (ROOT / "plugins").glob("*/pyproject.toml"))
@@ -56,7 +59,7 @@ def _pytest(session: nox.Session, path: str, *args: str, env: dict[str, str] | N
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint rules and formatting (config in pyproject.toml)."""
-    session.install("ruff")
+    session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -65,7 +68,7 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     """mypy on conversion_core/ (config in pyproject.toml), with its optional dependencies."""
     _install_torch(session)
-    _install(session, "-e", ".[hf,triton]", "mypy")
+    _install(session, "-e", ".[hf,triton]", MYPY)
     session.run("mypy")
 
 
