@@ -25,7 +25,7 @@ from .errors import ConversionCoreError
 from .registry import Registry, load_registry
 
 #: Modules that each contribute a subcommand through ``add_parser(subparsers)``.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("conversion_core.checkpoint", "conversion_core.demo")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("conversion_core.checkpoint", "conversion_core.demo", "conversion_core.bench")
 
 
 def plugin_records(registry: Registry) -> list[dict[str, Any]]:

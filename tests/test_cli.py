@@ -389,3 +389,12 @@ def test_a_module_with_add_parser_becomes_a_subcommand(
     with pytest.raises(SystemExit) as usage:
         cli.main(["hello-subcommand"])
     assert usage.value.code == 2
+
+
+def test_bench_reaches_the_benchmark_scripts_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    from conversion_core import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--", "--help"])
+    assert info.value.code == 0
+    assert "usage: bench_quant" in capsys.readouterr().out
