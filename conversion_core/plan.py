@@ -53,6 +53,8 @@ KEEP = "keep"
 DEFAULT_FUSED_SHARDS: Mapping[str, int | Sequence[int]] = {r"re:(.*\.)?gate_up_proj$": 2}
 #: Quantization methods whose checkpoints name every scale ``weight_scale`` and store per-row scales (N, 1).
 WEIGHT_SCALE_METHODS = ("compressed-tensors", "fbgemm_fp8")
+#: Streams a captured CUDA step spreads its launches over (see :meth:`Plan.run`).
+GRAPH_STREAMS = 4
 #: Arena alignment in bytes (covers every dtype and vectorised kernels' loads).
 ALIGN = 256
 
@@ -319,6 +321,27 @@ def _rows_independent(conversion: Conversion, k: int) -> bool:
     return all((conversion.expected_scale_shape((n, k)) or ())[axis] == n for n in (1, 127, 1 << 20))
 
 
+def _shards_align(e: PlanEntry) -> bool:
+    """True when one call over a fused tensor writes the bytes of one call per shard.
+
+    Rows independent (per-row scales, or none), or every shard boundary on a scale-block
+    boundary (``ceil((r+1)/B) == ceil(r/B) + 1`` exactly when B divides r) with the whole
+    tensor's scale shape equal to the stacked shards' (Qwen3's gate_up_proj: 768 = 6 x 128).
+    """
+    assert e.shards is not None
+    k = e.src_shape[-1]
+    if _rows_independent(e.conversion, k):
+        return True
+    if e.scale_buffer_shape != e.conversion.expected_scale_shape(e.src_shape):
+        return False
+    axis = _row_scale_axis(e.conversion, k)
+
+    def scale_rows(rows: int) -> int:
+        return (e.conversion.expected_scale_shape((rows, k)) or (0,))[axis]
+
+    return all(scale_rows(rows + 1) == scale_rows(rows) + 1 for rows in e.shards[:-1])
+
+
 def _fused_layout(entry_name: str, conversion: Conversion, shape: Shape, sizes: tuple[int, ...]) -> Shape:
     """Scale buffer shape of a fused tensor whose shards are quantized separately."""
     if len(shape) not in (2, 3):
@@ -463,6 +486,11 @@ class Plan:
         self._calls: list[_Call] = []
         self._sharded = False
         self._ready = False
+        #: Side streams a captured step spreads its launches over (concurrent small kernels).
+        self.graph_streams = GRAPH_STREAMS
+        self._flag: torch.Tensor | None = None
+        self._graph: Any = None
+        self._graph_ptrs: list[tuple[int, tuple[int, ...]]] = []
 
     # ---- decisions -------------------------------------------------------------------------
     def __getitem__(self, name: str) -> PlanEntry:
@@ -542,6 +570,8 @@ class Plan:
             buffers[name] = arena[offset : offset + size].view(dtype).view(shape)
         self.arena, self.device, self._ready = arena, arena.device, False  # cuda -> cuda:0
         self._calls = [call for e in self.entries for call in self._calls_of(e, buffers)]
+        self._flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._graph, self._graph_ptrs = None, []
         self._outputs = {}
         for e in self.entries:
             self._outputs[e.name] = buffers[e.name]
@@ -554,7 +584,7 @@ class Plan:
     def _calls_of(e: PlanEntry, buffers: Mapping[str, torch.Tensor]) -> list[_Call]:
         out = buffers[e.name]
         scale = buffers[e.scale_name] if e.scale_name is not None else None
-        if e.shards is None or len(e.shards) == 1 or _rows_independent(e.conversion, e.src_shape[-1]):
+        if e.shards is None or len(e.shards) == 1 or _shards_align(e):
             return [_Call(e.name, (), out, scale)]  # one call writes the same bytes as one per shard
         axis = _row_scale_axis(e.conversion, e.src_shape[-1]) if scale is not None else 0
         experts = [(i,) for i in range(e.src_shape[0])] if len(e.src_shape) == 3 else [()]
@@ -649,6 +679,85 @@ class Plan:
             run_plan(self, self._calls, state_dict)
             self._ready = True
             return dict(self._outputs)
+        if self._launchable():
+            self._run_launched(state_dict)
+        else:
+            self._run_checked(state_dict)
+        self._ready = True
+        return dict(self._outputs)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def _launchable(self) -> bool:
+        """Every conversion has a sync-free ``launch`` (scale-free ones are plain copies) and the
+        backend picks Triton for the plan's device (CUDA; CPU only under Triton's interpreter)."""
+        from .backend import use_triton
+
+        assert self.arena is not None
+        convs = {id(e.conversion): e.conversion for e in self.entries}.values()
+        return all(c.launch is not None or not c.requires_scale for c in convs) and use_triton(self.arena)
+
+    def _queue(self, state_dict: Mapping[str, Any], streams: Sequence[Any] = ()) -> None:
+        """Queue every call, no host sync; round-robin over ``streams`` when given (graph capture)."""
+        import contextlib
+
+        assert self._flag is not None
+        for i, call in enumerate(self._calls):
+            src = state_dict[call.name]
+            src = src[call.index] if call.index else src
+            conversion = self._by_name[call.name].conversion
+            ctx = torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext()
+            with ctx:
+                if conversion.launch is not None:
+                    conversion.launch(src, call.out, call.scale, self._flag)
+                else:
+                    conversion.raw_fn(src, call.out, call.scale)
+
+    def _capture(self, state_dict: Mapping[str, Any]) -> Any:
+        """One eager step (compiles the kernels), then the step captured in a CUDA graph."""
+        assert self._flag is not None
+        main = torch.cuda.current_stream(self.device)
+        sides = [torch.cuda.Stream(self.device) for _ in range(max(1, self.graph_streams))]
+        warm = sides[0]
+        warm.wait_stream(main)
+        with torch.cuda.stream(warm):
+            self._flag.zero_()
+            self._queue(state_dict)
+        main.wait_stream(warm)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=warm):
+            capture = torch.cuda.current_stream(self.device)
+            self._flag.zero_()
+            for side in sides[1:]:
+                side.wait_stream(capture)
+            self._queue(state_dict, [capture, *sides[1:]])
+            for side in sides[1:]:
+                capture.wait_stream(side)
+        return graph
+
+    def _run_launched(self, state_dict: Mapping[str, Any]) -> None:
+        """The fast step: every kernel queued (CUDA: one graph replay), then one flag read.
+
+        The graph holds the sources' addresses: a trainer updating its parameters in place
+        replays it every step; when any planned source moved (new tensors), the step is
+        captured again (one eager step plus the capture), never replayed on stale addresses.
+        """
+        assert self._flag is not None
+        if self.device is not None and self.device.type == "cuda":
+            ptrs = [(state_dict[e.name].data_ptr(), state_dict[e.name].stride()) for e in self.entries]
+            if self._graph is None or ptrs != self._graph_ptrs:
+                self._graph, self._graph_ptrs = None, []
+                self._graph = self._capture(state_dict)
+                self._graph_ptrs = ptrs
+            self._graph.replay()
+        else:
+            self._flag.zero_()
+            self._queue(state_dict)
+        if int(self._flag.item()):  # the one host sync of the step
+            self._run_checked(state_dict)  # converts tensor by tensor to name the culprit
+            raise ConversionCoreError("a NaN/Inf was flagged during the step but no tensor failed when re-checked")
+
+    def _run_checked(self, state_dict: Mapping[str, Any]) -> None:
+        """Tensor by tensor through each conversion's checked ``fn`` (one host sync per call)."""
         for call in self._calls:
             src = state_dict[call.name]
             conversion = self._by_name[call.name].conversion
@@ -660,5 +769,3 @@ class Plan:
                 raise ConversionCoreError(
                     f"tensor {call.name!r}: conversion {conversion.name!r} failed: {type(exc).__name__}: {exc}"
                 ) from exc
-        self._ready = True
-        return dict(self._outputs)

@@ -21,6 +21,9 @@ from .errors import ConversionInputError, ConversionTypeError
 
 Shape = tuple[int, ...]
 ConvertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
+#: ``launch(src, out, scale_out, flag)``: queue the conversion on the current CUDA stream, OR
+#: non-finite into the int32 device ``flag``, no host sync, no allocation (for grouped callers).
+LaunchFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
 
 #: Source dtypes every conversion accepts unless it says otherwise.
 FLOAT_SOURCE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
@@ -111,6 +114,9 @@ class Conversion:
     src_ndims: tuple[int, ...] | None = None
     #: Source dtypes the conversion accepts.
     src_dtypes: tuple[torch.dtype, ...] = FLOAT_SOURCE_DTYPES
+    #: Unchecked, sync-free twin of ``fn`` (see :data:`LaunchFn`); lets the whole-model plan queue a
+    #: step's kernels (and capture them in a CUDA graph) with one NaN/Inf check at the end.
+    launch: LaunchFn | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -118,6 +124,8 @@ class Conversion:
         where = f"Conversion {self.name!r}"
         if not callable(self.fn):
             raise ConversionTypeError(f"{where}: fn must be callable, got {type(self.fn).__name__}")
+        if self.launch is not None and not callable(self.launch):
+            raise ConversionTypeError(f"{where}: launch must be callable or None")
         if not isinstance(self.requires_scale, bool):
             raise ConversionTypeError(f"{where}: requires_scale must be a bool")
         for attr in ("dst_dtype", "scale_dtype"):

@@ -39,6 +39,15 @@ def quantize(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | Non
         torch_path.quantize_rows(src, out, scale_out, NAME)
 
 
+def launch(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None, flag: torch.Tensor) -> None:
+    """Queue the Triton kernel, no host sync: sets ``flag[0]`` on NaN/Inf (the whole-model plan's step)."""
+    assert scale_out is not None
+    if src.numel():
+        from . import triton_kernels
+
+        triton_kernels.launch_rows(src, out, scale_out, flag)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """float32 ``q * scale[..., None]``."""
     scale = check_fp8_dequantize_args(q, scale, NAME)
@@ -61,6 +70,7 @@ CUTLASS_FP8_PER_CHANNEL = cc.Conversion(
     },
     dequantize=dequantize,
     src_ndims=(2, 3),
+    launch=launch,
 )
 
 

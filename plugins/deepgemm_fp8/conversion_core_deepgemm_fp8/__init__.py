@@ -36,6 +36,15 @@ def quantize(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | Non
         torch_path.quantize_blocks(src, out, scale_out, BLOCK, NAME)
 
 
+def launch(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None, flag: torch.Tensor) -> None:
+    """Queue the Triton kernel, no host sync: sets ``flag[0]`` on NaN/Inf (the whole-model plan's step)."""
+    assert scale_out is not None
+    if src.numel():
+        from . import triton_kernels
+
+        triton_kernels.launch_blocks(src, out, scale_out, flag, BLOCK)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """float32 ``q * scale`` with each block's scale broadcast over its 128x128 elements."""
     scale = check_fp8_dequantize_args(q, scale, NAME)
@@ -55,6 +64,7 @@ FP8_128X128 = cc.Conversion(
     compile_metadata={"block_size": list(BLOCK), "scale_layout": "blockwise", "dtype": "e4m3"},
     dequantize=dequantize,
     src_ndims=(2, 3),
+    launch=launch,
 )
 
 

@@ -1,0 +1,277 @@
+"""Whole-model conversion step of a Qwen3-30B-A3B-shaped model against the memory-bandwidth floor.
+
+Builds the model's weights (random bf16 values, names as transformers writes them) on one device
+in both layouts trainers use, per-expert 2D tensors and fused 3D expert stacks ``(E, 2I, H)`` /
+``(E, H, I)``; for each FP8 format plans once, allocates once, checks the step's bytes against
+converting each tensor (each fused shard) on its own, then times ``Plan.run`` (wall clock, median;
+it ends with the step's one host sync, the NaN/Inf flag read). The floor is the bytes a step must
+move (sources read + outputs and scales written) at the copy bandwidth measured in the same run.
+
+    python benchmarks/bench_model.py [--json out.json] [--layers 24] [--reps 7]
+    python benchmarks/bench_model.py --device cpu --small     # scaled-down model, CPU copy as floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import conversion_core as cc
+from conversion_core.plan import Plan, build_plan
+
+FORMATS = ["fp8_128x128", "cutlass_fp8_e4m3_per_channel"]
+LAYOUTS = ["per_expert", "fused"]
+GOAL_RATIO = 1.2
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Qwen3-30B-A3B (of its 48 layers, 24 fit an 80 GB card with their outputs)."""
+
+    layers: int = 24
+    hidden: int = 2048
+    heads: int = 32
+    kv_heads: int = 4
+    head_dim: int = 128
+    experts: int = 128
+    inter: int = 768
+    vocab: int = 151936
+
+
+SMALL = ModelShape(layers=2, hidden=512, heads=4, kv_heads=2, head_dim=128, experts=8, inter=256, vocab=1024)
+
+
+def build_state_dict(m: ModelShape, fused: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random bf16 weights; per-expert tensors are views of one stack per projection (like a flat param)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def w(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
+
+    sd = {"model.embed_tokens.weight": w(m.vocab, m.hidden), "lm_head.weight": w(m.vocab, m.hidden)}
+    sd["model.norm.weight"] = w(m.hidden)
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    for i in range(m.layers):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            sd[p + norm + ".weight"] = w(m.hidden)
+        for proj, shape in (("q", (q, m.hidden)), ("k", (kv, m.hidden)), ("v", (kv, m.hidden)), ("o", (m.hidden, q))):
+            sd[p + f"self_attn.{proj}_proj.weight"] = w(*shape)
+        sd[p + "self_attn.q_norm.weight"] = w(m.head_dim)
+        sd[p + "self_attn.k_norm.weight"] = w(m.head_dim)
+        sd[p + "mlp.gate.weight"] = w(m.experts, m.hidden)
+        if fused:
+            sd[p + "mlp.experts.gate_up_proj"] = w(m.experts, 2 * m.inter, m.hidden)
+            sd[p + "mlp.experts.down_proj"] = w(m.experts, m.hidden, m.inter)
+        else:
+            stacks = {"gate_proj": w(m.experts, m.inter, m.hidden), "up_proj": w(m.experts, m.inter, m.hidden)}
+            stacks["down_proj"] = w(m.experts, m.hidden, m.inter)
+            for j in range(m.experts):
+                for proj, stack in stacks.items():
+                    sd[p + f"mlp.experts.{j}.{proj}.weight"] = stack[j]
+    return sd
+
+
+def step_bytes(plan: Plan, sd: dict[str, torch.Tensor]) -> int:
+    """Bytes a step must move: every source read once, every output and scale written once."""
+    read = sum(sd[e.name].numel() * sd[e.name].element_size() for e in plan.entries)
+    written = sum(t.numel() * t.element_size() for t in plan.outputs.values())
+    return read + written
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def copy_gbps(device: torch.device, nbytes: int, reps: int) -> float:
+    """Device copy bandwidth (read + write counted) on a buffer well past any cache."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = statistics.median(wall_ms(lambda: dst.copy_(src), device, reps))
+    return 2 * nbytes / (ms * 1e6)
+
+
+def check_bytes(plan: Plan, sd: dict[str, torch.Tensor]) -> int:
+    """Outputs differing from converting each tensor (each fused gate/up half) on its own; 0 is right."""
+    conversion, outputs, bad = plan.conversion, plan.outputs, 0
+    for e in plan.entries:
+        src = sd[e.name]
+        if e.kept is not None:
+            bad += not torch.equal(outputs[e.name].view(torch.uint8), src.view(torch.uint8))
+            continue
+        if e.shards is not None and len(e.shards) > 1:
+            parts = [conversion.convert(h.contiguous()) for h in src.split(list(e.shards), dim=-2)]
+            q = torch.cat([p[0] for p in parts], dim=-2)
+            scales = [p[1] for p in parts]
+            assert scales[0] is not None  # rows grow along the scale's -2 (blocks) or -1 (per row)
+            s = torch.cat(scales, dim=-2 if scales[0].dim() == src.dim() else -1)  # type: ignore[arg-type]
+        else:
+            q, s = conversion.convert(src)
+        assert e.scale_name is not None and s is not None
+        bad += not torch.equal(outputs[e.name].view(torch.uint8), q.view(torch.uint8))
+        bad += not torch.equal(outputs[e.scale_name].view(torch.int32), s.reshape(e.scale_shape).view(torch.int32))
+    return bad
+
+
+def bench_one(layout: str, fmt: str, streams: int, sd: dict[str, torch.Tensor], args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    plan = build_plan(sd, conversion=fmt)
+    plan.graph_streams = streams
+    plan.allocate(device)
+    first = time.perf_counter()
+    plan.run(sd)  # CUDA: the eager step and the graph capture
+    _sync(device)
+    first_ms = (time.perf_counter() - first) * 1e3
+    mismatched = check_bytes(plan, sd) if args.check else None
+    times = wall_ms(lambda: plan.run(sd), device, args.reps)
+    validate = statistics.median(wall_ms(lambda: plan.validate(sd), device, args.reps))
+    nbytes = step_bytes(plan, sd)
+    row = {
+        "layout": layout,
+        "format": fmt,
+        "streams": streams,
+        "tensors": len(plan.entries),
+        "calls": len(plan._calls),
+        "graph": plan._graph is not None,
+        "step_ms": statistics.median(times),
+        "step_ms_min": min(times),
+        "step_ms_max": max(times),
+        "validate_ms": validate,
+        "first_step_ms": first_ms,
+        "bytes": nbytes,
+        "mismatched_outputs": mismatched,
+    }
+    if plan._graph is not None:  # the GPU part alone: one replay, events around it
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        replays = []
+        for _ in range(args.reps):
+            start.record()
+            plan._graph.replay()
+            end.record()
+            end.synchronize()
+            replays.append(start.elapsed_time(end))
+        row["replay_ms"] = statistics.median(replays)
+    return row
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    model = SMALL if args.small else ModelShape(layers=args.layers)
+    result: dict[str, Any] = {
+        "model": asdict(model),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "timing": f"Plan.run wall clock (ends with its one flag read), median of {args.reps}",
+        "rows": [],
+    }
+    gbps = None
+    for layout in args.layouts:
+        sd = build_state_dict(model, layout == "fused", device)
+        if gbps is None:
+            total = sum(t.numel() * t.element_size() for t in sd.values())
+            gbps = copy_gbps(device, min(total, 8 << 30) if device.type == "cuda" else total, args.reps)
+            result["copy_gbps"] = gbps
+        for fmt, streams in [(f, n) for f in args.formats for n in args.streams]:
+            row = bench_one(layout, fmt, streams, sd, args)
+            row["floor_ms"] = row["bytes"] / (gbps * 1e6)
+            row["ratio"] = row["step_ms"] / row["floor_ms"]
+            if "replay_ms" in row:
+                row["replay_ratio"] = row["replay_ms"] / row["floor_ms"]
+            result["rows"].append(row)
+            print_row(row)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del sd
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return str(triton.__version__)
+    except ImportError:
+        return None
+
+
+HEADER = (
+    f"{'layout':<11}{'format':<30}{'str':>4}{'tensors':>8}{'calls':>7}{'step ms':>9}{'replay':>8}{'valid.':>8}"
+    f"{'floor':>8}{'ratio':>7}{'bad':>5}"
+)
+
+
+def print_row(r: dict[str, Any]) -> None:
+    replay = f"{r['replay_ms']:.2f}" if "replay_ms" in r else "-"
+    bad = "-" if r["mismatched_outputs"] is None else str(r["mismatched_outputs"])
+    print(
+        f"{r['layout']:<11}{r['format']:<30}{r['streams']:>4}{r['tensors']:>8}{r['calls']:>7}{r['step_ms']:>9.2f}{replay:>8}"
+        f"{r['validate_ms']:>8.2f}{r['floor_ms']:>8.2f}{r['ratio']:>7.2f}{bad:>5}",
+        flush=True,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_model", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    p.add_argument("--small", action="store_true", help="scaled-down model (2 layers, 8 experts)")
+    p.add_argument("--layers", type=int, default=24, help="layers of the full-size model (default 24 of 48)")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--formats", type=lambda s: s.split(","), default=FORMATS)
+    p.add_argument("--layouts", type=lambda s: s.split(","), default=LAYOUTS)
+    p.add_argument(
+        "--streams",
+        type=lambda s: [int(n) for n in s.split(",")],
+        default=[4],
+        help="comma list of stream counts a captured step spreads its launches over (default 4)",
+    )
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the byte check")
+    p.add_argument("--json", help="write the results here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cc.load_registry()
+    print(HEADER, flush=True)
+    result = run(args)
+    print(
+        f"device {result['device']}, torch {result['torch']}, triton {result['triton']}, "
+        f"copy {result['copy_gbps']:.0f} GB/s; goal ratio <= {GOAL_RATIO}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    bad = sum(r["mismatched_outputs"] or 0 for r in result["rows"])
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""The captured CUDA step: bytes of converting each tensor on its own, replays after in-place
+updates, re-captures when the sources move, names the tensor holding a NaN. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conversion_core.errors import ConversionCoreError
+from conversion_core.plan import build_plan
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+FORMATS = ["fp8_128x128", "cutlass_fp8_e4m3_per_channel"]
+H, E = 512, 4
+
+
+def moe(fused: bool, inter: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def w(*shape: int) -> torch.Tensor:
+        scale = torch.exp(torch.empty(*shape[:-1], 1, device="cuda").uniform_(-4, 4, generator=g))
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
+
+    sd = {"model.embed_tokens.weight": w(100, H), "model.norm.weight": w(H)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = w(384, H)
+        sd[p + "mlp.gate.weight"] = w(E, H)
+        if fused:
+            sd[p + "mlp.experts.gate_up_proj"] = w(E, 2 * inter, H)
+            sd[p + "mlp.experts.down_proj"] = w(E, H, inter)
+        else:
+            for j in range(E):
+                sd[p + f"mlp.experts.{j}.gate_proj.weight"] = w(inter, H)
+                sd[p + f"mlp.experts.{j}.up_proj.weight"] = w(inter, H)
+                sd[p + f"mlp.experts.{j}.down_proj.weight"] = w(H, inter)
+    return sd
+
+
+def expected(plan, sd):
+    """Each tensor (each fused gate/up half) converted on its own through the checked fn."""
+    conversion, want = plan.conversion, {}
+    for name, src in sd.items():
+        entry = plan[name]
+        if entry.kept is not None:
+            want[name] = src.clone()
+            continue
+        if name.endswith("gate_up_proj"):
+            halves = [conversion.convert(h.contiguous()) for h in src.chunk(2, dim=-2)]
+            want[name] = torch.cat([q for q, _ in halves], dim=-2)
+            scales = [s for _, s in halves]
+            scale = torch.cat(scales, dim=-2 if scales[0].dim() == src.dim() else -1)
+        else:
+            want[name], scale = conversion.convert(src)
+        want[entry.scale_name] = scale.reshape(entry.scale_shape)
+    return want
+
+
+def assert_same_bytes(got, want):
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert torch.equal(got[name].view(torch.uint8), t.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("fused", "inter"), [(False, 768), (True, 768), (True, 200)])
+def test_captured_step(fmt: str, fused: bool, inter: int) -> None:
+    sd = moe(fused, inter, seed=0)
+    plan = build_plan(sd, conversion=fmt)
+    plan.allocate("cuda")
+    assert_same_bytes(plan.run(sd), expected(plan, sd))
+    graph = plan._graph
+    assert graph is not None, "the CUDA step was not captured"
+    update = moe(fused, inter, seed=1)
+    for name, t in sd.items():  # a trainer's in-place update: the same graph is replayed
+        t.copy_(update[name])
+    assert_same_bytes(plan.run(sd), expected(plan, sd))
+    assert plan._graph is graph
+    moved = {n: t.clone() * 2 for n, t in sd.items()}  # new addresses: captured again, right bytes
+    assert_same_bytes(plan.run(moved), expected(plan, moved))
+    assert plan._graph is not graph and plan.ready
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_captured_step_names_non_finite_tensor(fmt: str) -> None:
+    sd = moe(False, 256, seed=0)
+    plan = build_plan(sd, conversion=fmt)
+    plan.allocate("cuda")
+    plan.run(sd)
+    sd["model.layers.1.mlp.experts.3.down_proj.weight"][7, 9] = float("inf")
+    with pytest.raises(ConversionCoreError, match=r"layers\.1\.mlp\.experts\.3\.down_proj\.weight"):
+        plan.run(sd)
+    assert not plan.ready
