@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import re
 from collections import Counter
@@ -490,7 +491,10 @@ class Plan:
         self.graph_streams = GRAPH_STREAMS
         self._flag: torch.Tensor | None = None
         self._graph: Any = None
-        self._graph_ptrs: list[tuple[int, tuple[int, ...]]] = []
+        self._graph_ptrs: list[tuple[int, torch.Size, tuple[int, ...]]] = []
+        self._graph_srcs: list[torch.Tensor] = []
+        conversions = {id(e.conversion): e.conversion for e in self.entries}.values()
+        self._all_launch = all(c.launch is not None or not c.requires_scale for c in conversions)
 
     # ---- decisions -------------------------------------------------------------------------
     def __getitem__(self, name: str) -> PlanEntry:
@@ -571,7 +575,7 @@ class Plan:
         self.arena, self.device, self._ready = arena, arena.device, False  # cuda -> cuda:0
         self._calls = [call for e in self.entries for call in self._calls_of(e, buffers)]
         self._flag = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self._graph, self._graph_ptrs = None, []
+        self._graph, self._graph_ptrs, self._graph_srcs = None, [], []
         self._outputs = {}
         for e in self.entries:
             self._outputs[e.name] = buffers[e.name]
@@ -672,7 +676,9 @@ class Plan:
         later run succeeds whole.
         """
         self._ready = False
-        self.validate(state_dict, strict)
+        captured = self._same_sources_as_graph(state_dict, strict)
+        if not captured:
+            self.validate(state_dict, strict)
         if self._sharded:
             from .distributed import run_plan
 
@@ -680,21 +686,37 @@ class Plan:
             self._ready = True
             return dict(self._outputs)
         if self._launchable():
-            self._run_launched(state_dict)
+            self._run_launched(state_dict, captured)
         else:
             self._run_checked(state_dict)
         self._ready = True
         return dict(self._outputs)
 
     # ---- the step ---------------------------------------------------------------------------
+    def _same_sources_as_graph(self, state_dict: Mapping[str, Any], strict: bool) -> bool:
+        """True when ``state_dict`` holds exactly the tensor objects the graph was captured from,
+        at the same addresses, shapes and strides: :meth:`validate` would pass (a tensor object
+        cannot change dtype or device in place without moving), at a fraction of its host time.
+        Anything else goes through the full validation."""
+        if self._graph is None or not isinstance(state_dict, Mapping):
+            return False
+        if strict and len(state_dict) != len(self._graph_srcs):
+            return False
+        try:
+            srcs = [state_dict[e.name] for e in self.entries]
+        except KeyError:
+            return False
+        if not all(map(operator.is_, srcs, self._graph_srcs)):
+            return False
+        return [(t.data_ptr(), t.shape, t.stride()) for t in srcs] == self._graph_ptrs
+
     def _launchable(self) -> bool:
         """Every conversion has a sync-free ``launch`` (scale-free ones are plain copies) and the
         backend picks Triton for the plan's device (CUDA; CPU only under Triton's interpreter)."""
         from .backend import use_triton
 
         assert self.arena is not None
-        convs = {id(e.conversion): e.conversion for e in self.entries}.values()
-        return all(c.launch is not None or not c.requires_scale for c in convs) and use_triton(self.arena)
+        return self._all_launch and use_triton(self.arena)
 
     def _queue(self, state_dict: Mapping[str, Any], streams: Sequence[Any] = ()) -> None:
         """Queue every call, no host sync; round-robin over ``streams`` when given (graph capture)."""
@@ -734,7 +756,7 @@ class Plan:
                 capture.wait_stream(side)
         return graph
 
-    def _run_launched(self, state_dict: Mapping[str, Any]) -> None:
+    def _run_launched(self, state_dict: Mapping[str, Any], captured: bool = False) -> None:
         """The fast step: every kernel queued (CUDA: one graph replay), then one flag read.
 
         The graph holds the sources' addresses: a trainer updating its parameters in place
@@ -742,12 +764,16 @@ class Plan:
         captured again (one eager step plus the capture), never replayed on stale addresses.
         """
         assert self._flag is not None
-        if self.device is not None and self.device.type == "cuda":
-            ptrs = [(state_dict[e.name].data_ptr(), state_dict[e.name].stride()) for e in self.entries]
+        if captured:  # the sources the graph was captured from, checked by _same_sources_as_graph
+            self._graph.replay()
+        elif self.device is not None and self.device.type == "cuda":
+            srcs = [state_dict[e.name] for e in self.entries]
+            ptrs = [(t.data_ptr(), t.shape, t.stride()) for t in srcs]
             if self._graph is None or ptrs != self._graph_ptrs:
-                self._graph, self._graph_ptrs = None, []
+                self._graph, self._graph_ptrs, self._graph_srcs = None, [], []
                 self._graph = self._capture(state_dict)
                 self._graph_ptrs = ptrs
+            self._graph_srcs = srcs  # held: the memory the graph reads stays alive
             self._graph.replay()
         else:
             self._flag.zero_()

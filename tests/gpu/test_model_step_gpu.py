@@ -82,6 +82,18 @@ def test_captured_step(fmt: str, fused: bool, inter: int) -> None:
     assert plan._graph is not graph and plan.ready
 
 
+def test_captured_step_revalidates_a_replaced_tensor() -> None:
+    sd = moe(False, 256, seed=0)
+    plan = build_plan(sd, conversion=FORMATS[0])
+    plan.allocate("cuda")
+    plan.run(sd)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    sd[name] = sd[name][:128]  # same address, another shape: never replayed on it
+    with pytest.raises(ConversionCoreError, match=r"q_proj\.weight.*shape \(128, 512\)"):
+        plan.run(sd)
+    assert not plan.ready
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_captured_step_names_non_finite_tensor(fmt: str) -> None:
     sd = moe(False, 256, seed=0)
