@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--streams",
         type=lambda s: [int(n) for n in s.split(",")],
-        default=[4],
-        help="comma list of stream counts a captured step spreads its launches over (default 4)",
+        default=[8],
+        help="comma list of stream counts a captured step spreads its launches over (default 8)",
     )
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the byte check")
     p.add_argument("--json", help="write the results here")

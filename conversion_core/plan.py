@@ -55,7 +55,7 @@ DEFAULT_FUSED_SHARDS: Mapping[str, int | Sequence[int]] = {r"re:(.*\.)?gate_up_p
 #: Quantization methods whose checkpoints name every scale ``weight_scale`` and store per-row scales (N, 1).
 WEIGHT_SCALE_METHODS = ("compressed-tensors", "fbgemm_fp8")
 #: Streams a captured CUDA step spreads its launches over (see :meth:`Plan.run`).
-GRAPH_STREAMS = 4
+GRAPH_STREAMS = 8
 #: Arena alignment in bytes (covers every dtype and vectorised kernels' loads).
 ALIGN = 256
 
