@@ -674,6 +674,13 @@ class Plan:
         Every input is validated before anything is written. A conversion that fails midway
         (NaN/Inf in a weight) raises naming the tensor; the plan then stays not ready until a
         later run succeeds whole.
+
+        When every conversion has a ``launch`` and the backend picks Triton, the step queues all
+        kernels with no host sync and reads one NaN/Inf flag at the end (on a flag, it converts
+        tensor by tensor to name the culprit). On CUDA the step is captured once in a CUDA graph
+        (launches spread over :data:`GRAPH_STREAMS` streams) and replayed while the state dict
+        holds the same tensor objects at the same addresses, shapes and strides (a trainer
+        updating in place); other sources are validated in full and captured again.
         """
         self._ready = False
         captured = self._same_sources_as_graph(state_dict, strict)
