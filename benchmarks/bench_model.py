@@ -20,9 +20,8 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -34,9 +33,11 @@ LAYOUTS = ["per_expert", "fused"]
 GOAL_RATIO = 1.2
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """Qwen3-30B-A3B (of its 48 layers, 24 fit an 80 GB card with their outputs)."""
+class ModelShape(NamedTuple):
+    """Qwen3-30B-A3B (of its 48 layers, 24 fit an 80 GB card with their outputs).
+
+    A NamedTuple, not a dataclass: ``conversion-core bench --model`` loads this file without
+    registering it in ``sys.modules``, which dataclasses need."""
 
     layers: int = 24
     hidden: int = 2048
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     model = SMALL if args.small else ModelShape(layers=args.layers)
     result: dict[str, Any] = {
-        "model": asdict(model),
+        "model": model._asdict(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "triton": _triton_version(),
