@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ def _run_script(name: str, argv: list[str]) -> int:
     spec = importlib.util.spec_from_file_location(f"conversion_core_bench_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look their module up there
     spec.loader.exec_module(module)
     return int(module.main(argv) or 0)
 
