@@ -1,7 +1,8 @@
 """``conversion-core bench``: run the repository's benchmark scripts.
 
 The benchmarks live in ``benchmarks/`` of a source checkout (they are not part of the wheel:
-they need triton, a GPU for the main figures, and write result files). ``bench`` runs
+they need triton, a GPU for the main figures, and write result files); ``bench`` looks for
+that folder in the current directory, then beside an editable install of the package. ``bench`` runs
 ``benchmarks/bench_quant.py`` and ``bench --model`` runs ``benchmarks/bench_model.py``; every
 other argument is passed on to the script (``conversion-core bench -- --help`` shows them).
 """
@@ -16,16 +17,20 @@ from typing import Any
 
 from .errors import ConversionCoreError
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+def _find_script(name: str) -> Path:
+    places = [Path.cwd() / "benchmarks", Path(__file__).resolve().parent.parent / "benchmarks"]
+    for place in places:
+        if (place / name).is_file():
+            return place / name
+    raise ConversionCoreError(
+        f"benchmarks/{name} not found in {' or '.join(str(p) for p in places)}: `conversion-core bench` "
+        "runs the benchmarks of a source checkout (run it from the repository's root)"
+    )
 
 
 def _run_script(name: str, argv: list[str]) -> int:
-    path = BENCHMARKS / name
-    if not path.is_file():
-        raise ConversionCoreError(
-            f"{path} not found: `conversion-core bench` runs the benchmarks of a source checkout "
-            "(git clone the repository and pip install -e it)"
-        )
+    path = _find_script(name)
     spec = importlib.util.spec_from_file_location(f"conversion_core_bench_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -391,10 +391,24 @@ def test_a_module_with_add_parser_becomes_a_subcommand(
     assert usage.value.code == 2
 
 
-def test_bench_reaches_the_benchmark_scripts_parser(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_reaches_the_benchmark_scripts_parser(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from conversion_core import cli
 
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the checkout's root, wheel-installed or not
     with pytest.raises(SystemExit) as info:
         cli.main(["bench", "--", "--help"])
     assert info.value.code == 0
     assert "usage: bench_quant" in capsys.readouterr().out
+
+
+def test_bench_outside_a_checkout_is_a_one_line_user_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from conversion_core import bench, cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "pkg" / "bench.py"))
+    assert cli.main(["bench", "--model"]) == 1
+    assert "benchmarks/bench_model.py not found" in capsys.readouterr().err
