@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import platform
 import statistics
@@ -26,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 import conversion_core as cc
-from conversion_core.plan import Plan, build_plan
+from conversion_core.plan import GRAPH_FIRST_SEGMENT, Plan, build_plan
 
 FORMATS = ["fp8_128x128", "cutlass_fp8_e4m3_per_channel"]
 LAYOUTS = ["per_expert", "fused"]
@@ -138,10 +139,12 @@ def check_bytes(plan: Plan, sd: dict[str, torch.Tensor]) -> int:
     return bad
 
 
-def bench_one(layout: str, fmt: str, streams: int, sd: dict[str, torch.Tensor], args: argparse.Namespace) -> dict:
+def bench_one(
+    layout: str, fmt: str, streams: int, segment: int, sd: dict[str, torch.Tensor], args: argparse.Namespace
+) -> dict:
     device = torch.device(args.device)
     plan = build_plan(sd, conversion=fmt)
-    plan.graph_streams = streams
+    plan.graph_streams, plan.graph_first_segment = streams, segment
     plan.allocate(device)
     first = time.perf_counter()
     plan.run(sd)  # CUDA: the eager step and the graph capture
@@ -155,9 +158,10 @@ def bench_one(layout: str, fmt: str, streams: int, sd: dict[str, torch.Tensor], 
         "layout": layout,
         "format": fmt,
         "streams": streams,
+        "first_segment": segment,
         "tensors": len(plan.entries),
         "calls": len(plan._calls),
-        "graph": plan._graph is not None,
+        "graph_segments": len(plan._step.segments) if plan._step is not None else 0,
         "step_ms": statistics.median(times),
         "step_ms_min": min(times),
         "step_ms_max": max(times),
@@ -166,12 +170,12 @@ def bench_one(layout: str, fmt: str, streams: int, sd: dict[str, torch.Tensor], 
         "bytes": nbytes,
         "mismatched_outputs": mismatched,
     }
-    if plan._graph is not None:  # the GPU part alone: one replay, events around it
+    if plan._step is not None:  # the GPU part alone: every segment replayed, events around them
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         replays = []
         for _ in range(args.reps):
             start.record()
-            plan._graph.replay()
+            plan._step.replay()
             end.record()
             end.synchronize()
             replays.append(start.elapsed_time(end))
@@ -197,8 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             total = sum(t.numel() * t.element_size() for t in sd.values())
             gbps = copy_gbps(device, min(total, 8 << 30) if device.type == "cuda" else total, args.reps)
             result["copy_gbps"] = gbps
-        for fmt, streams in [(f, n) for f in args.formats for n in args.streams]:
-            row = bench_one(layout, fmt, streams, sd, args)
+        for fmt, streams, segment in itertools.product(args.formats, args.streams, args.first_segment):
+            row = bench_one(layout, fmt, streams, segment, sd, args)
             row["floor_ms"] = row["bytes"] / (gbps * 1e6)
             row["ratio"] = row["step_ms"] / row["floor_ms"]
             if "replay_ms" in row:
@@ -225,8 +229,8 @@ def _triton_version() -> str | None:
 
 
 HEADER = (
-    f"{'layout':<11}{'format':<30}{'str':>4}{'tensors':>8}{'calls':>7}{'step ms':>9}{'replay':>8}{'valid.':>8}"
-    f"{'floor':>8}{'ratio':>7}{'bad':>5}"
+    f"{'layout':<11}{'format':<30}{'str':>4}{'seg':>6}{'graphs':>7}{'tensors':>8}{'calls':>7}{'step ms':>9}"
+    f"{'replay':>8}{'valid.':>8}{'floor':>8}{'ratio':>7}{'bad':>5}"
 )
 
 
@@ -234,7 +238,7 @@ def print_row(r: dict[str, Any]) -> None:
     replay = f"{r['replay_ms']:.2f}" if "replay_ms" in r else "-"
     bad = "-" if r["mismatched_outputs"] is None else str(r["mismatched_outputs"])
     print(
-        f"{r['layout']:<11}{r['format']:<30}{r['streams']:>4}{r['tensors']:>8}{r['calls']:>7}{r['step_ms']:>9.2f}{replay:>8}"
+        f"{r['layout']:<11}{r['format']:<30}{r['streams']:>4}{r['first_segment']:>6}{r['graph_segments']:>7}{r['tensors']:>8}{r['calls']:>7}{r['step_ms']:>9.2f}{replay:>8}"
         f"{r['validate_ms']:>8.2f}{r['floor_ms']:>8.2f}{r['ratio']:>7.2f}{bad:>5}",
         flush=True,
     )
@@ -253,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda s: [int(n) for n in s.split(",")],
         default=[8],
         help="comma list of stream counts a captured step spreads its launches over (default 8)",
+    )
+    p.add_argument(
+        "--first-segment",
+        type=lambda s: [int(n) for n in s.split(",")],
+        default=[GRAPH_FIRST_SEGMENT],
+        help=f"comma list of first graph segment sizes, in tensors (default {GRAPH_FIRST_SEGMENT}; "
+        "a size above the tensor count gives one graph checked whole before its replay)",
     )
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the byte check")
     p.add_argument("--json", help="write the results here")

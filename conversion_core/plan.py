@@ -23,14 +23,15 @@ views of one buffer so no scale block straddles the gate/up boundary: scales
 
 :meth:`Plan.allocate` allocates every output once (one arena, so it can be registered for RDMA in
 one call); :meth:`Plan.run` validates every input first, then refills the same buffers through each
-conversion's checked ``fn``. Any failure raises and leaves the plan not ready.
+conversion's checked ``fn``, or, when every conversion can queue its kernels without a host sync,
+in one launched step (on CUDA, replayed CUDA graphs: :mod:`conversion_core.graph_step`). Any
+failure raises and leaves the plan not ready.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import operator
 import os
 import re
 from collections import Counter
@@ -43,6 +44,7 @@ import torch
 
 from .config import quantization_config_of
 from .errors import ConfigError, ConversionCoreError, ConversionInputError, ConversionTypeError
+from .graph_step import CapturedStep
 from .registry import Registry, load_registry
 from .types import Conversion, Shape
 
@@ -56,6 +58,9 @@ DEFAULT_FUSED_SHARDS: Mapping[str, int | Sequence[int]] = {r"re:(.*\.)?gate_up_p
 WEIGHT_SCALE_METHODS = ("compressed-tensors", "fbgemm_fp8")
 #: Streams a captured CUDA step spreads its launches over (see :meth:`Plan.run`).
 GRAPH_STREAMS = 8
+#: Tensors in the first graph segment of a captured step; each next one holds twice as many
+#: (see :mod:`conversion_core.graph_step`).
+GRAPH_FIRST_SEGMENT = 32
 #: Arena alignment in bytes (covers every dtype and vectorised kernels' loads).
 ALIGN = 256
 
@@ -489,10 +494,10 @@ class Plan:
         self._ready = False
         #: Side streams a captured step spreads its launches over (concurrent small kernels).
         self.graph_streams = GRAPH_STREAMS
+        #: Tensors in the first graph segment (the GPU starts once they are checked).
+        self.graph_first_segment = GRAPH_FIRST_SEGMENT
         self._flag: torch.Tensor | None = None
-        self._graph: Any = None
-        self._graph_ptrs: list[tuple[int, torch.Size, tuple[int, ...]]] = []
-        self._graph_srcs: list[torch.Tensor] = []
+        self._step: CapturedStep | None = None
         conversions = {id(e.conversion): e.conversion for e in self.entries}.values()
         self._all_launch = all(c.launch is not None or not c.requires_scale for c in conversions)
 
@@ -575,7 +580,7 @@ class Plan:
         self.arena, self.device, self._ready = arena, arena.device, False  # cuda -> cuda:0
         self._calls = [call for e in self.entries for call in self._calls_of(e, buffers)]
         self._flag = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self._graph, self._graph_ptrs, self._graph_srcs = None, [], []
+        self._step = None
         self._outputs = {}
         for e in self.entries:
             self._outputs[e.name] = buffers[e.name]
@@ -677,15 +682,22 @@ class Plan:
 
         When every conversion has a ``launch`` and the backend picks Triton, the step queues all
         kernels with no host sync and reads one NaN/Inf flag at the end (on a flag, it converts
-        tensor by tensor to name the culprit). On CUDA the step is captured once in a CUDA graph
-        (launches spread over :data:`GRAPH_STREAMS` streams) and replayed while the state dict
-        holds the same tensor objects at the same addresses, shapes and strides (a trainer
-        updating in place); other sources are validated in full and captured again.
+        tensor by tensor to name the culprit). On CUDA the step is captured once in CUDA graphs
+        (launches spread over :attr:`graph_streams` streams) and replayed while the state dict
+        holds the same tensor objects at the same addresses, dtypes, shapes and strides (a
+        trainer updating in place); those are checked segment by segment, each while the GPU runs
+        the one before (:mod:`conversion_core.graph_step`). When a later segment's sources turn
+        out to have changed, everything is validated and converted again (earlier segments were
+        replayed from their own unchanged sources); should that validation fail, outputs hold a
+        mix of this step's and the last step's bytes, and the plan is not ready.
         """
         self._ready = False
-        captured = self._same_sources_as_graph(state_dict, strict)
-        if not captured:
-            self.validate(state_dict, strict)
+        if self._step is not None and self._step.replay_if_unchanged(state_dict, strict):
+            outputs = dict(self._outputs)  # built while the GPU works
+            self._check_flag(state_dict)
+            self._ready = True
+            return outputs
+        self.validate(state_dict, strict)
         if self._sharded:
             from .distributed import run_plan
 
@@ -693,30 +705,13 @@ class Plan:
             self._ready = True
             return dict(self._outputs)
         if self._launchable():
-            self._run_launched(state_dict, captured)
+            self._run_launched(state_dict)
         else:
             self._run_checked(state_dict)
         self._ready = True
         return dict(self._outputs)
 
     # ---- the step ---------------------------------------------------------------------------
-    def _same_sources_as_graph(self, state_dict: Mapping[str, Any], strict: bool) -> bool:
-        """True when ``state_dict`` holds exactly the tensor objects the graph was captured from,
-        at the same addresses, shapes and strides: :meth:`validate` would pass (a tensor object
-        cannot change dtype or device in place without moving), at a fraction of its host time.
-        Anything else goes through the full validation."""
-        if self._graph is None or not isinstance(state_dict, Mapping):
-            return False
-        if strict and len(state_dict) != len(self._graph_srcs):
-            return False
-        try:
-            srcs = [state_dict[e.name] for e in self.entries]
-        except KeyError:
-            return False
-        if not all(map(operator.is_, srcs, self._graph_srcs)):
-            return False
-        return [(t.data_ptr(), t.shape, t.stride()) for t in srcs] == self._graph_ptrs
-
     def _launchable(self) -> bool:
         """Every conversion has a sync-free ``launch`` (scale-free ones are plain copies) and the
         backend picks Triton for the plan's device (CUDA; CPU only under Triton's interpreter)."""
@@ -725,12 +720,12 @@ class Plan:
         assert self.arena is not None
         return self._all_launch and use_triton(self.arena)
 
-    def _queue(self, state_dict: Mapping[str, Any], streams: Sequence[Any] = ()) -> None:
-        """Queue every call, no host sync; round-robin over ``streams`` when given (graph capture)."""
+    def _queue(self, state_dict: Mapping[str, Any], calls: slice, streams: Sequence[Any] = ()) -> None:
+        """Queue a range of calls, no host sync; round-robin over ``streams`` when given (graph capture)."""
         import contextlib
 
         assert self._flag is not None
-        for i, call in enumerate(self._calls):
+        for i, call in enumerate(self._calls[calls]):
             src = state_dict[call.name]
             src = src[call.index] if call.index else src
             conversion = self._by_name[call.name].conversion
@@ -741,52 +736,34 @@ class Plan:
                 else:
                     conversion.raw_fn(src, call.out, call.scale)
 
-    def _capture(self, state_dict: Mapping[str, Any]) -> Any:
-        """One eager step (compiles the kernels), then the step captured in a CUDA graph."""
-        assert self._flag is not None
-        main = torch.cuda.current_stream(self.device)
-        sides = [torch.cuda.Stream(self.device) for _ in range(max(1, self.graph_streams))]
-        warm = sides[0]
-        warm.wait_stream(main)
-        with torch.cuda.stream(warm):
-            self._flag.zero_()
-            self._queue(state_dict)
-        main.wait_stream(warm)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=warm):
-            capture = torch.cuda.current_stream(self.device)
-            self._flag.zero_()
-            for side in sides[1:]:
-                side.wait_stream(capture)
-            self._queue(state_dict, [capture, *sides[1:]])
-            for side in sides[1:]:
-                capture.wait_stream(side)
-        return graph
+    def _run_launched(self, state_dict: Mapping[str, Any]) -> None:
+        """The fast step: every kernel queued (CUDA: graph replays), then one flag read.
 
-    def _run_launched(self, state_dict: Mapping[str, Any], captured: bool = False) -> None:
-        """The fast step: every kernel queued (CUDA: one graph replay), then one flag read.
-
-        The graph holds the sources' addresses: a trainer updating its parameters in place
-        replays it every step; when any planned source moved (new tensors), the step is
-        captured again (one eager step plus the capture), never replayed on stale addresses.
+        ``state_dict`` is validated. On CUDA, segments whose sources moved are captured again
+        (one eager run plus the capture), never replayed on stale addresses.
         """
-        assert self._flag is not None
-        if captured:  # the sources the graph was captured from, checked by _same_sources_as_graph
-            self._graph.replay()
-        elif self.device is not None and self.device.type == "cuda":
-            srcs = [state_dict[e.name] for e in self.entries]
-            ptrs = [(t.data_ptr(), t.shape, t.stride()) for t in srcs]
-            if self._graph is None or ptrs != self._graph_ptrs:
-                self._graph, self._graph_ptrs, self._graph_srcs = None, [], []
-                self._graph = self._capture(state_dict)
-                self._graph_ptrs = ptrs
-            self._graph_srcs = srcs  # held: the memory the graph reads stays alive
-            self._graph.replay()
+        assert self._flag is not None and self.device is not None
+        if self.device.type == "cuda":
+            if self._step is None:
+                calls_per_entry = Counter(call.name for call in self._calls)
+                self._step = CapturedStep(
+                    [e.name for e in self.entries],
+                    [calls_per_entry[e.name] for e in self.entries],
+                    self._flag,
+                    self.graph_streams,
+                    self.graph_first_segment,
+                )
+            self._step.capture_and_replay(state_dict, lambda calls, streams: self._queue(state_dict, calls, streams))
         else:
             self._flag.zero_()
-            self._queue(state_dict)
-        if int(self._flag.item()):  # the one host sync of the step
-            self._run_checked(state_dict)  # converts tensor by tensor to name the culprit
+            self._queue(state_dict, slice(None))
+        self._check_flag(state_dict)
+
+    def _check_flag(self, state_dict: Mapping[str, Any]) -> None:
+        """The one host sync of a launched step: on NaN/Inf, convert tensor by tensor to name it."""
+        assert self._flag is not None
+        if int(self._flag.item()):
+            self._run_checked(state_dict)
             raise ConversionCoreError("a NaN/Inf was flagged during the step but no tensor failed when re-checked")
 
     def _run_checked(self, state_dict: Mapping[str, Any]) -> None:

@@ -1,7 +1,11 @@
 """The captured CUDA step: bytes of converting each tensor on its own, replays after in-place
-updates, re-captures when the sources move, names the tensor holding a NaN. Skipped without CUDA."""
+updates, re-captures (only the segments) whose sources moved, refuses a source changed in place
+in a late segment, names the tensor holding a NaN. Skipped without CUDA."""
 
 from __future__ import annotations
+
+import operator
+import re
 
 import pytest
 import torch
@@ -63,23 +67,66 @@ def assert_same_bytes(got, want):
         assert torch.equal(got[name].view(torch.uint8), t.view(torch.uint8)), name
 
 
+def graphs(plan):
+    assert plan._step is not None, "the CUDA step was not captured"
+    return [seg.graph for seg in plan._step.segments]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("fused", "inter"), [(False, 768), (True, 768), (True, 200)])
-def test_captured_step(fmt: str, fused: bool, inter: int) -> None:
+@pytest.mark.parametrize("first_segment", [32, 1])
+def test_captured_step(fmt: str, fused: bool, inter: int, first_segment: int) -> None:
     sd = moe(fused, inter, seed=0)
     plan = build_plan(sd, conversion=fmt)
+    plan.graph_first_segment = first_segment
     plan.allocate("cuda")
     assert_same_bytes(plan.run(sd), expected(plan, sd))
-    graph = plan._graph
-    assert graph is not None, "the CUDA step was not captured"
+    before = graphs(plan)
+    assert len(before) == (1 if first_segment == 32 else len(sd).bit_length())
     update = moe(fused, inter, seed=1)
-    for name, t in sd.items():  # a trainer's in-place update: the same graph is replayed
+    for name, t in sd.items():  # a trainer's in-place update: the same graphs are replayed
         t.copy_(update[name])
     assert_same_bytes(plan.run(sd), expected(plan, sd))
-    assert plan._graph is graph
+    assert all(map(operator.is_, graphs(plan), before))
     moved = {n: t.clone() * 2 for n, t in sd.items()}  # new addresses: captured again, right bytes
     assert_same_bytes(plan.run(moved), expected(plan, moved))
-    assert plan._graph is not graph and plan.ready
+    assert not any(map(operator.is_, graphs(plan), before)) and plan.ready
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_only_the_segment_whose_source_moved_is_captured_again(fmt: str) -> None:
+    sd = moe(False, 256, seed=0)
+    plan = build_plan(sd, conversion=fmt)
+    plan.graph_first_segment = 2  # segments of 2, 4, 8, 16, 32 tensors
+    plan.allocate("cuda")
+    plan.run(sd)
+    before = graphs(plan)
+    last = list(sd)[-1]
+    sd[last] = sd[last] * 3  # a new tensor in the last segment only
+    assert_same_bytes(plan.run(sd), expected(plan, sd))
+    after = graphs(plan)
+    assert [a is b for a, b in zip(after, before, strict=True)] == [True] * (len(before) - 1) + [False]
+    for t in sd.values():  # in place again: replayed, the new graph reads the new tensor
+        t.mul_(-1)
+    assert_same_bytes(plan.run(sd), expected(plan, sd))
+    assert all(map(operator.is_, graphs(plan), after))
+
+
+def test_source_changed_in_place_in_a_late_segment_is_validated_not_replayed() -> None:
+    sd = moe(False, 256, seed=0)
+    plan = build_plan(sd, conversion=FORMATS[0])
+    plan.graph_first_segment = 2
+    plan.allocate("cuda")
+    plan.run(sd)
+    name = list(sd)[-1]
+    rows = sd[name].shape[0]
+    sd[name].data = sd[name].data[: rows // 2]  # the same object, same address, half the rows
+    with pytest.raises(ConversionCoreError, match=rf"{re.escape(name)}.*shape \({rows // 2}, "):
+        plan.run(sd)
+    assert not plan.ready
+    sd[name].data = torch.empty(rows, sd[name].shape[1], dtype=torch.bfloat16, device="cuda").normal_()
+    assert_same_bytes(plan.run(sd), expected(plan, sd))  # moved: its segment captured again
+    assert plan.ready
 
 
 def test_captured_step_revalidates_a_replaced_tensor() -> None:
@@ -98,6 +145,7 @@ def test_captured_step_revalidates_a_replaced_tensor() -> None:
 def test_captured_step_names_non_finite_tensor(fmt: str) -> None:
     sd = moe(False, 256, seed=0)
     plan = build_plan(sd, conversion=fmt)
+    plan.graph_first_segment = 2
     plan.allocate("cuda")
     plan.run(sd)
     sd["model.layers.1.mlp.experts.3.down_proj.weight"][7, 9] = float("inf")

@@ -1,0 +1,145 @@
+"""A plan's CUDA step recorded once in CUDA graphs and replayed every training step.
+
+A graph reads the addresses it was captured with, so before a replay every source must be proven
+to be the tensor it was captured from, at the same address, dtype, shape and strides. That proof
+costs ~0.5-1 µs of Python per tensor, and a per-expert MoE state dict holds ~10k tensors: done
+for the whole model before the first replay, it would add ~10 ms to a 16 ms step. So the step is
+cut into segments of consecutive tensors, and segment k+1 is checked while the GPU runs segment
+k. Segments grow geometrically (``first``, 2x, 4x, ... tensors): the GPU starts after a few
+dozen checks, and a model of n tensors has about log2(n / first) graph boundaries.
+
+A segment whose sources changed (new tensors, moved storage) is captured again on its own; the
+other segments keep their graphs.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: What must not change for a replay to read the right bytes.
+Signature = tuple[int, torch.dtype, torch.Size, tuple[int, ...]]
+#: Queues the launches of a range of calls, round-robin over the given streams (none: current).
+Queue = Callable[[slice, Sequence[Any]], None]
+
+
+def signature(tensors: Sequence[torch.Tensor]) -> list[Signature]:
+    return [(t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors]
+
+
+def segment_bounds(count: int, first: int) -> list[tuple[int, int]]:
+    """Cut ``count`` items into consecutive ranges of ``first``, 2*first, 4*first, ... items."""
+    if first < 1:
+        raise ValueError(f"the first graph segment must hold at least one tensor, got {first}")
+    bounds, start, size = [], 0, first
+    while start < count:
+        bounds.append((start, min(count, start + size)))
+        start, size = start + size, 2 * size
+    return bounds
+
+
+@dataclass
+class Segment:
+    """Consecutive plan entries, their calls, and the graph captured from their sources."""
+
+    entries: slice
+    calls: slice
+    names: list[str]
+    graph: Any = None
+    sources: list[torch.Tensor] = field(default_factory=list)
+    signature: list[Signature] = field(default_factory=list)
+
+
+class CapturedStep:
+    """The graphs of one plan's step, and the sources they were captured from (held alive)."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        calls_per_entry: Sequence[int],
+        flag: torch.Tensor,
+        streams: int,
+        first_segment: int,
+    ):
+        self.names = list(names)
+        self.flag = flag
+        self.streams = max(1, streams)
+        self.segments: list[Segment] = []
+        call_starts = [0]
+        for n in calls_per_entry:
+            call_starts.append(call_starts[-1] + n)
+        for a, b in segment_bounds(len(self.names), first_segment):
+            self.segments.append(Segment(slice(a, b), slice(call_starts[a], call_starts[b]), self.names[a:b]))
+        #: The tensors the graphs read, in plan order (held: their memory stays alive).
+        self.sources: list[torch.Tensor] = []
+
+    def replay_if_unchanged(self, state_dict: Mapping[str, Any], strict: bool) -> bool:
+        """Replay every segment while ``state_dict`` holds the captured tensors, unchanged.
+
+        Each segment's tensors are looked up and checked (the same objects, at the same addresses,
+        dtypes, shapes and strides) just before it is replayed, while the GPU runs the segments
+        before it. False means the caller must validate and convert everything again: the
+        segments before the first changed one have been replayed (from their unchanged sources).
+        """
+        if not self.sources or not isinstance(state_dict, Mapping):
+            return False
+        if strict and len(state_dict) != len(self.sources):
+            return False
+        for seg in self.segments:
+            try:
+                srcs = [state_dict[name] for name in seg.names]
+            except KeyError:
+                return False
+            if not all(map(operator.is_, srcs, seg.sources)) or signature(srcs) != seg.signature:
+                return False
+            seg.graph.replay()
+        return True
+
+    def capture_and_replay(self, state_dict: Mapping[str, Any], queue: Queue) -> None:
+        """Capture again every segment whose sources changed (all on the first call), then replay all.
+
+        ``state_dict`` must already be validated: its tensors are what the graphs will read.
+        """
+        srcs = [state_dict[name] for name in self.names]
+        self.sources = []
+        for i, seg in enumerate(self.segments):
+            sig = signature(srcs[seg.entries])
+            if seg.graph is None or sig != seg.signature:
+                seg.graph, seg.signature = None, []
+                seg.graph = self._capture(seg.calls, queue, zero_flag=i == 0)
+                seg.signature = sig
+        for seg in self.segments:
+            seg.sources = srcs[seg.entries]
+        self.sources = srcs
+        self.replay()
+
+    def replay(self) -> None:
+        for seg in self.segments:
+            seg.graph.replay()
+
+    def _capture(self, calls: slice, queue: Queue, zero_flag: bool) -> Any:
+        """One eager run of the calls (compiles the kernels), then the calls captured in a graph,
+        spread over ``streams`` streams; the first segment also clears the NaN/Inf flag."""
+        device = self.flag.device
+        main = torch.cuda.current_stream(device)
+        sides = [torch.cuda.Stream(device) for _ in range(self.streams)]
+        warm = sides[0]
+        warm.wait_stream(main)
+        with torch.cuda.stream(warm):
+            queue(calls, ())
+        main.wait_stream(warm)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=warm):
+            capture = torch.cuda.current_stream(device)
+            if zero_flag:
+                self.flag.zero_()
+            for side in sides[1:]:
+                side.wait_stream(capture)
+            queue(calls, [capture, *sides[1:]])
+            for side in sides[1:]:
+                capture.wait_stream(side)
+        return graph
