@@ -67,6 +67,8 @@ class CapturedStep:
     ):
         self.names = list(names)
         self.flag = flag
+        #: What the segments were cut and captured with: (streams, first segment size).
+        self.settings = (streams, first_segment)
         self.streams = max(1, streams)
         self.segments: list[Segment] = []
         call_starts = [0]
@@ -129,9 +131,11 @@ class CapturedStep:
         sides = [torch.cuda.Stream(device) for _ in range(self.streams)]
         warm = sides[0]
         warm.wait_stream(main)
-        with torch.cuda.stream(warm):
-            queue(calls, ())
-        main.wait_stream(warm)
+        try:
+            with torch.cuda.stream(warm):
+                queue(calls, ())
+        finally:  # even when a launch raised: what was queued ends before main reuses memory
+            main.wait_stream(warm)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=warm):
             capture = torch.cuda.current_stream(device)

@@ -22,7 +22,7 @@ views of one buffer so no scale block straddles the gate/up boundary: scales
 ``(E, 2*ceil(I/128), ceil(H/128))`` as vLLM expects.
 
 :meth:`Plan.allocate` allocates every output once (one arena, so it can be registered for RDMA in
-one call); :meth:`Plan.run` validates every input first, then refills the same buffers through each
+one call); :meth:`Plan.run` validates the inputs, then refills the same buffers through each
 conversion's checked ``fn``, or, when every conversion can queue its kernels without a host sync,
 in one launched step (on CUDA, replayed CUDA graphs: :mod:`conversion_core.graph_step`). Any
 failure raises and leaves the plan not ready.
@@ -492,9 +492,10 @@ class Plan:
         self._calls: list[_Call] = []
         self._sharded = False
         self._ready = False
-        #: Side streams a captured step spreads its launches over (concurrent small kernels).
+        #: Streams a captured step spreads its launches over (concurrent small kernels).
         self.graph_streams = GRAPH_STREAMS
         #: Tensors in the first graph segment (the GPU starts once they are checked).
+        #: Changing either setting makes the next step capture its graphs anew.
         self.graph_first_segment = GRAPH_FIRST_SEGMENT
         self._flag: torch.Tensor | None = None
         self._step: CapturedStep | None = None
@@ -553,6 +554,7 @@ class Plan:
         DTensors placed like their sources, carved from one arena of local shards, and each
         :meth:`run` batches its collectives (see :mod:`conversion_core.distributed`).
         """
+        self._step = None  # graphs write into the old buffers: never replayed again
         if like is not None:
             from .distributed import allocate_plan
 
@@ -580,7 +582,6 @@ class Plan:
         self.arena, self.device, self._ready = arena, arena.device, False  # cuda -> cuda:0
         self._calls = [call for e in self.entries for call in self._calls_of(e, buffers)]
         self._flag = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self._step = None
         self._outputs = {}
         for e in self.entries:
             self._outputs[e.name] = buffers[e.name]
@@ -676,22 +677,26 @@ class Plan:
     def run(self, state_dict: Mapping[str, Any], strict: bool = True) -> dict[str, torch.Tensor]:
         """Refill every output from ``state_dict``; no allocation of outputs, no silent fallback.
 
-        Every input is validated before anything is written. A conversion that fails midway
-        (NaN/Inf in a weight) raises naming the tensor; the plan then stays not ready until a
-        later run succeeds whole.
+        Inputs are validated before they are converted (names, types, shapes, dtypes, devices);
+        a conversion that fails midway (NaN/Inf in a weight) raises naming the tensor. After any
+        failure the plan is not ready and its outputs are unspecified (some may hold this run's
+        bytes, others earlier ones) until a later run succeeds whole.
 
         When every conversion has a ``launch`` and the backend picks Triton, the step queues all
         kernels with no host sync and reads one NaN/Inf flag at the end (on a flag, it converts
         tensor by tensor to name the culprit). On CUDA the step is captured once in CUDA graphs
         (launches spread over :attr:`graph_streams` streams) and replayed while the state dict
         holds the same tensor objects at the same addresses, dtypes, shapes and strides (a
-        trainer updating in place); those are checked segment by segment, each while the GPU runs
-        the one before (:mod:`conversion_core.graph_step`). When a later segment's sources turn
-        out to have changed, everything is validated and converted again (earlier segments were
-        replayed from their own unchanged sources); should that validation fail, outputs hold a
-        mix of this step's and the last step's bytes, and the plan is not ready.
+        trainer updating in place). Those are checked segment by segment, each while the GPU runs
+        the one before (:mod:`conversion_core.graph_step`), so a source that changed is found
+        after the segments before it were replayed from their own unchanged sources; the whole
+        state dict is then validated, the changed segments captured again, and every segment
+        replayed. A state dict that fails that validation thus leaves the earlier segments
+        holding this run's bytes (the plan is not ready, as after any failure).
         """
         self._ready = False
+        if self._step is not None and self._step.settings != (self.graph_streams, self.graph_first_segment):
+            self._step = None  # graph_streams or graph_first_segment changed: capture anew
         if self._step is not None and self._step.replay_if_unchanged(state_dict, strict):
             outputs = dict(self._outputs)  # built while the GPU works
             self._check_flag(state_dict)

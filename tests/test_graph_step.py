@@ -42,6 +42,7 @@ class RecordingStep(CapturedStep):
 
     def _capture(self, calls: slice, queue: Any, zero_flag: bool) -> Any:
         index = next(i for i, seg in enumerate(self.segments) if seg.calls == calls)
+        assert zero_flag == (index == 0), "only the first segment clears the NaN/Inf flag"
         self.log.append(("capture", index))
         step = self
 

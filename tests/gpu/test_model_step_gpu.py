@@ -97,7 +97,7 @@ def test_captured_step(fmt: str, fused: bool, inter: int, first_segment: int) ->
 def test_only_the_segment_whose_source_moved_is_captured_again(fmt: str) -> None:
     sd = moe(False, 256, seed=0)
     plan = build_plan(sd, conversion=fmt)
-    plan.graph_first_segment = 2  # segments of 2, 4, 8, 16, 32 tensors
+    plan.graph_first_segment = 2  # 30 tensors: segments of 2, 4, 8, 16
     plan.allocate("cuda")
     plan.run(sd)
     before = graphs(plan)
@@ -124,9 +124,11 @@ def test_source_changed_in_place_in_a_late_segment_is_validated_not_replayed() -
     with pytest.raises(ConversionCoreError, match=rf"{re.escape(name)}.*shape \({rows // 2}, "):
         plan.run(sd)
     assert not plan.ready
+    before = graphs(plan)
     sd[name].data = torch.empty(rows, sd[name].shape[1], dtype=torch.bfloat16, device="cuda").normal_()
     assert_same_bytes(plan.run(sd), expected(plan, sd))  # moved: its segment captured again
     assert plan.ready
+    assert [a is b for a, b in zip(graphs(plan), before, strict=True)] == [True] * (len(before) - 1) + [False]
 
 
 def test_captured_step_revalidates_a_replaced_tensor() -> None:
@@ -142,13 +144,36 @@ def test_captured_step_revalidates_a_replaced_tensor() -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_captured_step_names_non_finite_tensor(fmt: str) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.layers.0.self_attn.q_proj.weight",  # second of four segments (2, 4, 8, 16 tensors)
+        "model.layers.1.mlp.experts.3.down_proj.weight",  # the last segment
+    ],
+)
+def test_captured_step_names_non_finite_tensor(fmt: str, name: str) -> None:
     sd = moe(False, 256, seed=0)
     plan = build_plan(sd, conversion=fmt)
     plan.graph_first_segment = 2
     plan.allocate("cuda")
     plan.run(sd)
-    sd["model.layers.1.mlp.experts.3.down_proj.weight"][7, 9] = float("inf")
-    with pytest.raises(ConversionCoreError, match=r"layers\.1\.mlp\.experts\.3\.down_proj\.weight"):
+    before = graphs(plan)
+    good = sd[name][7, 9].item()
+    sd[name][7, 9] = float("inf")
+    with pytest.raises(ConversionCoreError, match=re.escape(repr(name))):
         plan.run(sd)
     assert not plan.ready
+    sd[name][7, 9] = good  # the next clean step is replayed, and its flag read clean
+    assert_same_bytes(plan.run(sd), expected(plan, sd))
+    assert plan.ready and all(map(operator.is_, graphs(plan), before))
+
+
+def test_changing_the_graph_settings_captures_anew() -> None:
+    sd = moe(False, 256, seed=0)
+    plan = build_plan(sd, conversion=FORMATS[0])
+    plan.allocate("cuda")
+    plan.run(sd)
+    assert len(graphs(plan)) == 1
+    plan.graph_first_segment = 2
+    assert_same_bytes(plan.run(sd), expected(plan, sd))
+    assert len(graphs(plan)) == 4
