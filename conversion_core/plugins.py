@@ -142,7 +142,7 @@ def load_plugins(pm: pluggy.PluginManager) -> LoadResult:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
             conversions, rules = _call_hooks(pm, ep.name, plugin)
-        except Exception as exc:  # a broken plugin must not take the others down
+        except (Exception, SystemExit) as exc:  # a broken plugin, even one calling sys.exit, spares the others
             if plugin is not None and pm.is_registered(plugin):
                 pm.unregister(plugin)
             error = f"{type(exc).__name__}: {exc}"

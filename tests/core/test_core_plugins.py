@@ -172,6 +172,18 @@ def test_broken_import_is_isolated_and_reported_once(fake_site: FakeSite) -> Non
     assert cc.select_default_conversion({"quant_method": "zz_good"}, registry) == "zz_good_copy"
 
 
+@pytest.mark.parametrize(("where", "code"), [("import", "import sys\nsys.exit(3)\n"), ("hook", None)])
+def test_plugin_calling_sys_exit_is_a_load_failure(fake_site: FakeSite, where: str, code: str | None) -> None:
+    if code is None:  # sys.exit() from inside register_conversion
+        code = "import sys\nimport conversion_core as cc\n\n@cc.hookimpl\ndef register_conversion():\n    sys.exit(4)\n"
+    fake_site.install("good", good_source(fake_site))
+    fake_site.install("exits", code)
+    with pytest.warns(cc.PluginLoadWarning, match=f"'exits'.*SystemExit: {3 if where == 'import' else 4}"):
+        registry = fake_site.load()
+    assert fake_site.infos(registry)["exits"].status == "failed"
+    assert registry.names() == ["zz_good_copy"]
+
+
 def test_entry_point_to_missing_attribute_is_isolated(fake_site: FakeSite) -> None:
     fake_site.install("good", good_source(fake_site))
     fake_site.install("typo", good_source(fake_site), target="fake_cc_typo_module_that_does_not_exist")
