@@ -21,14 +21,29 @@ from typing import Any
 
 import torch
 
-#: What must not change for a replay to read the right bytes.
-Signature = tuple[int, torch.dtype, torch.Size, tuple[int, ...]]
+#: What must not change for a replay to read the right bytes: address, dtype, shape, strides.
+_LAYOUT: tuple[Callable[[torch.Tensor], Any], ...] = (
+    torch.Tensor.data_ptr,
+    operator.attrgetter("dtype"),
+    operator.attrgetter("shape"),
+    torch.Tensor.stride,
+)
 #: Queues the launches of a range of calls, round-robin over the given streams (none: current).
 Queue = Callable[[slice, Sequence[Any]], None]
 
 
-def signature(tensors: Sequence[torch.Tensor]) -> list[Signature]:
-    return [(t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors]
+def layout(tensors: Sequence[torch.Tensor]) -> list[list[Any]]:
+    """Addresses, dtypes, shapes and strides of ``tensors``, one list each."""
+    return [list(map(get, tensors)) for get in _LAYOUT]
+
+
+def same_layout(tensors: Sequence[torch.Tensor], want: list[list[Any]]) -> bool:
+    """``layout(tensors) == want``, compared item by item without keeping what it reads: a step
+    that built ~10k tuples would hand Python's cyclic GC survivors enough to trigger a full
+    collection every few steps (tens of ms each)."""
+    return len(tensors) == len(want[0]) and all(
+        all(map(operator.eq, map(get, tensors), values)) for get, values in zip(_LAYOUT, want, strict=True)
+    )
 
 
 def segment_bounds(count: int, first: int) -> list[tuple[int, int]]:
@@ -51,7 +66,7 @@ class Segment:
     names: list[str]
     graph: Any = None
     sources: list[torch.Tensor] = field(default_factory=list)
-    signature: list[Signature] = field(default_factory=list)
+    layout: list[list[Any]] = field(default_factory=lambda: [[] for _ in _LAYOUT])
 
 
 class CapturedStep:
@@ -96,7 +111,7 @@ class CapturedStep:
                 srcs = [state_dict[name] for name in seg.names]
             except KeyError:
                 return False
-            if not all(map(operator.is_, srcs, seg.sources)) or signature(srcs) != seg.signature:
+            if not all(map(operator.is_, srcs, seg.sources)) or not same_layout(srcs, seg.layout):
                 return False
             seg.graph.replay()
         return True
@@ -109,11 +124,10 @@ class CapturedStep:
         srcs = [state_dict[name] for name in self.names]
         self.sources = []
         for i, seg in enumerate(self.segments):
-            sig = signature(srcs[seg.entries])
-            if seg.graph is None or sig != seg.signature:
-                seg.graph, seg.signature = None, []
+            if seg.graph is None or not same_layout(srcs[seg.entries], seg.layout):
+                seg.graph = None
                 seg.graph = self._capture(seg.calls, queue, zero_flag=i == 0)
-                seg.signature = sig
+                seg.layout = layout(srcs[seg.entries])
         for seg in self.segments:
             seg.sources = srcs[seg.entries]
         self.sources = srcs
