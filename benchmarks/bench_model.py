@@ -2,12 +2,16 @@
 
 Builds the model's weights (random bf16 values, names as transformers writes them) on one device
 in both layouts trainers use, per-expert 2D tensors and fused 3D expert stacks ``(E, 2I, H)`` /
-``(E, H, I)``; for each FP8 format plans once, allocates once, checks the step's bytes against
-converting each tensor (each fused shard) on its own, then times ``Plan.run`` (wall clock, median;
-it ends with the step's one host sync, the NaN/Inf flag read). The floor is the bytes a step must
-move (sources read + outputs and scales written) at the copy bandwidth measured in the same run.
+``(E, H, I)``; for each FP8 format plans once, allocates once, runs the first step (kernels
+launched one by one on CUDA) and the second (captured in CUDA graphs), then times ``Plan.run``
+(wall clock, median; it ends with the step's one host sync, the NaN/Inf flag read). The bytes of
+the first and of the replayed steps are checked against converting each tensor (each fused
+shard) on its own. The floor is the bytes a step must move (sources read + outputs and scales
+written) at the copy bandwidth measured in the same run. ``--moving`` also times steps whose
+sources sit at new addresses every step (launched, never captured).
 
     python benchmarks/bench_model.py [--json out.json] [--layers 24] [--reps 7]
+    python benchmarks/bench_model.py --layers 12 --moving --layouts per_expert
     python benchmarks/bench_model.py --device cpu --small     # scaled-down model, CPU copy as floor
 """
 
@@ -53,9 +57,9 @@ class ModelShape(NamedTuple):
 SMALL = ModelShape(layers=2, hidden=512, heads=4, kv_heads=2, head_dim=128, experts=8, inter=256, vocab=1024)
 
 
-def build_state_dict(m: ModelShape, fused: bool, device: torch.device) -> dict[str, torch.Tensor]:
+def build_state_dict(m: ModelShape, fused: bool, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random bf16 weights; per-expert tensors are views of one stack per projection (like a flat param)."""
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def w(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
@@ -140,36 +144,36 @@ def check_bytes(plan: Plan, sd: dict[str, torch.Tensor]) -> int:
 
 
 def bench_one(
-    layout: str, fmt: str, streams: int, segment: int, sd: dict[str, torch.Tensor], args: argparse.Namespace
+    model: ModelShape,
+    layout: str,
+    fmt: str,
+    streams: int,
+    segment: int,
+    sd: dict[str, torch.Tensor],
+    args: argparse.Namespace,
 ) -> dict:
     device = torch.device(args.device)
     plan = build_plan(sd, conversion=fmt)
     plan.graph_streams, plan.graph_first_segment = streams, segment
+    if args.growth is not None:
+        plan.graph_segment_growth = args.growth
     plan.allocate(device)
-    first = time.perf_counter()
-    plan.run(sd)  # CUDA: the eager step and the graph capture
-    _sync(device)
-    first_ms = (time.perf_counter() - first) * 1e3
+
+    def timed_run(state: dict[str, torch.Tensor]) -> float:
+        start = time.perf_counter()
+        plan.run(state)
+        _sync(device)
+        return (time.perf_counter() - start) * 1e3
+
+    first_ms = timed_run(sd)  # kernels compiled, launched one by one (CUDA: nothing captured yet)
     mismatched = check_bytes(plan, sd) if args.check else None
-    times = wall_ms(lambda: plan.run(sd), device, args.reps)
+    capture_ms = timed_run(sd)  # CUDA: the same addresses again, so the step is captured
+    times = wall_ms(lambda: plan.run(sd), device, args.reps)  # replayed
+    if args.check:
+        assert mismatched is not None
+        mismatched += check_bytes(plan, sd)
     validate = statistics.median(wall_ms(lambda: plan.validate(sd), device, args.reps))
-    nbytes = step_bytes(plan, sd)
-    row = {
-        "layout": layout,
-        "format": fmt,
-        "streams": streams,
-        "first_segment": segment,
-        "tensors": len(plan.entries),
-        "calls": len(plan._calls),
-        "graph_segments": len(plan._step.segments) if plan._step is not None else 0,
-        "step_ms": statistics.median(times),
-        "step_ms_min": min(times),
-        "step_ms_max": max(times),
-        "validate_ms": validate,
-        "first_step_ms": first_ms,
-        "bytes": nbytes,
-        "mismatched_outputs": mismatched,
-    }
+    replay_ms = None
     if plan._step is not None:  # the GPU part alone: every segment replayed, events around them
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         replays = []
@@ -179,7 +183,37 @@ def bench_one(
             end.record()
             end.synchronize()
             replays.append(start.elapsed_time(end))
-        row["replay_ms"] = statistics.median(replays)
+        replay_ms = statistics.median(replays)
+    graph_segments = len(plan._step.segments) if plan._step is not None else 0
+    moving = None
+    if args.moving:  # sources at new addresses every step: two state dicts, alternately
+        other = build_state_dict(model, layout == "fused", device, seed=1)
+        moving = [timed_run(other if i % 2 else sd) for i in range(args.reps + 1)][1:]
+        if args.check:
+            mismatched += check_bytes(plan, other if args.reps % 2 else sd)
+        del other
+    nbytes = step_bytes(plan, sd)
+    row = {
+        "layout": layout,
+        "format": fmt,
+        "streams": streams,
+        "first_segment": segment,
+        "segment_growth": plan.graph_segment_growth,
+        "tensors": len(plan.entries),
+        "calls": len(plan._calls),
+        "graph_segments": graph_segments,
+        "step_ms": statistics.median(times),
+        "step_ms_min": min(times),
+        "step_ms_max": max(times),
+        "validate_ms": validate,
+        "first_step_ms": first_ms,
+        "capture_step_ms": capture_ms,
+        "moving_step_ms": statistics.median(moving) if moving else None,
+        "bytes": nbytes,
+        "mismatched_outputs": mismatched,
+    }
+    if replay_ms is not None:
+        row["replay_ms"] = replay_ms
     return row
 
 
@@ -202,9 +236,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             gbps = copy_gbps(device, min(total, 8 << 30) if device.type == "cuda" else total, args.reps)
             result["copy_gbps"] = gbps
         for fmt, streams, segment in itertools.product(args.formats, args.streams, args.first_segment):
-            row = bench_one(layout, fmt, streams, segment, sd, args)
+            row = bench_one(model, layout, fmt, streams, segment, sd, args)
             row["floor_ms"] = row["bytes"] / (gbps * 1e6)
             row["ratio"] = row["step_ms"] / row["floor_ms"]
+            if row["moving_step_ms"] is not None:
+                row["moving_ratio"] = row["moving_step_ms"] / row["floor_ms"]
             if "replay_ms" in row:
                 row["replay_ratio"] = row["replay_ms"] / row["floor_ms"]
             result["rows"].append(row)
@@ -229,17 +265,23 @@ def _triton_version() -> str | None:
 
 
 HEADER = (
-    f"{'layout':<11}{'format':<30}{'str':>4}{'seg':>6}{'graphs':>7}{'tensors':>8}{'calls':>7}{'step ms':>9}"
-    f"{'replay':>8}{'valid.':>8}{'floor':>8}{'ratio':>7}{'bad':>5}"
+    f"{'layout':<11}{'format':<30}{'str':>4}{'seg':>6}{'graphs':>7}{'tensors':>8}{'step ms':>9}{'replay':>8}"
+    f"{'floor':>8}{'ratio':>7}{'first':>8}{'capture':>9}{'moving':>8}{'bad':>5}"
 )
 
 
 def print_row(r: dict[str, Any]) -> None:
-    replay = f"{r['replay_ms']:.2f}" if "replay_ms" in r else "-"
+    """One row; first: the first step (kernels compiled, launched one by one), capture: the
+    second (captured), moving: median step with sources at new addresses (--moving), all ms."""
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
     bad = "-" if r["mismatched_outputs"] is None else str(r["mismatched_outputs"])
     print(
-        f"{r['layout']:<11}{r['format']:<30}{r['streams']:>4}{r['first_segment']:>6}{r['graph_segments']:>7}{r['tensors']:>8}{r['calls']:>7}{r['step_ms']:>9.2f}{replay:>8}"
-        f"{r['validate_ms']:>8.2f}{r['floor_ms']:>8.2f}{r['ratio']:>7.2f}{bad:>5}",
+        f"{r['layout']:<11}{r['format']:<30}{r['streams']:>4}{r['first_segment']:>6}{r['graph_segments']:>7}"
+        f"{r['tensors']:>8}{r['step_ms']:>9.2f}{ms(r.get('replay_ms')):>8}{r['floor_ms']:>8.2f}{r['ratio']:>7.2f}"
+        f"{r['first_step_ms']:>8.0f}{r['capture_step_ms']:>9.0f}{ms(r['moving_step_ms']):>8}{bad:>5}",
         flush=True,
     )
 
@@ -264,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[GRAPH_FIRST_SEGMENT],
         help=f"comma list of first graph segment sizes, in tensors (default {GRAPH_FIRST_SEGMENT}; "
         "a size above the tensor count gives one graph checked whole before its replay)",
+    )
+    p.add_argument("--growth", type=float, help="factor each graph segment grows by (default: the plan's)")
+    p.add_argument(
+        "--moving",
+        action="store_true",
+        help="also time steps whose sources sit at new addresses every step (two state dicts in turn; "
+        "needs twice the source memory: use --layers 12 on an 80 GB card)",
     )
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the byte check")
     p.add_argument("--json", help="write the results here")

@@ -5,15 +5,19 @@ to be the tensor it was captured from, at the same address, dtype, shape and str
 costs ~0.5-1 µs of Python per tensor, and a per-expert MoE state dict holds ~10k tensors: done
 for the whole model before the first replay, it would add ~10 ms to a 16 ms step. So the step is
 cut into segments of consecutive tensors, and segment k+1 is checked while the GPU runs segment
-k. Segments grow geometrically (``first``, 2x, 4x, ... tensors): the GPU starts after a few
-dozen checks, and a model of n tensors has about log2(n / first) graph boundaries.
+k. Segments grow geometrically (``first`` tensors, then twice the one before): the GPU starts
+after a few dozen checks, and a model of n tensors has about log2(n / first) graph boundaries.
 
-A segment whose sources changed (new tensors, moved storage) is captured again on its own; the
-other segments keep their graphs.
+A segment is captured once its sources were found at the same addresses in two steps running;
+until then, and whenever they move, it is launched eagerly (the same kernels, queued one by one):
+a capture costs about a hundred steps' worth of host time, which a trainer handing over tensors
+at new addresses every step would otherwise pay every step. Each segment is captured and
+dropped on its own; the others keep their graphs.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,14 +50,25 @@ def same_layout(tensors: Sequence[torch.Tensor], want: list[list[Any]]) -> bool:
     )
 
 
-def segment_bounds(count: int, first: int) -> list[tuple[int, int]]:
-    """Cut ``count`` items into consecutive ranges of ``first``, 2*first, 4*first, ... items."""
+#: Each graph segment holds this many times the tensors of the one before. Checking a segment
+#: (~0.5-1.5 µs of host time per tensor) must take no longer than the GPU converting the one
+#: before (~1.7 µs per per-expert tensor on an H100), and every graph boundary costs the GPU
+#: ~0.05-0.1 ms: on an H100, 2x gave the fastest steps (1.5x and 1.25x were slower by 0.1-0.4 ms,
+#: even on a host where the full check took 12-15 ms; benchmarks/bench_model.py --growth).
+SEGMENT_GROWTH = 2.0
+
+
+def segment_bounds(count: int, first: int, growth: float = SEGMENT_GROWTH) -> list[tuple[int, int]]:
+    """Cut ``count`` items into consecutive ranges of ``first`` items, then each ``growth`` times
+    (rounded up) the one before; the last range holds what is left."""
     if first < 1:
         raise ValueError(f"the first graph segment must hold at least one tensor, got {first}")
+    if growth <= 1:
+        raise ValueError(f"graph segments must grow, got a growth factor of {growth}")
     bounds, start, size = [], 0, first
     while start < count:
         bounds.append((start, min(count, start + size)))
-        start, size = start + size, 2 * size
+        start, size = start + size, math.ceil(size * growth)
     return bounds
 
 
@@ -79,17 +94,18 @@ class CapturedStep:
         flag: torch.Tensor,
         streams: int,
         first_segment: int,
+        growth: float = SEGMENT_GROWTH,
     ):
         self.names = list(names)
         self.flag = flag
-        #: What the segments were cut and captured with: (streams, first segment size).
-        self.settings = (streams, first_segment)
+        #: What the segments were cut and captured with.
+        self.settings = (streams, first_segment, growth)
         self.streams = max(1, streams)
         self.segments: list[Segment] = []
         call_starts = [0]
         for n in calls_per_entry:
             call_starts.append(call_starts[-1] + n)
-        for a, b in segment_bounds(len(self.names), first_segment):
+        for a, b in segment_bounds(len(self.names), first_segment, growth):
             self.segments.append(Segment(slice(a, b), slice(call_starts[a], call_starts[b]), self.names[a:b]))
         #: The tensors the graphs read, in plan order (held: their memory stays alive).
         self.sources: list[torch.Tensor] = []
@@ -111,27 +127,34 @@ class CapturedStep:
                 srcs = [state_dict[name] for name in seg.names]
             except KeyError:
                 return False
-            if not all(map(operator.is_, srcs, seg.sources)) or not same_layout(srcs, seg.layout):
+            if seg.graph is None or not all(map(operator.is_, srcs, seg.sources)) or not same_layout(srcs, seg.layout):
                 return False
             seg.graph.replay()
         return True
 
-    def capture_and_replay(self, state_dict: Mapping[str, Any], queue: Queue) -> None:
-        """Capture again every segment whose sources changed (all on the first call), then replay all.
+    def run(self, state_dict: Mapping[str, Any], queue: Queue) -> None:
+        """The step after a full validation of ``state_dict``, segment by segment:
 
-        ``state_dict`` must already be validated: its tensors are what the graphs will read.
+        - replay its graph when the segment's sources sit where the graph reads;
+        - capture it, then replay, when they sit where they sat in the previous step too (a
+          trainer updating in place, or allocating the same way every step);
+        - otherwise launch it eagerly: sources that move every step would pay a capture (about
+          a hundred steps' worth of host time) every step.
         """
         srcs = [state_dict[name] for name in self.names]
         self.sources = []
+        self.flag.zero_()
         for i, seg in enumerate(self.segments):
-            if seg.graph is None or not same_layout(srcs[seg.entries], seg.layout):
-                seg.graph = None
-                seg.graph = self._capture(seg.calls, queue, zero_flag=i == 0)
-                seg.layout = layout(srcs[seg.entries])
-        for seg in self.segments:
-            seg.sources = srcs[seg.entries]
+            seg_srcs = srcs[seg.entries]
+            if same_layout(seg_srcs, seg.layout):
+                if seg.graph is None:
+                    seg.graph = self._capture(seg.calls, queue, zero_flag=i == 0)
+                seg.graph.replay()
+            else:
+                seg.graph, seg.layout = None, layout(seg_srcs)
+                queue(seg.calls, ())
+            seg.sources = seg_srcs
         self.sources = srcs
-        self.replay()
 
     def replay(self) -> None:
         for seg in self.segments:

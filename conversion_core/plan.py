@@ -44,7 +44,7 @@ import torch
 
 from .config import quantization_config_of
 from .errors import ConfigError, ConversionCoreError, ConversionInputError, ConversionTypeError
-from .graph_step import CapturedStep
+from .graph_step import SEGMENT_GROWTH, CapturedStep
 from .registry import Registry, load_registry
 from .types import Conversion, Shape
 
@@ -58,8 +58,8 @@ DEFAULT_FUSED_SHARDS: Mapping[str, int | Sequence[int]] = {r"re:(.*\.)?gate_up_p
 WEIGHT_SCALE_METHODS = ("compressed-tensors", "fbgemm_fp8")
 #: Streams a captured CUDA step spreads its launches over (see :meth:`Plan.run`).
 GRAPH_STREAMS = 8
-#: Tensors in the first graph segment of a captured step; each next one holds twice as many
-#: (see :mod:`conversion_core.graph_step`).
+#: Tensors in the first graph segment of a captured step; each next one holds
+#: :data:`~conversion_core.graph_step.SEGMENT_GROWTH` times as many (see :mod:`conversion_core.graph_step`).
 GRAPH_FIRST_SEGMENT = 32
 #: Arena alignment in bytes (covers every dtype and vectorised kernels' loads).
 ALIGN = 256
@@ -494,9 +494,10 @@ class Plan:
         self._ready = False
         #: Streams a captured step spreads its launches over (concurrent small kernels).
         self.graph_streams = GRAPH_STREAMS
-        #: Tensors in the first graph segment (the GPU starts once they are checked).
-        #: Changing either setting makes the next step capture its graphs anew.
+        #: Tensors in the first graph segment (the GPU starts once they are checked), and the
+        #: factor each next segment grows by. Changing a setting makes the next step start anew.
         self.graph_first_segment = GRAPH_FIRST_SEGMENT
+        self.graph_segment_growth = SEGMENT_GROWTH
         self._flag: torch.Tensor | None = None
         self._step: CapturedStep | None = None
         conversions = {id(e.conversion): e.conversion for e in self.entries}.values()
@@ -684,19 +685,22 @@ class Plan:
 
         When every conversion has a ``launch`` and the backend picks Triton, the step queues all
         kernels with no host sync and reads one NaN/Inf flag at the end (on a flag, it converts
-        tensor by tensor to name the culprit). On CUDA the step is captured once in CUDA graphs
-        (launches spread over :attr:`graph_streams` streams) and replayed while the state dict
-        holds the same tensor objects at the same addresses, dtypes, shapes and strides (a
-        trainer updating in place). Those are checked segment by segment, each while the GPU runs
-        the one before (:mod:`conversion_core.graph_step`), so a source that changed is found
-        after the segments before it were replayed from their own unchanged sources; the whole
-        state dict is then validated, the changed segments captured again, and every segment
-        replayed. A state dict that fails that validation thus leaves the earlier segments
-        holding this run's bytes (the plan is not ready, as after any failure).
+        tensor by tensor to name the culprit). On CUDA the step is captured in CUDA graphs
+        (launches spread over :attr:`graph_streams` streams) once its sources have sat at the
+        same addresses in two steps running, and replayed while the state dict holds the same
+        tensor objects at the same addresses, dtypes, shapes and strides (a trainer updating in
+        place); sources that move every step are launched eagerly instead. The sources are
+        checked segment by segment, each while the GPU runs the one before
+        (:mod:`conversion_core.graph_step`), so a source that changed is found after the segments
+        before it were replayed from their own unchanged sources; the whole state dict is then
+        validated and the step run again. A state dict that fails that validation thus leaves
+        the earlier segments holding this run's bytes (the plan is not ready, as after any
+        failure).
         """
         self._ready = False
-        if self._step is not None and self._step.settings != (self.graph_streams, self.graph_first_segment):
-            self._step = None  # graph_streams or graph_first_segment changed: capture anew
+        settings = (self.graph_streams, self.graph_first_segment, self.graph_segment_growth)
+        if self._step is not None and self._step.settings != settings:
+            self._step = None  # a graph setting changed: segments cut and captured anew
         if self._step is not None and self._step.replay_if_unchanged(state_dict, strict):
             outputs = dict(self._outputs)  # built while the GPU works
             self._check_flag(state_dict)
@@ -744,8 +748,8 @@ class Plan:
     def _run_launched(self, state_dict: Mapping[str, Any]) -> None:
         """The fast step: every kernel queued (CUDA: graph replays), then one flag read.
 
-        ``state_dict`` is validated. On CUDA, segments whose sources moved are captured again
-        (one eager run plus the capture), never replayed on stale addresses.
+        ``state_dict`` is validated. On CUDA, graph segments are replayed, captured or launched
+        eagerly as :meth:`CapturedStep.run` decides; never replayed on stale addresses.
         """
         assert self._flag is not None and self.device is not None
         if self.device.type == "cuda":
@@ -757,8 +761,9 @@ class Plan:
                     self._flag,
                     self.graph_streams,
                     self.graph_first_segment,
+                    self.graph_segment_growth,
                 )
-            self._step.capture_and_replay(state_dict, lambda calls, streams: self._queue(state_dict, calls, streams))
+            self._step.run(state_dict, lambda calls, streams: self._queue(state_dict, calls, streams))
         else:
             self._flag.zero_()
             self._queue(state_dict, slice(None))

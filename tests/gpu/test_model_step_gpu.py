@@ -1,6 +1,7 @@
-"""The captured CUDA step: bytes of converting each tensor on its own, replays after in-place
-updates, re-captures (only the segments) whose sources moved, refuses a source changed in place
-in a late segment, names the tensor holding a NaN. Skipped without CUDA."""
+"""The captured CUDA step: bytes of converting each tensor on its own; launched eagerly at first
+and while sources move, captured once they stay, replayed after in-place updates; only the
+segments whose sources moved change; a source changed in place in a late segment is refused; the
+tensor holding a NaN is named. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from conversion_core.errors import ConversionCoreError
+from conversion_core.graph_step import segment_bounds
 from conversion_core.plan import build_plan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -72,6 +74,18 @@ def graphs(plan):
     return [seg.graph for seg in plan._step.segments]
 
 
+def refill(sd, seed):
+    """A trainer's in-place update: new values, same tensors."""
+    for name, t in moe_like(sd, seed).items():
+        sd[name].copy_(t)
+
+
+def moe_like(sd, seed):
+    fused = any(n.endswith("gate_up_proj") for n in sd)
+    inter = next(t.shape[-1] for n, t in sd.items() if n.endswith("down_proj") or n.endswith("down_proj.weight"))
+    return moe(fused, inter, seed)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("fused", "inter"), [(False, 768), (True, 768), (True, 200)])
 @pytest.mark.parametrize("first_segment", [32, 1])
@@ -80,17 +94,20 @@ def test_captured_step(fmt: str, fused: bool, inter: int, first_segment: int) ->
     plan = build_plan(sd, conversion=fmt)
     plan.graph_first_segment = first_segment
     plan.allocate("cuda")
-    assert_same_bytes(plan.run(sd), expected(plan, sd))
+    assert_same_bytes(plan.run(sd), expected(plan, sd))  # launched eagerly: nothing captured yet
+    assert not any(graphs(plan))
+    refill(sd, seed=1)
+    assert_same_bytes(plan.run(sd), expected(plan, sd))  # same addresses again: captured
     before = graphs(plan)
-    assert len(before) == (1 if first_segment == 32 else len(sd).bit_length())
-    update = moe(fused, inter, seed=1)
-    for name, t in sd.items():  # a trainer's in-place update: the same graphs are replayed
-        t.copy_(update[name])
-    assert_same_bytes(plan.run(sd), expected(plan, sd))
+    assert all(before) and len(before) == len(segment_bounds(len(sd), first_segment))
+    assert first_segment == 32 or len(before) > 1
+    refill(sd, seed=2)
+    assert_same_bytes(plan.run(sd), expected(plan, sd))  # replayed
     assert all(map(operator.is_, graphs(plan), before))
-    moved = {n: t.clone() * 2 for n, t in sd.items()}  # new addresses: captured again, right bytes
-    assert_same_bytes(plan.run(moved), expected(plan, moved))
-    assert not any(map(operator.is_, graphs(plan), before)) and plan.ready
+    for seed in (3, 4):  # new addresses every step: launched eagerly, right bytes, no graph
+        moved = {n: t.clone() for n, t in moe_like(sd, seed).items()}
+        assert_same_bytes(plan.run(moved), expected(plan, moved))
+        assert not any(graphs(plan)) and plan.ready
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -100,14 +117,17 @@ def test_only_the_segment_whose_source_moved_is_captured_again(fmt: str) -> None
     plan.graph_first_segment = 2  # 30 tensors: segments of 2, 4, 8, 16
     plan.allocate("cuda")
     plan.run(sd)
+    plan.run(sd)
     before = graphs(plan)
     last = list(sd)[-1]
     sd[last] = sd[last] * 3  # a new tensor in the last segment only
-    assert_same_bytes(plan.run(sd), expected(plan, sd))
+    assert_same_bytes(plan.run(sd), expected(plan, sd))  # its segment launched eagerly
+    assert [a is b for a, b in zip(graphs(plan), before, strict=True)] == [True] * (len(before) - 1) + [False]
+    refill(sd, seed=1)
+    assert_same_bytes(plan.run(sd), expected(plan, sd))  # seen again: captured
     after = graphs(plan)
-    assert [a is b for a, b in zip(after, before, strict=True)] == [True] * (len(before) - 1) + [False]
-    for t in sd.values():  # in place again: replayed, the new graph reads the new tensor
-        t.mul_(-1)
+    assert all(after) and all(map(operator.is_, after[:-1], before[:-1]))
+    refill(sd, seed=2)  # replayed; the new graph reads the new tensor
     assert_same_bytes(plan.run(sd), expected(plan, sd))
     assert all(map(operator.is_, graphs(plan), after))
 
@@ -118,15 +138,16 @@ def test_source_changed_in_place_in_a_late_segment_is_validated_not_replayed() -
     plan.graph_first_segment = 2
     plan.allocate("cuda")
     plan.run(sd)
+    plan.run(sd)
+    before = graphs(plan)
     name = list(sd)[-1]
     rows = sd[name].shape[0]
     sd[name].data = sd[name].data[: rows // 2]  # the same object, same address, half the rows
     with pytest.raises(ConversionCoreError, match=rf"{re.escape(name)}.*shape \({rows // 2}, "):
         plan.run(sd)
     assert not plan.ready
-    before = graphs(plan)
     sd[name].data = torch.empty(rows, sd[name].shape[1], dtype=torch.bfloat16, device="cuda").normal_()
-    assert_same_bytes(plan.run(sd), expected(plan, sd))  # moved: its segment captured again
+    assert_same_bytes(plan.run(sd), expected(plan, sd))  # moved: its segment launched eagerly
     assert plan.ready
     assert [a is b for a, b in zip(graphs(plan), before, strict=True)] == [True] * (len(before) - 1) + [False]
 
@@ -136,6 +157,8 @@ def test_captured_step_revalidates_a_replaced_tensor() -> None:
     plan = build_plan(sd, conversion=FORMATS[0])
     plan.allocate("cuda")
     plan.run(sd)
+    plan.run(sd)
+    assert all(graphs(plan))
     name = "model.layers.0.self_attn.q_proj.weight"
     sd[name] = sd[name][:128]  # same address, another shape: never replayed on it
     with pytest.raises(ConversionCoreError, match=r"q_proj\.weight.*shape \(128, 512\)"):
@@ -147,7 +170,7 @@ def test_captured_step_revalidates_a_replaced_tensor() -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        "model.layers.0.self_attn.q_proj.weight",  # second of four segments (2, 4, 8, 16 tensors)
+        "model.layers.0.self_attn.q_proj.weight",  # the second of four segments (2, 4, 8, 16 tensors)
         "model.layers.1.mlp.experts.3.down_proj.weight",  # the last segment
     ],
 )
@@ -157,7 +180,9 @@ def test_captured_step_names_non_finite_tensor(fmt: str, name: str) -> None:
     plan.graph_first_segment = 2
     plan.allocate("cuda")
     plan.run(sd)
+    plan.run(sd)
     before = graphs(plan)
+    assert all(before)
     good = sd[name][7, 9].item()
     sd[name][7, 9] = float("inf")
     with pytest.raises(ConversionCoreError, match=re.escape(repr(name))):
@@ -173,7 +198,10 @@ def test_changing_the_graph_settings_captures_anew() -> None:
     plan = build_plan(sd, conversion=FORMATS[0])
     plan.allocate("cuda")
     plan.run(sd)
+    plan.run(sd)
     assert len(graphs(plan)) == 1
     plan.graph_first_segment = 2
     assert_same_bytes(plan.run(sd), expected(plan, sd))
-    assert len(graphs(plan)) == 4
+    assert len(graphs(plan)) == 4 and not any(graphs(plan))  # launched; captured at the next step
+    plan.run(sd)
+    assert all(graphs(plan))
