@@ -86,6 +86,18 @@ def moe_like(sd, seed):
     return moe(fused, inter, seed)
 
 
+def captured_plan(fmt: str = FORMATS[0], first_segment: int = 32):
+    """A per-expert plan after two steps on the same tensors: every segment captured."""
+    sd = moe(False, 256, seed=0)
+    plan = build_plan(sd, conversion=fmt)
+    plan.graph_first_segment = first_segment
+    plan.allocate("cuda")
+    plan.run(sd)
+    plan.run(sd)
+    assert all(graphs(plan))
+    return plan, sd
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("fused", "inter"), [(False, 768), (True, 768), (True, 200)])
 @pytest.mark.parametrize("first_segment", [32, 1])
@@ -112,12 +124,7 @@ def test_captured_step(fmt: str, fused: bool, inter: int, first_segment: int) ->
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_only_the_segment_whose_source_moved_is_captured_again(fmt: str) -> None:
-    sd = moe(False, 256, seed=0)
-    plan = build_plan(sd, conversion=fmt)
-    plan.graph_first_segment = 2  # 30 tensors: segments of 2, 4, 8, 16
-    plan.allocate("cuda")
-    plan.run(sd)
-    plan.run(sd)
+    plan, sd = captured_plan(fmt, first_segment=2)  # 30 tensors: segments of 2, 4, 8, 16
     before = graphs(plan)
     last = list(sd)[-1]
     sd[last] = sd[last] * 3  # a new tensor in the last segment only
@@ -133,12 +140,7 @@ def test_only_the_segment_whose_source_moved_is_captured_again(fmt: str) -> None
 
 
 def test_source_changed_in_place_in_a_late_segment_is_validated_not_replayed() -> None:
-    sd = moe(False, 256, seed=0)
-    plan = build_plan(sd, conversion=FORMATS[0])
-    plan.graph_first_segment = 2
-    plan.allocate("cuda")
-    plan.run(sd)
-    plan.run(sd)
+    plan, sd = captured_plan(first_segment=2)
     before = graphs(plan)
     name = list(sd)[-1]
     rows = sd[name].shape[0]
@@ -153,12 +155,7 @@ def test_source_changed_in_place_in_a_late_segment_is_validated_not_replayed() -
 
 
 def test_captured_step_revalidates_a_replaced_tensor() -> None:
-    sd = moe(False, 256, seed=0)
-    plan = build_plan(sd, conversion=FORMATS[0])
-    plan.allocate("cuda")
-    plan.run(sd)
-    plan.run(sd)
-    assert all(graphs(plan))
+    plan, sd = captured_plan()
     name = "model.layers.0.self_attn.q_proj.weight"
     sd[name] = sd[name][:128]  # same address, another shape: never replayed on it
     with pytest.raises(ConversionCoreError, match=r"q_proj\.weight.*shape \(128, 512\)"):
@@ -175,14 +172,8 @@ def test_captured_step_revalidates_a_replaced_tensor() -> None:
     ],
 )
 def test_captured_step_names_non_finite_tensor(fmt: str, name: str) -> None:
-    sd = moe(False, 256, seed=0)
-    plan = build_plan(sd, conversion=fmt)
-    plan.graph_first_segment = 2
-    plan.allocate("cuda")
-    plan.run(sd)
-    plan.run(sd)
+    plan, sd = captured_plan(fmt, first_segment=2)
     before = graphs(plan)
-    assert all(before)
     good = sd[name][7, 9].item()
     sd[name][7, 9] = float("inf")
     with pytest.raises(ConversionCoreError, match=re.escape(repr(name))):
@@ -194,11 +185,7 @@ def test_captured_step_names_non_finite_tensor(fmt: str, name: str) -> None:
 
 
 def test_changing_the_graph_settings_captures_anew() -> None:
-    sd = moe(False, 256, seed=0)
-    plan = build_plan(sd, conversion=FORMATS[0])
-    plan.allocate("cuda")
-    plan.run(sd)
-    plan.run(sd)
+    plan, sd = captured_plan()
     assert len(graphs(plan)) == 1
     plan.graph_first_segment = 2
     assert_same_bytes(plan.run(sd), expected(plan, sd))
