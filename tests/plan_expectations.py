@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,28 @@ import conversion_core as cc
 
 E4M3 = torch.float8_e4m3fn
 BUILTIN = {"bf16_cast", "fp32_cast", "fp8_128x128", "cutlass_fp8_e4m3_per_channel"}
+BUILTIN_PLUGINS = "bf16,deepgemm_fp8,cutlass_fp8"
 
 #: These tests drive the built-in plugins as installed distributions (the core-alone session has none).
 needs_builtin_plugins = pytest.mark.skipif(
     not BUILTIN <= set(cc.load_registry().names()), reason="needs the three built-in plugins installed"
 )
+
+
+def built_in_registry() -> cc.Registry:
+    """The three built-in plugins only, so other installed plugins cannot change the expected picks.
+
+    Leaves ``CONVERSION_CORE_PLUGINS`` and the process-wide registry as the environment says."""
+    saved = os.environ.get("CONVERSION_CORE_PLUGINS")
+    os.environ["CONVERSION_CORE_PLUGINS"] = BUILTIN_PLUGINS
+    try:
+        return cc.load_registry(reload=True)
+    finally:
+        if saved is None:
+            del os.environ["CONVERSION_CORE_PLUGINS"]
+        else:
+            os.environ["CONVERSION_CORE_PLUGINS"] = saved
+        cc.load_registry(reload=True)
 
 
 def expected_block_scales(x: torch.Tensor, block: int = 128) -> torch.Tensor:

@@ -8,34 +8,24 @@ produce bytes for. Every entry is resolved through every accepted config form.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from plan_expectations import BUILTIN, built_in_registry
 
 import conversion_core as cc
 
 CORPUS_DIR = Path(__file__).parent / "data" / "quantization_configs"
 ENTRIES = sorted(CORPUS_DIR.glob("*.json"))
-BUILT_IN = {"bf16_cast", "fp32_cast", "fp8_128x128", "cutlass_fp8_e4m3_per_channel"}
 
 
 @pytest.fixture(scope="module")
 def registry() -> cc.Registry:
     """The three built-in plugins only, so other installed plugins cannot change the expected picks."""
-    saved = os.environ.get("CONVERSION_CORE_PLUGINS")
-    os.environ["CONVERSION_CORE_PLUGINS"] = "bf16,deepgemm_fp8,cutlass_fp8"
-    try:
-        registry = cc.load_registry(reload=True)
-        missing = BUILT_IN - set(registry.names())
-        assert not missing, f"{sorted(missing)} not registered: are the three built-in plugin distributions installed?"
-        return registry
-    finally:
-        if saved is None:
-            del os.environ["CONVERSION_CORE_PLUGINS"]
-        else:
-            os.environ["CONVERSION_CORE_PLUGINS"] = saved
-        cc.load_registry(reload=True)  # leave the process-wide registry as the environment says
+    registry = built_in_registry()
+    missing = BUILTIN - set(registry.names())
+    assert not missing, f"{sorted(missing)} not registered: are the three built-in plugin distributions installed?"
+    return registry
 
 
 def _load(path: Path) -> dict:
@@ -59,7 +49,7 @@ def test_corpus_is_not_empty_and_well_formed():
         entry = _load(path)
         assert entry["name"] == path.stem
         assert entry["source"] and entry["found_via"] and entry["why"]
-        assert entry["expected"] == "no-match" or entry["expected"] in BUILT_IN, path.name
+        assert entry["expected"] == "no-match" or entry["expected"] in BUILTIN, path.name
         assert set(entry["config"]) & {"model_type", "architectures"}, path.name
 
 

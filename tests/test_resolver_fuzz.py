@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from plan_expectations import built_in_registry
 
 import conversion_core as cc
 from conversion_core.config import quantization_config_of
@@ -89,24 +90,7 @@ configs = st.one_of(
 )
 
 
-BUILT_IN_PLUGINS = "bf16,deepgemm_fp8,cutlass_fp8"
-
-
-def _built_in_registry() -> cc.Registry:
-    """The three built-in plugins only, so other installed plugins cannot change the expected picks."""
-    saved = os.environ.get("CONVERSION_CORE_PLUGINS")
-    os.environ["CONVERSION_CORE_PLUGINS"] = BUILT_IN_PLUGINS
-    try:
-        return cc.load_registry(reload=True)
-    finally:
-        if saved is None:
-            del os.environ["CONVERSION_CORE_PLUGINS"]
-        else:
-            os.environ["CONVERSION_CORE_PLUGINS"] = saved
-        cc.load_registry(reload=True)  # leave the process-wide registry as the environment says
-
-
-REGISTRY = _built_in_registry()
+REGISTRY = built_in_registry()
 
 
 def _resolve(config):
