@@ -107,8 +107,8 @@ class CapturedStep:
             call_starts.append(call_starts[-1] + n)
         for a, b in segment_bounds(len(self.names), first_segment, growth):
             self.segments.append(Segment(slice(a, b), slice(call_starts[a], call_starts[b]), self.names[a:b]))
-        #: The tensors the graphs read, in plan order (held: their memory stays alive).
-        self.sources: list[torch.Tensor] = []
+        #: A whole step went through :meth:`run` (each segment holds its sources alive).
+        self.complete = False
 
     def replay_if_unchanged(self, state_dict: Mapping[str, Any], strict: bool) -> bool:
         """Replay every segment while ``state_dict`` holds the captured tensors, unchanged.
@@ -118,9 +118,9 @@ class CapturedStep:
         before it. False means the caller must validate and convert everything again: the
         segments before the first changed one have been replayed (from their unchanged sources).
         """
-        if not self.sources or not isinstance(state_dict, Mapping):
+        if not self.complete or not isinstance(state_dict, Mapping):
             return False
-        if strict and len(state_dict) != len(self.sources):
+        if strict and len(state_dict) != len(self.names):
             return False
         for seg in self.segments:
             try:
@@ -142,7 +142,7 @@ class CapturedStep:
           three eager steps' worth of host time) every step.
         """
         srcs = [state_dict[name] for name in self.names]
-        self.sources = []
+        self.complete = False
         self.flag.zero_()
         for i, seg in enumerate(self.segments):
             seg_srcs = srcs[seg.entries]
@@ -154,7 +154,7 @@ class CapturedStep:
                 seg.graph, seg.layout = None, layout(seg_srcs)
                 queue(seg.calls, ())
             seg.sources = seg_srcs
-        self.sources = srcs
+        self.complete = True
 
     def replay(self) -> None:
         for seg in self.segments:
