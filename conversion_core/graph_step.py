@@ -1,12 +1,15 @@
 """A plan's CUDA step recorded once in CUDA graphs and replayed every training step.
 
-A graph reads the addresses it was captured with, so before a replay every source must be proven
-to be the tensor it was captured from, at the same address, dtype, shape and strides. That proof
-costs ~0.5-1 µs of Python per tensor, and a per-expert MoE state dict holds ~10k tensors: done
-for the whole model before the first replay, it would add ~10 ms to a 16 ms step. So the step is
-cut into segments of consecutive tensors, and segment k+1 is checked while the GPU runs segment
-k. Segments grow geometrically (``first`` tensors, then twice the one before): the GPU starts
-after a few dozen checks, and a model of n tensors has about log2(n / first) graph boundaries.
+A graph reads the addresses it was captured with, so a replay is right only when every source is
+the tensor it was captured from, at the same address, dtype, shape and strides. That proof costs
+~1 µs of Python per tensor on an H100 host, and a per-expert MoE state dict holds ~10k tensors:
+done for the whole model before the first replay, it would add ~9 ms to an 18 ms step. So the
+step is cut into segments of consecutive tensors. Before segment k+1 is replayed, while the GPU
+runs segment k, its sources are checked to be the same objects at the same addresses (a quarter
+of the cost: the memory read is then the current tensors' own); dtypes, shapes and strides are
+checked after the last replay, while the GPU works, and any difference converts the step again.
+Segments grow geometrically (``first`` tensors, then four times the one before): the GPU starts
+after a few dozen checks, and a model of n tensors has about log4(n / first) graph boundaries.
 
 A segment is captured once its sources were found at the same addresses in two steps running;
 until then, and whenever they move, it is launched eagerly (the same kernels, queued one by one):
@@ -50,12 +53,12 @@ def same_layout(tensors: Sequence[torch.Tensor], want: list[list[Any]]) -> bool:
     )
 
 
-#: Each graph segment holds this many times the tensors of the one before. Checking a segment
-#: (~0.5-1.5 µs of host time per tensor) must take no longer than the GPU converting the one
-#: before (~1.7 µs per per-expert tensor on an H100), and every graph boundary costs the GPU
-#: ~0.05-0.1 ms: on an H100, 2x gave the fastest steps (1.5x and 1.25x were slower by 0.1-0.4 ms,
-#: even on a host where the full check took 12-15 ms; benchmarks/bench_model.py --growth).
-SEGMENT_GROWTH = 2.0
+#: Each graph segment holds this many times the tensors of the one before. Checking a segment's
+#: objects and addresses (~0.26 µs of host time per tensor on an H100 host) must take no longer
+#: than the GPU converting the one before (~1.9 µs per per-expert tensor), and every graph
+#: boundary costs the GPU ~0.05-0.1 ms: on an H100, 4x (5 graphs for 9435 tensors) gave steps
+#: 0.1-0.2 ms faster than 2x (9 graphs) and as fast as 8x (benchmarks/bench_model.py --growth).
+SEGMENT_GROWTH = 4.0
 
 
 def segment_bounds(count: int, first: int, growth: float = SEGMENT_GROWTH) -> list[tuple[int, int]]:
@@ -80,7 +83,10 @@ class Segment:
     calls: slice
     names: list[str]
     graph: Any = None
+    #: The tensors of the last step, and the storages the graph was captured from: held, so
+    #: the memory a replay reads before the full check stays allocated.
     sources: list[torch.Tensor] = field(default_factory=list)
+    storages: list[Any] = field(default_factory=list)
     layout: list[list[Any]] = field(default_factory=lambda: [[] for _ in _LAYOUT])
 
 
@@ -113,10 +119,13 @@ class CapturedStep:
     def replay_if_unchanged(self, state_dict: Mapping[str, Any], strict: bool) -> bool:
         """Replay every segment while ``state_dict`` holds the captured tensors, unchanged.
 
-        Each segment's tensors are looked up and checked (the same objects, at the same addresses,
-        dtypes, shapes and strides) just before it is replayed, while the GPU runs the segments
-        before it. False means the caller must validate and convert everything again: the
-        segments before the first changed one have been replayed (from their unchanged sources).
+        Just before a segment is replayed (while the GPU runs the ones before it), its tensors
+        are looked up and checked to be the same objects at the same addresses: cheap checks,
+        so the GPU never waits on the host. Their dtypes, shapes and strides, which cost three
+        times as much to read, are checked after the last replay, while the GPU works; the
+        memory a graph reads is then the current tensors' own, or storage held since the capture.
+        False means the caller must validate and convert everything again: some or all segments
+        have been replayed, and the conversion that follows rewrites them.
         """
         if not self.complete or not isinstance(state_dict, Mapping):
             return False
@@ -127,10 +136,12 @@ class CapturedStep:
                 srcs = [state_dict[name] for name in seg.names]
             except KeyError:
                 return False
-            if seg.graph is None or not all(map(operator.is_, srcs, seg.sources)) or not same_layout(srcs, seg.layout):
+            if seg.graph is None or not all(map(operator.is_, srcs, seg.sources)):
+                return False
+            if not all(map(operator.eq, map(torch.Tensor.data_ptr, srcs), seg.layout[0])):
                 return False
             seg.graph.replay()
-        return True
+        return all(same_layout(seg.sources, seg.layout) for seg in self.segments)
 
     def run(self, state_dict: Mapping[str, Any], queue: Queue) -> None:
         """The step after a full validation of ``state_dict``, segment by segment:
@@ -149,9 +160,10 @@ class CapturedStep:
             if same_layout(seg_srcs, seg.layout):
                 if seg.graph is None:
                     seg.graph = self._capture(seg.calls, queue, zero_flag=i == 0)
+                    seg.storages = [t.untyped_storage() for t in seg_srcs]
                 seg.graph.replay()
             else:
-                seg.graph, seg.layout = None, layout(seg_srcs)
+                seg.graph, seg.storages, seg.layout = None, [], layout(seg_srcs)
                 queue(seg.calls, ())
             seg.sources = seg_srcs
         self.complete = True

@@ -689,13 +689,12 @@ class Plan:
         (launches spread over :attr:`graph_streams` streams) once its sources have sat at the
         same addresses in two steps running, and replayed while the state dict holds the same
         tensor objects at the same addresses, dtypes, shapes and strides (a trainer updating in
-        place); sources that move every step are launched eagerly instead. The sources are
-        checked segment by segment, each while the GPU runs the one before
-        (:mod:`conversion_core.graph_step`), so a source that changed is found after the segments
-        before it were replayed from their own unchanged sources; the whole state dict is then
-        validated and the step run again. A state dict that fails that validation thus leaves
-        the earlier segments holding this run's bytes (the plan is not ready, as after any
-        failure).
+        place); sources that move every step are launched eagerly instead. Objects and addresses
+        are checked segment by segment, each while the GPU runs the one before; dtypes, shapes and
+        strides after the last replay (:mod:`conversion_core.graph_step`). A source that changed
+        is thus found after some or all segments were replayed; the whole state dict is then
+        validated and the step run again. A state dict that fails that validation leaves those
+        segments holding replayed bytes (the plan is not ready, as after any failure).
         """
         self._ready = False
         settings = (self.graph_streams, self.graph_first_segment, self.graph_segment_growth)

@@ -124,7 +124,7 @@ def test_captured_step(fmt: str, fused: bool, inter: int, first_segment: int) ->
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_only_the_segment_whose_source_moved_is_captured_again(fmt: str) -> None:
-    plan, sd = captured_plan(fmt, first_segment=2)  # 30 tensors: segments of 2, 4, 8, 16
+    plan, sd = captured_plan(fmt, first_segment=2)  # 30 tensors: segments of 2, 8, 20
     before = graphs(plan)
     last = list(sd)[-1]
     sd[last] = sd[last] * 3  # a new tensor in the last segment only
@@ -139,7 +139,7 @@ def test_only_the_segment_whose_source_moved_is_captured_again(fmt: str) -> None
     assert all(map(operator.is_, graphs(plan), after))
 
 
-def test_source_changed_in_place_in_a_late_segment_is_validated_not_replayed() -> None:
+def test_source_changed_in_place_in_a_late_segment_is_refused() -> None:
     plan, sd = captured_plan(first_segment=2)
     before = graphs(plan)
     name = list(sd)[-1]
@@ -167,7 +167,7 @@ def test_captured_step_revalidates_a_replaced_tensor() -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        "model.layers.0.self_attn.q_proj.weight",  # the second of four segments (2, 4, 8, 16 tensors)
+        "model.layers.0.self_attn.q_proj.weight",  # the second of three segments (2, 8, 20 tensors)
         "model.layers.1.mlp.experts.3.down_proj.weight",  # the last segment
     ],
 )
@@ -189,6 +189,7 @@ def test_changing_the_graph_settings_captures_anew() -> None:
     assert len(graphs(plan)) == 1
     plan.graph_first_segment = 2
     assert_same_bytes(plan.run(sd), expected(plan, sd))
-    assert len(graphs(plan)) == 4 and not any(graphs(plan))  # launched; captured at the next step
+    assert len(graphs(plan)) == len(segment_bounds(len(sd), 2)) > 1
+    assert not any(graphs(plan))  # launched; captured at the next step
     plan.run(sd)
     assert all(graphs(plan))
