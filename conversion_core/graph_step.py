@@ -121,7 +121,7 @@ class CapturedStep:
 
         Just before a segment is replayed (while the GPU runs the ones before it), its tensors
         are looked up and checked to be the same objects at the same addresses: cheap checks,
-        so the GPU never waits on the host. Their dtypes, shapes and strides, which cost three
+        so the GPU never waits on the host. Their dtypes, shapes and strides, which cost five
         times as much to read, are checked after the last replay, while the GPU works; the
         memory a graph reads is then the current tensors' own, or storage held since the capture.
         False means the caller must validate and convert everything again: some or all segments
