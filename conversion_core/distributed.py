@@ -6,7 +6,7 @@ boundary that cuts a block would give each rank its own, wrong, scale. Here each
 amax of its part of every block it touches, the ranks that share blocks all-reduce those partial
 amaxes with ``ReduceOp.MAX`` (max is exact, so the global amax is bit-identical), and each rank
 quantizes its own shard with the global scale through the same helpers as the single-device path
-(:func:`~conversion_core.fp8.scale_from_amax`, :func:`~conversion_core.fp8.quantize_into`).
+(:func:`~conversion_core.formats.fp8.scale_from_amax`, :func:`~conversion_core.formats.fp8.quantize_into`).
 
 Which mesh dims communicate, and how the outputs are placed (decided from the global shape, the
 mesh shape and the placements only, so every rank decides the same without talking):
@@ -32,7 +32,7 @@ call is done; with
 every rank raise.
 
 Cost: shards that own whole blocks run the conversion's own ``fn`` (its Triton kernel on CUDA);
-a reduced tensor runs the torch path of :mod:`conversion_core.fp8` on its shard, plus one small
+a reduced tensor runs the torch path of :mod:`conversion_core.formats.fp8` on its shard, plus one small
 all-reduce of float32 amaxes (``ceil(N/128)*ceil(K/128)`` or ``N`` values) shared by every tensor
 of the call with the same mesh and reduction dims.
 ``Partial`` and ``_StridedShard`` inputs are refused with an error (redistribute them first).
@@ -59,7 +59,7 @@ from torch.distributed.tensor import DeviceMesh, DTensor, Placement, Replicate, 
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .errors import ConversionCoreError, ConversionInputError, ConversionTypeError
-from .fp8 import E4M3, non_finite_error, quantize_into, scale_from_amax
+from .formats.fp8 import E4M3, non_finite_error, quantize_into, scale_from_amax
 
 if TYPE_CHECKING:
     from .types import Conversion
@@ -97,7 +97,7 @@ def recipe_for(conversion: Conversion) -> Recipe:
     """The sharding recipe of a conversion, read from its byte-affecting fields; never guessed.
 
     Elementwise: no scale, ``compile_target == "hf_raw"``, same output shape (the casts).
-    Blocks: e4m3 with float32 scales (the :mod:`conversion_core.fp8` numerics) and
+    Blocks: e4m3 with float32 scales (the :mod:`conversion_core.formats.fp8` numerics) and
     ``scale_layout`` ``"blockwise"`` (``block_size``) or ``"per_channel"`` (``scale_axis`` -1).
     """
     md = conversion.compile_metadata

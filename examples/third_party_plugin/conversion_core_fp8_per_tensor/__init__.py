@@ -5,7 +5,7 @@ dequantization scale of shape ``(1,)`` (``w ≈ q * scale``), stored as ``weight
 compressed-tensors ``strategy: "tensor"`` checkpoints store it. For stacked experts it is one
 scale for all experts; a per-expert variant would declare ``scale_shape`` ``(E, 1)``.
 
-Numerics reuse ``conversion_core.fp8`` so they round exactly like the built-in FP8 plugins:
+Numerics reuse ``conversion_core.formats.fp8`` so they round exactly like the built-in FP8 plugins:
 ``scale = max(amax, 1e-12) / 448``, ``q = e4m3(clamp(x / scale, ±448))``.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import conversion_core as cc
-from conversion_core.fp8 import (
+from conversion_core.formats.fp8 import (
     E4M3,
     check_fp8_dequantize_args,
     compressed_tensors_fp8_weights,

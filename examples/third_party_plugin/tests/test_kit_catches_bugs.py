@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import conversion_core as cc
-from conversion_core.fp8 import E4M3, non_finite_error, quantize_into, scale_from_amax
+from conversion_core.formats.fp8 import E4M3, non_finite_error, quantize_into, scale_from_amax
 from conversion_core.testing import check_conversion, e4m3_magnitudes, e4m3_reference_bytes
 
 

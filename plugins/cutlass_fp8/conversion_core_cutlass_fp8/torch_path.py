@@ -20,8 +20,8 @@ from collections.abc import Iterable
 
 import torch
 
-from conversion_core.cpu_chunks import CHUNK_ELEMENTS, run_chunks
-from conversion_core.fp8 import (
+from conversion_core.formats.cpu_chunks import CHUNK_ELEMENTS, run_chunks
+from conversion_core.formats.fp8 import (
     ABS_BITS,
     abs_bits_into,
     amax_from_abs_bits,

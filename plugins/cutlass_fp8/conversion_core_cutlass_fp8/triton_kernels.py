@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from conversion_core.fp8 import non_finite_error
-from conversion_core.fp8_triton import (
+from conversion_core.formats.fp8 import non_finite_error
+from conversion_core.formats.fp8_triton import (
     AMAX_FLOOR,
     Q_MAX,
     _div_exact,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConversionInputError
+from ..errors import ConversionInputError
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0

@@ -1,7 +1,7 @@
 """Triton building blocks shared by every FP8 plugin's kernels, so all of them round alike.
 
 Imported only by plugins' Triton kernel modules (never by ``import conversion_core``), so the
-core does not need triton. The numerics are those of :mod:`conversion_core.fp8`: a NaN-keeping
+core does not need triton. The numerics are those of :mod:`conversion_core.formats.fp8`: a NaN-keeping
 float32 amax, IEEE division, a clamp to ±448 and round-to-nearest-even into e4m3.
 """
 
