@@ -13,7 +13,12 @@ import torch
 
 import conversion_core as cc
 from conversion_core.backend import use_triton
-from conversion_core.formats.fp8 import E4M3, check_fp8_dequantize_args, compressed_tensors_fp8_weights, is_dynamic_e4m3_fp8
+from conversion_core.formats.fp8 import (
+    E4M3,
+    check_fp8_dequantize_args,
+    compressed_tensors_fp8_weights,
+    is_dynamic_e4m3_fp8,
+)
 
 from . import torch_path
 
