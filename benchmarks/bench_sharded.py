@@ -32,8 +32,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.debug import CommDebugMode
 
 import conversion_core as cc
-from conversion_core import distributed
 from conversion_core.plan import build_plan
+from conversion_core.plan import sharded as distributed
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, MOE_INTER = 2048, 32, 4, 128, 128, 768
 

@@ -1,5 +1,6 @@
 """conversion-core: turn trainer weights into the exact bytes an inference kernel expects."""
 
+from .contract import BlockAmax, Conversion, Output, Rule, TargetFormat
 from .errors import (
     ConfigError,
     ConversionCoreError,
@@ -16,9 +17,9 @@ from .plugins import PluginInfo
 from .receiver import accepts
 from .registry import Registry, load_registry
 from .resolver import RuleOutcome, explain, select_default_conversion
-from .types import Conversion, Rule
 
 __all__ = [
+    "BlockAmax",
     "ConfigError",
     "Conversion",
     "ConversionCoreError",
@@ -26,12 +27,14 @@ __all__ = [
     "ConversionTypeError",
     "DuplicateConversionError",
     "NoMatchingConversionError",
+    "Output",
     "PluginError",
     "PluginInfo",
     "PluginLoadWarning",
     "Registry",
     "Rule",
     "RuleOutcome",
+    "TargetFormat",
     "UnknownConversionError",
     "accepts",
     "explain",

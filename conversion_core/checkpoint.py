@@ -12,7 +12,7 @@ ever read.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import fnmatch
 import json
 import os
@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from .config import quantization_config_of
+from .contract import Conversion, TargetFormat
 from .errors import ConfigError, ConversionCoreError, ConversionInputError
-from .plan import TensorSpec, build_plan, dtype_from_safetensors, resolve_conversion, scale_naming_for
+from .plan import TensorSpec, build_plan, resolve_conversion, target_of
 from .registry import Registry, load_registry
-from .types import Conversion
 
 #: ``[(shard file name, tensor names)]``
 Shards = list[tuple[str, list[str]]]
@@ -72,94 +72,66 @@ class ConvertResult:
 # ---- the quantization_config written for each format ----------------------------------------
 
 
-def fp8_block_config(block: list[int], ignored: list[str]) -> dict[str, Any]:
-    """DeepSeek-V3 / Qwen3 FP8 style, read by vLLM's ``fp8`` method (``weight_scale_inv`` scales)."""
-    qc: dict[str, Any] = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": list(block),
-    }
-    if ignored:
-        qc["ignored_layers"] = list(ignored)
-        qc["modules_to_not_convert"] = list(ignored)  # transformers' spelling of the same list
+def checkpoint_targets(conversion: Conversion, like: dict[str, Any]) -> tuple[TargetFormat, TargetFormat]:
+    """The target format the plan follows and the one the written checkpoint is read back with.
+
+    Both come from the conversion's plugin: ``like``'s decides which modules the config keeps and
+    what ``quantization_config`` DST carries; that written config's own target names the outputs
+    (a per-channel FP8 conversion writes an HF ``fp8`` request as compressed-tensors, whose scales
+    are ``weight_scale`` of shape (N, 1)).
+    """
+    requested = target_of(conversion, like)
+    if requested.quantization_config is None:
+        if not like:
+            raise ConfigError(
+                f"conversion {conversion.name!r} ({conversion.compile_target}) declares no checkpoint config; "
+                "pass --like CONFIG with a config whose quantization_config selects it"
+            )
+        written: dict[str, Any] | None = dict(like)
+    else:
+        written = requested.quantization_config([])
+    stored = target_of(conversion, written or {})
+    plan_target = dataclasses.replace(stored, keep=requested.keep, quantization_config=requested.quantization_config)
+    return plan_target, requested
+
+
+def written_quantization_config(target: TargetFormat, like: dict[str, Any], kept: list[str]) -> dict[str, Any] | None:
+    """The ``quantization_config`` DST carries: the plugin's writer given the kept modules, or ``like``."""
+    if target.quantization_config is None:
+        return dict(like)
+    qc = target.quantization_config(kept)
+    if qc is not None and not isinstance(qc, dict):
+        raise ConfigError(
+            f"a target format's quantization_config returned {type(qc).__name__}; expected a dict or None"
+        )
     return qc
 
 
-def compressed_tensors_channel_config(ignored: list[str]) -> dict[str, Any]:
-    """compressed-tensors ``float-quantized`` FP8, per-channel weights (``weight_scale`` (N, 1)), dynamic tokens."""
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "format": "float-quantized",
-                "weights": {
-                    "num_bits": 8,
-                    "type": "float",
-                    "strategy": "channel",
-                    "symmetric": True,
-                    "dynamic": False,
-                    "group_size": None,
-                    "block_structure": None,
-                    "actorder": None,
-                    "observer": "minmax",
-                },
-                "input_activations": {
-                    "num_bits": 8,
-                    "type": "float",
-                    "strategy": "token",
-                    "symmetric": True,
-                    "dynamic": True,
-                    "group_size": None,
-                    "observer": None,
-                },
-                "output_activations": None,
-            }
-        },
-        "ignore": list(ignored),
-        "kv_cache_scheme": None,
-        "sparsity_config": {},
-    }
+#: safetensors header dtype codes.
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
-_IGNORE_KEYS = {"fp8": ("ignored_layers", "modules_to_not_convert"), "compressed-tensors": ("ignore",)}
-_IGNORE_KEYS["fbgemm_fp8"] = ("modules_to_not_convert",)
-
-
-def _with_ignored(qc: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
-    """``qc`` with the kept modules added to its own ignore list(s)."""
-    out = copy.deepcopy(qc)
-    for key in _IGNORE_KEYS.get(str(qc.get("quant_method")), ()):
-        existing = list(out.get(key) or [])
-        out[key] = existing + [m for m in ignored if m not in existing]
-    return out
-
-
-def target_quantization_config(conversion: Conversion, like: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The ``quantization_config`` family DST is written in, before its ignore list (None: unquantized).
-
-    A ``--like`` config in a format that names scales ``weight_scale`` (compressed-tensors, fbgemm)
-    is kept as it is; otherwise the format follows from the conversion's tags. A conversion whose
-    format is unknown here needs ``--like`` with a config that selects it.
-    """
-    meta = conversion.tags["compile_metadata"]
-    if like and like.get("quant_method") in ("compressed-tensors", "fbgemm_fp8"):
-        return dict(like)
-    if not conversion.requires_scale and conversion.dst_dtype == torch.bfloat16:
-        return None
-    if meta.get("dtype") == "e4m3" and meta.get("scale_layout") == "blockwise" and "block_size" in meta:
-        return fp8_block_config(list(meta["block_size"]), [])
-    if meta.get("dtype") == "e4m3" and meta.get("scale_layout") == "per_channel":
-        return compressed_tensors_channel_config([])
-    if like:
-        return dict(like)
-    raise ConfigError(
-        f"conversion {conversion.name!r} ({conversion.compile_target}) has no checkpoint config known to "
-        "conversion-core; pass --like CONFIG with a config whose quantization_config selects it"
-    )
+def dtype_from_safetensors(code: str) -> torch.dtype:
+    """torch dtype of a safetensors header dtype code (``BF16``, ``F32``, ...)."""
+    try:
+        return SAFETENSORS_DTYPES[code]
+    except KeyError:
+        raise ConversionInputError(
+            f"safetensors dtype {code!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
+        ) from None
 
 
 # ---- reading SRC ------------------------------------------------------------------------------
@@ -313,13 +285,11 @@ def convert_checkpoint(
     if not specs:
         raise ConversionInputError(f"{src_path} holds no tensors")
 
-    out_qc = target_quantization_config(chosen, like_qc)
-    naming = scale_naming_for(chosen, out_qc or {})
+    plan_target, requested = checkpoint_targets(chosen, like_qc)
     plan = build_plan(
-        specs, like_qc, conversion=chosen.name, registry=registry, fused_shards=fused_shards, scale_naming=naming
+        specs, like_qc, conversion=chosen.name, registry=registry, fused_shards=fused_shards, target=plan_target
     )
-    if out_qc is not None:
-        out_qc = _with_ignored(out_qc, plan.kept_modules())
+    out_qc = written_quantization_config(requested, like_qc, plan.kept_modules())
     out_config = dict(src_config)
     out_config.pop("quantization_config", None)
     if out_qc is not None:
@@ -379,7 +349,7 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     n = 1
     for s in shape:
         n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * dtype.itemsize
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -428,9 +398,9 @@ def plan_of(path: str | os.PathLike[str]) -> dict[str, Any]:
 __all__ = [
     "ConvertResult",
     "add_parser",
-    "compressed_tensors_channel_config",
+    "checkpoint_targets",
     "convert_checkpoint",
-    "fp8_block_config",
+    "dtype_from_safetensors",
     "plan_of",
-    "target_quantization_config",
+    "written_quantization_config",
 ]

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .contract import Conversion
 from .errors import ConversionCoreError
 from .receiver import accepts
-from .types import Conversion
 
 Shape = tuple[int, ...]
 
@@ -54,6 +54,9 @@ class ErrorBound:
     relative: float
     scale_units: float
     absolute: float = 0.0
+    #: ``buffers -> each element's dequantization multiplier`` for formats whose dequantize is not
+    #: ``q * broadcast(scale)`` (packed values); None: :func:`element_scale`.
+    element_scale: Callable[..., torch.Tensor] | None = None
 
     def allowed(self, x: torch.Tensor, element_scale: torch.Tensor) -> torch.Tensor:
         """The allowed absolute error per element (float64)."""
@@ -193,14 +196,16 @@ def poison(t: torch.Tensor, byte: int = NAN_POISON) -> torch.Tensor:
     return t
 
 
-def element_scale(conversion: Conversion, out: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """Each element's dequantization multiplier: ``dequantize`` applied to a buffer of ones.
+def element_scale(conversion: Conversion, *buffers: torch.Tensor | None) -> torch.Tensor:
+    """Each element's dequantization multiplier: ``dequantize`` of a main output of ones.
 
-    Valid for formats whose dequantize is ``q * broadcast(scale)`` (every float format); an
-    unscaled format gives 1 everywhere.
+    Valid for formats whose dequantize is ``q * broadcast(companions)`` (every float format); an
+    unscaled format gives 1 everywhere. Packed formats pass ``ErrorBound.element_scale``.
     """
+    out = buffers[0]
+    assert out is not None
     ones = torch.ones(out.shape, dtype=out.dtype, device=out.device)
-    return conversion.dequantize(ones, scale)
+    return conversion.dequantize(ones, *buffers[1:])
 
 
 def e4m3_magnitudes() -> torch.Tensor:
@@ -239,7 +244,7 @@ def e4m3_reference_bytes(values: torch.Tensor) -> torch.Tensor:
 
 
 def check_fields(conversion: Conversion) -> None:
-    """The declared fields agree with one another."""
+    """The declared fields agree with one another, and every output shape function answers."""
     name = conversion.name
     if conversion.requires_scale:
         _expect(
@@ -251,13 +256,23 @@ def check_fields(conversion: Conversion) -> None:
     for shape in DEFAULT_SHAPES:
         if conversion.src_ndims is not None and len(shape) not in conversion.src_ndims:
             continue
-        got = conversion.scale_shape(shape) if conversion.requires_scale else None
-        _expect(
-            (got is not None) == conversion.requires_scale,
-            name,
-            "fields",
-            f"scale_shape({shape}) is {got!r} but requires_scale is {conversion.requires_scale}",
-        )
+        if not conversion.declares_outputs:
+            got = conversion.scale_shape(shape) if conversion.requires_scale else None
+            _expect(
+                (got is not None) == conversion.requires_scale,
+                name,
+                "fields",
+                f"scale_shape({shape}) is {got!r} but requires_scale is {conversion.requires_scale}",
+            )
+        for output in conversion.outputs:
+            got_shape = output.shape(shape)
+            _expect(
+                isinstance(got_shape, (tuple, list, torch.Size))
+                and all(isinstance(d, int) and d >= 0 for d in got_shape),
+                name,
+                "fields",
+                f"output {output.name!r}: shape({shape}) is {got_shape!r}, not a tuple of sizes",
+            )
 
 
 def check_tags(conversion: Conversion) -> None:
@@ -305,18 +320,30 @@ def check_tags(conversion: Conversion) -> None:
 
 
 def check_allocate(conversion: Conversion, shapes: Sequence[Shape], device: torch.device) -> None:
-    """``allocate`` gives buffers of the declared shape, dtype and device."""
+    """``allocate`` gives buffers of the declared shapes, dtypes and device."""
     for shape in shapes:
-        out, scale = conversion.allocate(shape, device)
+        buffers = conversion.allocate(shape, device)
         where = f"allocate({shape})"
-        _expect_buffer(conversion, where, "out", out, tuple(conversion.out_shape(shape)), conversion.dst_dtype, device)
-        if conversion.requires_scale:
-            want = conversion.expected_scale_shape(shape)
-            assert want is not None
-            _expect(scale is not None, conversion.name, where, "returned no scale buffer")
-            _expect_buffer(conversion, where, "scale", scale, want, conversion.scale_dtype, device)
-        else:
-            _expect(scale is None, conversion.name, where, f"returned a scale buffer {scale!r} for a scale-less format")
+        tensors = _tensors(conversion, buffers)
+        if not conversion.declares_outputs:
+            scale = buffers[1]
+            _expect(
+                len(buffers) == 2, conversion.name, where, f"returned {len(buffers)} buffers, expected (out, scale)"
+            )
+            if conversion.requires_scale:
+                _expect(scale is not None, conversion.name, where, "returned no scale buffer")
+            else:
+                _expect(
+                    scale is None, conversion.name, where, f"returned a scale buffer {scale!r} for a scale-less format"
+                )
+        _expect(
+            len(tensors) == len(conversion.outputs),
+            conversion.name,
+            where,
+            f"returned {len(tensors)} buffers for {len(conversion.outputs)} outputs",
+        )
+        for output, want, buf in zip(conversion.outputs, conversion.output_shapes(shape), tensors, strict=False):
+            _expect_buffer(conversion, where, _label(conversion, output.name), buf, want, output.dtype, device)
 
 
 def check_agreement(conversion: Conversion, shapes: Sequence[Shape], device: torch.device, seed: int = 0) -> None:
@@ -324,41 +351,41 @@ def check_agreement(conversion: Conversion, shapes: Sequence[Shape], device: tor
     for i, shape in enumerate(shapes):
         src = random_source(shape, torch.bfloat16, device, seed + i)
         before = src.clone()
-        out, scale = conversion.allocate(shape, device)
+        buffers = conversion.allocate(shape, device)
         fn: Callable[..., object] = conversion.fn
-        result = fn(src, out, scale)
+        result = fn(src, *buffers)
         where = f"agreement {shape}"
         _expect(result is None, conversion.name, where, f"fn returned {type(result).__name__}; it must return None")
         _expect(torch.equal(src, before), conversion.name, where, "fn modified its source tensor")
-        out2, scale2 = conversion.convert(src)
-        _expect_same_bytes(conversion, where + ": convert() vs allocate()+fn", (out, scale), (out2, scale2))
-        conversion.fn(src, out2, scale2)
-        _expect_same_bytes(conversion, where + ": second fn call", (out, scale), (out2, scale2))
+        again = conversion.convert(src)
+        _expect_same_bytes(conversion, where + ": convert() vs allocate()+fn", buffers, again)
+        conversion.fn(src, *again)
+        _expect_same_bytes(conversion, where + ": second fn call", buffers, again)
 
 
 def check_writes_every_element(
     conversion: Conversion, shapes: Sequence[Shape], device: torch.device, seed: int = 0
 ) -> None:
-    """Every element of ``out`` and the scale is written: poisoned buffers keep no poison."""
+    """Every element of every output is written: poisoned buffers keep no poison."""
     for i, shape in enumerate(shapes):
         src = random_source(shape, torch.bfloat16, device, seed + i)
         results = []
         for byte in (NAN_POISON, OTHER_POISON):
-            out, scale = conversion.allocate(shape, device)
-            poison(out, byte)
-            if scale is not None:
-                poison(scale, byte)
-            conversion.fn(src, out, scale)
-            results.append((out, scale))
+            buffers = conversion.allocate(shape, device)
+            for buf in _tensors(conversion, buffers):
+                poison(buf, byte)
+            conversion.fn(src, *buffers)
+            results.append(buffers)
         where = f"writes_every_element {shape}"
-        for what, buf in (("out", results[0][0]), ("scale", results[0][1])):
-            if buf is not None and buf.dtype.is_floating_point:
+        for output, buf in zip(conversion.outputs, _tensors(conversion, results[0]), strict=True):
+            if buf.dtype.is_floating_point:
                 nan = torch.isnan(buf.float())
                 if bool(nan.any()):
                     index = tuple(int(v) for v in nan.nonzero()[0])
                     raise AssertionError(
-                        f"{conversion.name}: {where}: {what} holds NaN at {index} ({int(nan.sum())} of "
-                        f"{nan.numel()} elements) after a buffer poisoned with NaN: element not written"
+                        f"{conversion.name}: {where}: {_label(conversion, output.name)} holds NaN at {index} "
+                        f"({int(nan.sum())} of {nan.numel()} elements) after a buffer poisoned with NaN: "
+                        "element not written"
                     )
         _expect_same_bytes(conversion, where + ": buffers poisoned with two patterns", results[0], results[1])
 
@@ -399,17 +426,17 @@ def check_source_dtypes(
             _expect_same_bytes(
                 conversion, f"source_dtypes {shape}: {first} vs {dtype} sources", results[first], results[dtype]
             )
-        _expect_round_trip(conversion, f"source_dtypes {shape}", reference, *results[first], bound)
+        _expect_round_trip(conversion, f"source_dtypes {shape}", reference, results[first], bound)
 
 
 def check_zeros(conversion: Conversion, shapes: Sequence[Shape], device: torch.device) -> None:
     """All-zero sources give finite bytes that dequantize to exactly zero."""
     for shape in shapes:
         for dtype in [d for d in KIT_SOURCE_DTYPES if d in conversion.src_dtypes]:
-            out, scale = conversion.convert(torch.zeros(shape, dtype=dtype, device=device))
+            buffers = conversion.convert(torch.zeros(shape, dtype=dtype, device=device))
             where = f"zeros {shape} {dtype}"
-            _expect_finite(conversion, where, out, scale)
-            back = conversion.dequantize(out, scale)
+            _expect_finite(conversion, where, buffers)
+            back = conversion.dequantize(*buffers)
             _expect(
                 bool((back == 0).all()),
                 conversion.name,
@@ -439,16 +466,17 @@ def check_huge_values(
             x[..., :, 0] = big
             src = x.to(dtype).to(device)
             where = f"huge_values {shape} {dtype} (|x| up to {big:.4g})"
-            out, scale = conversion.convert(src)
-            _expect_finite(conversion, where, out, scale)
+            buffers = conversion.convert(src)
+            out = buffers[0]
+            _expect_finite(conversion, where, buffers)
             if out.dtype.is_floating_point:
                 limit = torch.finfo(out.dtype).max
                 worst = float(out.float().abs().max())
                 _expect(worst <= limit, conversion.name, where, f"|out| reaches {worst}, beyond the format max {limit}")
-            back = conversion.dequantize(out, scale)
+            back = conversion.dequantize(*buffers)
             _expect(bool(torch.isfinite(back).all()), conversion.name, where, "dequantize gives non-finite values")
             if conversion.requires_scale:
-                _expect_round_trip(conversion, where, src.float(), out, scale, bound)
+                _expect_round_trip(conversion, where, src.float(), buffers, bound)
 
 
 def check_round_trip(
@@ -458,8 +486,8 @@ def check_round_trip(
     for i, shape in enumerate(shapes):
         for dtype in [d for d in KIT_SOURCE_DTYPES if d in conversion.src_dtypes]:
             src = random_source(shape, dtype, device, seed + 100 + i)
-            out, scale = conversion.convert(src)
-            back = conversion.dequantize(out, scale)
+            buffers = conversion.convert(src)
+            back = conversion.dequantize(*buffers)
             where = f"round_trip {shape} {dtype}"
             _expect(
                 back.dtype == torch.float32 and tuple(back.shape) == tuple(shape),
@@ -467,12 +495,15 @@ def check_round_trip(
                 where,
                 f"dequantize returned {back.dtype} {tuple(back.shape)}; expected float32 {tuple(shape)}",
             )
-            _expect_round_trip(conversion, where, src.float(), out, scale, bound)
+            _expect_round_trip(conversion, where, src.float(), buffers, bound)
 
 
 def check_refusals(conversion: Conversion, shape: Shape, device: torch.device, seed: int = 0) -> None:
     """Bad buffers and sources raise a ConversionCoreError that is a ValueError/TypeError,
     and leave the buffers untouched."""
+    if conversion.declares_outputs:
+        _check_refusals_of_outputs(conversion, shape, device, seed)
+        return
     name = conversion.name
     src = random_source(shape, torch.bfloat16, device, seed)
     out_shape = tuple(conversion.out_shape(shape))
@@ -507,10 +538,22 @@ def check_refusals(conversion: Conversion, shape: Shape, device: torch.device, s
     else:
         bad = torch.empty(1, dtype=torch.float32, device=device)
         cases.append(("a scale_out for a scale-less format", call(src, good_out, bad), [good_out]))
+    cases += _source_refusals(conversion, src, device, lambda s: call(s, good_out, good_scale), [good_out])
+    _run_refusals(name, cases)
+
+
+def _source_refusals(
+    conversion: Conversion,
+    src: torch.Tensor,
+    device: torch.device,
+    call: Callable[[torch.Tensor], Callable[[], object]],
+    touched: list[torch.Tensor],
+) -> list[tuple[str, Callable[[], object], list[torch.Tensor]]]:
+    cases: list[tuple[str, Callable[[], object], list[torch.Tensor]]] = []
     for dtype in (torch.float64, torch.int32):
         if dtype not in conversion.src_dtypes:
             s = src.to(dtype)
-            cases.append((f"src of dtype {dtype}", call(s, good_out, good_scale), [good_out]))
+            cases.append((f"src of dtype {dtype}", call(s), touched))
             cases.append((f"convert() of a {dtype} src", functools.partial(conversion.convert, s), []))
     if conversion.src_ndims is not None:
         for rank in (1, 2, 3, 4):
@@ -518,7 +561,44 @@ def check_refusals(conversion: Conversion, shape: Shape, device: torch.device, s
                 s = torch.ones((3,) * rank, dtype=torch.bfloat16, device=device)
                 cases.append((f"{rank}-D src of shape {tuple(s.shape)}", functools.partial(conversion.convert, s), []))
     cases.append(("src that is not a tensor", lambda: conversion.convert([[1.0]]), []))  # type: ignore[arg-type]
+    return cases
 
+
+def _check_refusals_of_outputs(conversion: Conversion, shape: Shape, device: torch.device, seed: int) -> None:
+    """``check_refusals`` for a conversion that declares its outputs: each buffer wrong in turn."""
+    src = random_source(shape, torch.bfloat16, device, seed)
+    good = list(conversion.allocate(shape, device))
+    cases: list[tuple[str, Callable[[], object], list[torch.Tensor]]] = []
+
+    def call(s: object, buffers: Sequence[object]) -> Callable[[], object]:
+        return lambda: conversion.fn(s, *buffers)  # type: ignore[arg-type]
+
+    for i, (output, want) in enumerate(zip(conversion.outputs, conversion.output_shapes(shape), strict=True)):
+        others = [b for j, b in enumerate(good) if j != i]
+
+        def with_bad(bad: object, i: int = i) -> list[object]:
+            return [bad if j == i else b for j, b in enumerate(good)]
+
+        wrong = torch.float64 if output.dtype != torch.float64 else torch.float32
+        bad = torch.empty(want, dtype=wrong, device=device)
+        cases.append((f"output {output.name!r} of dtype {wrong}", call(src, with_bad(bad)), [*others, bad]))
+        bad = torch.empty((*want, 2), dtype=output.dtype, device=device)
+        cases.append((f"output {output.name!r} of shape {tuple(bad.shape)}", call(src, with_bad(bad)), [*others, bad]))
+        if len(want) >= 2 and want[-1] > 1 and want[-2] > 1:
+            bad = torch.empty((*want[:-2], want[-1], want[-2]), dtype=output.dtype, device=device).transpose(-1, -2)
+            cases.append((f"non-contiguous output {output.name!r}", call(src, with_bad(bad)), [*others, bad]))
+        cases.append((f"output {output.name!r}=None", call(src, with_bad(None)), others))
+        if device.type != "cpu":
+            bad = torch.empty(want, dtype=output.dtype)
+            cases.append((f"output {output.name!r} on the CPU", call(src, with_bad(bad)), [*others, bad]))
+    cases.append(("one buffer too few", call(src, good[:-1]), good[:-1]))
+    extra = torch.empty(1, dtype=torch.float32, device=device)
+    cases.append(("one buffer too many", call(src, [*good, extra]), good))
+    cases += _source_refusals(conversion, src, device, lambda s: call(s, good), good)
+    _run_refusals(conversion.name, cases)
+
+
+def _run_refusals(name: str, cases: list[tuple[str, Callable[[], object], list[torch.Tensor]]]) -> None:
     for what, run, buffers in cases:
         for b in buffers:
             poison(b)
@@ -620,13 +700,29 @@ def _expect_buffer(
     _expect(ok, conversion.name, where, f"{what} is {got}; expected contiguous {shape} {dtype} on {device}")
 
 
+def _tensors(conversion: Conversion, buffers: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The real output tensors of a call's buffers (a scale-less short form's None dropped)."""
+    return [b for b in buffers if b is not None] if not conversion.declares_outputs else list(buffers)  # type: ignore[arg-type]
+
+
+def _label(conversion: Conversion, output: str) -> str:
+    """How the kit names an output: ``out``/``scale`` in the one-scale form, else its declared name."""
+    if conversion.declares_outputs:
+        return f"output {output!r}"
+    return "out" if output == conversion.outputs[0].name else "scale"
+
+
 def _expect_same_bytes(
     conversion: Conversion,
     where: str,
-    a: tuple[torch.Tensor, torch.Tensor | None],
-    b: tuple[torch.Tensor, torch.Tensor | None],
+    a: Sequence[torch.Tensor | None],
+    b: Sequence[torch.Tensor | None],
 ) -> None:
-    for what, x, y in (("out", a[0], b[0]), ("scale", a[1], b[1])):
+    names = (
+        [_label(conversion, o.name) for o in conversion.outputs] if conversion.declares_outputs else ["out", "scale"]
+    )
+    _expect(len(a) == len(b), conversion.name, where, f"{len(a)} buffers in one result, {len(b)} in the other")
+    for what, x, y in zip(names, a, b, strict=False):
         if x is None or y is None:
             _expect(x is None and y is None, conversion.name, where, f"{what} present in one result only")
             continue
@@ -641,10 +737,11 @@ def _expect_same_bytes(
             )
 
 
-def _expect_finite(conversion: Conversion, where: str, out: torch.Tensor, scale: torch.Tensor | None) -> None:
-    for what, buf in (("out", out), ("scale", scale)):
-        if buf is not None and buf.dtype.is_floating_point:
+def _expect_finite(conversion: Conversion, where: str, buffers: Sequence[torch.Tensor | None]) -> None:
+    for output, buf in zip(conversion.outputs, _tensors(conversion, buffers), strict=False):
+        if buf.dtype.is_floating_point:
             bad = ~torch.isfinite(buf.float())
+            what = _label(conversion, output.name)
             _expect(not bool(bad.any()), conversion.name, where, f"{what} holds {int(bad.sum())} non-finite elements")
 
 
@@ -652,12 +749,11 @@ def _expect_round_trip(
     conversion: Conversion,
     where: str,
     x: torch.Tensor,
-    out: torch.Tensor,
-    scale: torch.Tensor | None,
+    buffers: Sequence[torch.Tensor | None],
     bound: ErrorBound,
 ) -> None:
-    back = conversion.dequantize(out, scale).double()
-    s = element_scale(conversion, out, scale)
+    back = conversion.dequantize(*buffers).double()
+    s = (bound.element_scale or functools.partial(element_scale, conversion))(*buffers)
     allowed = bound.allowed(x, s)
     err = (back - x.double()).abs()
     over = err > allowed

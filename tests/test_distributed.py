@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.debug import CommDebugMode
 
 import conversion_core as cc
-from conversion_core import distributed
+from conversion_core.plan import sharded as distributed
 
 BLOCK = "fp8_128x128"
 CHANNEL = "cutlass_fp8_e4m3_per_channel"
@@ -205,7 +205,7 @@ def _run_case(case: Case, mesh) -> None:
 
 def _check_plan(mesh, placements: dict, default: list, all_reduces: dict[str, int]) -> None:
     """A tiny MoE layer through the plan as DTensors == the plan over the full tensors, byte for byte."""
-    from conversion_core.plan import ScaleNaming, build_plan
+    from conversion_core.plan import build_plan
 
     gen = torch.Generator().manual_seed(11)
     fulls = {
@@ -220,13 +220,14 @@ def _check_plan(mesh, placements: dict, default: list, all_reduces: dict[str, in
     fulls["model.layers.0.mlp.experts.down_proj"][1, 10, 90] = -1000.0  # one shard's part of a cut block
     sharded = {k: distribute_tensor(v, mesh, placements.get(k, default), src_data_rank=None) for k, v in fulls.items()}
     sharded["model.norm.weight"] = fulls["model.norm.weight"]  # FSDP2 leaves buffers plain: a plain tensor
-    for conversion, naming in ((BLOCK, None), (CHANNEL, ScaleNaming("weight_scale", rows_as_column=True))):
+    column = cc.TargetFormat(output_names=("weight", "weight_scale"), stored_shape=lambda i, s: (*s, 1) if i else s)
+    for conversion, naming in ((BLOCK, None), (CHANNEL, column)):
         if conversion not in all_reduces:
             continue
-        ref_plan = build_plan(fulls, conversion=conversion, scale_naming=naming)
+        ref_plan = build_plan(fulls, conversion=conversion, target=naming)
         ref_plan.allocate("cpu")
         want = ref_plan.run(fulls)
-        plan = build_plan(sharded, conversion=conversion, scale_naming=naming)
+        plan = build_plan(sharded, conversion=conversion, target=naming)
         plan.allocate(like=sharded)
         with CommDebugMode() as comm:
             got = plan.run(sharded)

@@ -1,4 +1,4 @@
-"""When a captured step may replay which segment: the checks of conversion_core.graph_step on CPU.
+"""When a captured step may replay which segment: the checks of conversion_core.plan.graph_step on CPU.
 
 A CUDA graph cannot be captured here, so the graphs are stand-ins that record their replays;
 tests/gpu/test_model_step_gpu.py runs the real graphs and checks the bytes they write.
@@ -16,7 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conversion_core.graph_step import CapturedStep, segment_bounds
+from conversion_core.plan.graph_step import CapturedStep, segment_bounds
 
 
 @given(st.integers(0, 5000), st.integers(1, 64), st.sampled_from([1.25, 1.5, 2.0]))

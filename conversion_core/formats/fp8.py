@@ -190,3 +190,16 @@ def _is_dynamic_fp8_activations(acts: object) -> bool:
         and acts.get("type", "float") == "float"
         and acts.get("num_bits", 8) == 8
     )
+
+
+def quantize_with_amax(
+    x: torch.Tensor, amax: torch.Tensor, grid: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor
+) -> None:
+    """``BlockAmax.apply`` of the one-scale FP8 conversions (a sharded source's local shard).
+
+    ``amax`` is each element's block amax (global, reduced across ranks), ``grid`` the amax grid
+    laid out like ``scale_out``: the same ``scale_from_amax`` and ``quantize_into`` as the
+    unsharded torch paths, so the bytes are identical.
+    """
+    scale_out.copy_(scale_from_amax(grid).reshape(scale_out.shape))
+    quantize_into(x.float(), scale_from_amax(amax), out.view(x.shape))

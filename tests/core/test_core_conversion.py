@@ -119,7 +119,9 @@ def test_missing_scale_buffer_names_what_to_pass() -> None:
 
 def test_scaled_conversion_without_scale_shape_blames_the_conversion() -> None:
     recorder = Recorder()
-    conversion = cc.Conversion("zz_noshape", recorder, True, dst_dtype=torch.float16, scale_name="weight_scale")
+    conversion = cc.Conversion(
+        "zz_noshape", recorder, True, dst_dtype=torch.float16, scale_name="weight_scale", compile_target="zz_kernel"
+    )
     with pytest.raises(cc.ConversionTypeError, match=r"'zz_noshape'.*scale_shape\(\(4, 8\)\) returned None"):
         conversion.convert(SRC)
     assert recorder.calls == []

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conversion_core.errors import ConversionCoreError
-from conversion_core.graph_step import segment_bounds
 from conversion_core.plan import build_plan
+from conversion_core.plan.graph_step import segment_bounds
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

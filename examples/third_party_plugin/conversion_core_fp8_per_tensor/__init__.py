@@ -16,12 +16,14 @@ from typing import Any
 import torch
 
 import conversion_core as cc
+from conversion_core.formats.checkpoints import compressed_tensors_fp8_config, scale_target
 from conversion_core.formats.fp8 import (
     E4M3,
     check_fp8_dequantize_args,
     compressed_tensors_fp8_weights,
     non_finite_error,
     quantize_into,
+    quantize_with_amax,
     scale_from_amax,
 )
 
@@ -54,6 +56,18 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return q.float() * scale
 
 
+def statistic_block(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One amax over the whole tensor, experts included (0: the whole dim)."""
+    return (0,) * len(shape)
+
+
+def target_format(qc: dict[str, Any]) -> cc.TargetFormat:
+    """compressed-tensors ``strategy: "tensor"`` checkpoints: one ``weight_scale`` of shape (1,)."""
+    return scale_target(
+        qc, "weight_scale", per_row=False, written=lambda kept: compressed_tensors_fp8_config("tensor", kept)
+    )
+
+
 FP8_PER_TENSOR = cc.Conversion(
     name=NAME,
     fn=quantize,
@@ -65,6 +79,8 @@ FP8_PER_TENSOR = cc.Conversion(
     compile_metadata={"dtype": "e4m3", "scale_layout": "per_tensor", "scale_shape": list(SCALE_SHAPE)},
     dequantize=dequantize,
     src_ndims=(2, 3),
+    target_format=target_format,
+    sharded=cc.BlockAmax(block=statistic_block, apply=quantize_with_amax),
 )
 
 

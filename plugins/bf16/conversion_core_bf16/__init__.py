@@ -13,7 +13,14 @@ def _cast(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None) 
     out.copy_(src)
 
 
-BF16_CAST = cc.Conversion(name="bf16_cast", fn=_cast, requires_scale=False, dst_dtype=torch.bfloat16)
+def unquantized_checkpoint(qc: dict[str, Any]) -> cc.TargetFormat:
+    """A bf16 checkpoint carries no quantization_config."""
+    return cc.TargetFormat(quantization_config=lambda kept: None)
+
+
+BF16_CAST = cc.Conversion(
+    name="bf16_cast", fn=_cast, requires_scale=False, dst_dtype=torch.bfloat16, target_format=unquantized_checkpoint
+)
 FP32_CAST = cc.Conversion(name="fp32_cast", fn=_cast, requires_scale=False, dst_dtype=torch.float32)
 
 

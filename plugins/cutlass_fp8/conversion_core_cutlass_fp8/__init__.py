@@ -12,12 +12,14 @@ import torch
 
 import conversion_core as cc
 from conversion_core.backend import use_triton
+from conversion_core.formats.checkpoints import compressed_tensors_fp8_config, scale_target
 from conversion_core.formats.fp8 import (
     E4M3,
     check_fp8_dequantize_args,
     compressed_tensors_fp8_weights,
     is_dynamic_e4m3_fp8,
     is_fbgemm_fp8_config,
+    quantize_with_amax,
 )
 
 from . import torch_path
@@ -54,6 +56,20 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return q.float() * scale.unsqueeze(-1)
 
 
+def statistic_block(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One amax per row (the whole K): what a sharded source reduces across ranks."""
+    return (*(1,) * (len(shape) - 1), 0)
+
+
+def target_format(qc: dict[str, Any]) -> cc.TargetFormat:
+    """compressed-tensors ``channel`` checkpoints (``weight_scale`` stored ``(N, 1)``) unless the
+    config names another family; an HF ``fp8`` config is written as compressed-tensors, which vLLM
+    loads per-channel."""
+    return scale_target(
+        qc, "weight_scale", per_row=True, written=lambda kept: compressed_tensors_fp8_config("channel", kept)
+    )
+
+
 CUTLASS_FP8_PER_CHANNEL = cc.Conversion(
     name=NAME,
     fn=quantize,
@@ -71,6 +87,8 @@ CUTLASS_FP8_PER_CHANNEL = cc.Conversion(
     dequantize=dequantize,
     src_ndims=(2, 3),
     launch=launch,
+    target_format=target_format,
+    sharded=cc.BlockAmax(block=statistic_block, apply=quantize_with_amax),
 )
 
 

@@ -13,11 +13,13 @@ import torch
 
 import conversion_core as cc
 from conversion_core.backend import use_triton
+from conversion_core.formats.checkpoints import fp8_block_config, scale_target
 from conversion_core.formats.fp8 import (
     E4M3,
     check_fp8_dequantize_args,
     compressed_tensors_fp8_weights,
     is_dynamic_e4m3_fp8,
+    quantize_with_amax,
 )
 
 from . import torch_path
@@ -58,6 +60,16 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return q.float() * full[..., :n, :k]
 
 
+def statistic_block(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One amax per 128x128 block of each expert: what a sharded source reduces across ranks."""
+    return (*(1,) * (len(shape) - 2), *BLOCK)
+
+
+def target_format(qc: dict[str, Any]) -> cc.TargetFormat:
+    """DeepSeek ``fp8`` checkpoints (``weight_scale_inv``), or compressed-tensors' ``weight_scale``."""
+    return scale_target(qc, "weight_scale_inv", per_row=False, written=lambda kept: fp8_block_config(BLOCK, kept))
+
+
 FP8_128X128 = cc.Conversion(
     name=NAME,
     fn=quantize,
@@ -70,6 +82,8 @@ FP8_128X128 = cc.Conversion(
     dequantize=dequantize,
     src_ndims=(2, 3),
     launch=launch,
+    target_format=target_format,
+    sharded=cc.BlockAmax(block=statistic_block, apply=quantize_with_amax),
 )
 
 

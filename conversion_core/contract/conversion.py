@@ -1,0 +1,382 @@
+"""`Conversion`: what a plugin registers for one byte format.
+
+A conversion declares its outputs (:class:`~conversion_core.contract.outputs.Output`) and a
+function that writes them into preallocated buffers. The seed's one-scale shape stays the
+short form: ``fn(src, out, scale_out)`` with ``dst_dtype``, ``out_shape``, ``scale_shape``,
+``scale_name`` and ``scale_dtype`` is the same as declaring two outputs. Either way the core
+owns the argument checks, so every plugin's ``fn`` rejects a wrong buffer with the same clear
+message before any byte is written, and notices a function that returned something instead of
+writing, or swapped or resized a buffer's storage.
+
+The buffers of a call are always what :meth:`Conversion.allocate` returns: one tensor per
+declared output, or ``(out, scale_or_None)`` in the one-scale form. ``fn``, ``launch`` and
+``dequantize`` take them in that order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError
+from .outputs import ELEMENTWISE, PER_BLOCK, WEIGHT, BlockAmax, Output, Shape, TargetFormat, no_target_format
+from .tags import check_json_ready, freeze, thaw
+
+#: ``fn(src, *buffers)``: writes ``src`` into the preallocated buffers; returns None.
+ConvertFn = Callable[..., None]
+#: ``launch(src, *buffers, flag)``: queue the conversion on the current CUDA stream, OR a
+#: non-finite source into the int32 device ``flag``; no host sync, no allocation.
+LaunchFn = Callable[..., None]
+
+#: Source dtypes every conversion accepts unless it says otherwise.
+FLOAT_SOURCE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
+#: The compile target of plain copies (a tensor in a float dtype, same shape): what a receiver
+#: reads as raw weights. Anything else must say which kernel layout it is.
+RAW_TARGET = "hf_raw"
+
+
+def same_shape(src_shape: Sequence[int]) -> Shape:
+    return tuple(src_shape)
+
+
+def _no_scale(src_shape: Sequence[int]) -> Shape | None:
+    return None
+
+
+def _upcast(out: torch.Tensor, *companions: torch.Tensor | None) -> torch.Tensor:
+    return out.float()
+
+
+def is_dtensor(x: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor``, without importing torch.distributed.tensor."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(x, dtensor.DTensor)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+#: Defaults of the one-scale fields; a conversion that declares ``outputs`` leaves them alone.
+_ONE_SCALE_DEFAULTS: dict[str, Any] = {
+    "dst_dtype": torch.bfloat16,
+    "scale_shape": _no_scale,
+    "scale_name": None,
+    "out_shape": same_shape,
+    "scale_dtype": torch.float32,
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Conversion:
+    """One way of turning a source weight into the bytes a kernel expects.
+
+    ``fn`` is always the checked callable: whatever function a plugin passes is wrapped so that
+    its buffers are validated (dtype, shape, device, contiguity, presence) before it runs and
+    its result afterwards. The plugin's own function stays reachable as ``raw_fn``.
+    """
+
+    name: str
+    fn: ConvertFn
+    requires_scale: bool
+    dst_dtype: torch.dtype = torch.bfloat16
+    scale_shape: Callable[[Shape], Shape | None] = _no_scale
+    scale_name: str | None = None
+    compile_target: str = RAW_TARGET
+    compile_metadata: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    dequantize: Callable[..., torch.Tensor] = _upcast
+    out_shape: Callable[[Shape], Shape] = same_shape
+    scale_dtype: torch.dtype = torch.float32
+    #: Source ranks the conversion accepts (None: any rank).
+    src_ndims: tuple[int, ...] | None = None
+    #: Source dtypes the conversion accepts.
+    src_dtypes: tuple[torch.dtype, ...] = FLOAT_SOURCE_DTYPES
+    #: Unchecked, sync-free twin of ``fn`` (see :data:`LaunchFn`); lets the whole-model plan queue a
+    #: step's kernels (and capture them in a CUDA graph) with one NaN/Inf check at the end.
+    launch: LaunchFn | None = None
+    #: Every tensor written per source, in ``fn``'s order; empty: the one-scale fields above.
+    outputs: Sequence[Output] = ()
+    #: How the checkpoint convention a ``quantization_config`` names stores the outputs.
+    target_format: Callable[[Mapping[str, Any]], TargetFormat] = no_target_format
+    #: The statistic a sharded (DTensor) source reduces across ranks; None: elementwise only.
+    sharded: BlockAmax | None = None
+    #: True when ``outputs`` were declared (not derived from the one-scale fields).
+    declares_outputs: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConversionTypeError(f"Conversion.name must be a non-empty str, got {self.name!r}")
+        where = f"Conversion {self.name!r}"
+        if not callable(self.fn):
+            raise ConversionTypeError(f"{where}: fn must be callable, got {type(self.fn).__name__}")
+        for attr in ("launch", "dequantize", "target_format"):
+            value = getattr(self, attr)
+            if value is not None and not callable(value):
+                raise ConversionTypeError(f"{where}: {attr} must be callable")
+        if not isinstance(self.requires_scale, bool):
+            raise ConversionTypeError(f"{where}: requires_scale must be a bool")
+        if self.sharded is not None and not isinstance(self.sharded, BlockAmax):
+            raise ConversionTypeError(f"{where}: sharded must be a conversion_core.BlockAmax or None")
+        for attr in ("dst_dtype", "scale_dtype"):
+            if not isinstance(getattr(self, attr), torch.dtype):
+                raise ConversionTypeError(f"{where}: {attr} must be a torch.dtype")
+        if not isinstance(self.compile_target, str) or not self.compile_target:
+            raise ConversionTypeError(f"{where}: compile_target must be a non-empty str")
+        if not isinstance(self.compile_metadata, Mapping):
+            raise ConversionTypeError(f"{where}: compile_metadata must be a mapping")
+        check_json_ready(where, self.compile_metadata)
+        object.__setattr__(self, "compile_metadata", freeze(self.compile_metadata))
+        if self.outputs:
+            self._adopt_declared_outputs(where)
+        else:
+            self._derive_one_scale_outputs(where)
+        self._check_raw_target(where)
+        object.__setattr__(self, "fn", _checked(self, getattr(self.fn, "__cc_raw__", self.fn)))
+
+    def _adopt_declared_outputs(self, where: str) -> None:
+        outputs = tuple(self.outputs)
+        if not all(isinstance(o, Output) for o in outputs):
+            raise ConversionTypeError(f"{where}: outputs must be a sequence of conversion_core.Output")
+        names = [o.name for o in outputs]
+        if len(set(names)) != len(names):
+            raise ConversionTypeError(f"{where}: output names must be distinct, got {names}")
+        changed = [k for k, v in _ONE_SCALE_DEFAULTS.items() if getattr(self, k) is not v and getattr(self, k) != v]
+        if changed:
+            raise ConversionTypeError(
+                f"{where}: declare either outputs= or the one-scale fields, not both (also set: {', '.join(changed)})"
+            )
+        if self.requires_scale != (len(outputs) > 1):
+            raise ConversionTypeError(
+                f"{where}: requires_scale must be {len(outputs) > 1} for {len(outputs)} declared output(s) "
+                "(True exactly when fn writes companion tensors)"
+            )
+        main = outputs[0]
+        object.__setattr__(self, "outputs", outputs)
+        object.__setattr__(self, "declares_outputs", True)
+        # The one-scale fields describe the first two outputs, for readers of the short form.
+        object.__setattr__(self, "dst_dtype", main.dtype)
+        object.__setattr__(self, "out_shape", main.shape)
+        if len(outputs) > 1:
+            object.__setattr__(self, "scale_name", outputs[1].name)
+            object.__setattr__(self, "scale_shape", outputs[1].shape)
+            object.__setattr__(self, "scale_dtype", outputs[1].dtype)
+
+    def _derive_one_scale_outputs(self, where: str) -> None:
+        if self.requires_scale and self.scale_name is None:
+            raise ConversionTypeError(f"{where}: requires_scale=True needs a scale_name")
+        outputs = [Output(WEIGHT, self.dst_dtype, self.out_shape)]
+        if self.requires_scale:
+            assert self.scale_name is not None
+            outputs.append(Output(self.scale_name, self.scale_dtype, self._one_scale_shape, PER_BLOCK))
+        object.__setattr__(self, "outputs", tuple(outputs))
+
+    def _one_scale_shape(self, src_shape: Shape) -> Shape:
+        shape = self.scale_shape(tuple(src_shape))
+        if shape is None:  # the plugin's bug, not the caller's: say so instead of "shape None"
+            raise ConversionTypeError(
+                f"conversion {self.name!r}: requires_scale=True but scale_shape({tuple(src_shape)}) returned None; "
+                "the conversion must give a scale_shape"
+            )
+        return tuple(shape)
+
+    def _check_raw_target(self, where: str) -> None:
+        """``hf_raw`` means raw weights: one float (or source-dtype) output of the source's shape."""
+        if self.compile_target != RAW_TARGET:
+            return
+        main = self.outputs[0]
+        probe = (2, 3, 5) if self.src_ndims is None or 3 in self.src_ndims else (3, 5)
+        try:
+            same = tuple(main.shape(probe)) == probe
+        except Exception:
+            same = False
+        plain = main.dtype.is_floating_point and main.dtype.itemsize >= 2 or main.dtype in self.src_dtypes
+        if len(self.outputs) > 1 or not same or not plain:
+            raise ConversionTypeError(
+                f"{where}: its outputs are not plain copies of the source ({len(self.outputs)} output(s), main "
+                f"{main.dtype}); declare the compile_target of the kernel layout they are, not {RAW_TARGET!r}"
+            )
+
+    # ---- what callers use --------------------------------------------------------------------
+    @property
+    def raw_fn(self) -> ConvertFn:
+        """The plugin's own function, without the core's argument checks."""
+        return self.fn.__cc_raw__  # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def tags(self) -> dict[str, Any]:
+        """What a publisher stamps on the bytes and a receiver checks with :func:`accepts`."""
+        return {"compile_target": self.compile_target, "compile_metadata": thaw(self.compile_metadata)}
+
+    @property
+    def quantizes(self) -> bool:
+        """True when the bytes depend on a statistic of the source (not a plain cast or copy)."""
+        return self.requires_scale or self.compile_target != RAW_TARGET
+
+    def output_shapes(self, src_shape: Sequence[int]) -> tuple[Shape, ...]:
+        """Shape of every declared output for a source of ``src_shape``."""
+        src = tuple(int(s) for s in src_shape)
+        return tuple(tuple(int(s) for s in o.shape(src)) for o in self.outputs)
+
+    def expected_scale_shape(self, src_shape: Sequence[int]) -> Shape | None:
+        """Shape of the second output (the scale of the one-scale form), None when there is none."""
+        return self.output_shapes(src_shape)[1] if len(self.outputs) > 1 else None
+
+    def calling(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+        """The buffers of a call from one tensor per output: ``(out, None)`` for a scale-less short form."""
+        if not self.declares_outputs and len(tensors) == 1:
+            return (tensors[0], None)
+        return tuple(tensors)
+
+    def check_source(self, src: Any) -> None:
+        """Refuse a source this conversion cannot read, naming what was expected."""
+        where = f"conversion {self.name!r}"
+        if not isinstance(src, torch.Tensor):
+            raise ConversionTypeError(f"{where}: src must be a torch.Tensor, got {type(src).__name__}")
+        self.check_shape(src.shape)
+        if src.dtype not in self.src_dtypes:
+            names = ", ".join(str(d) for d in self.src_dtypes)
+            raise ConversionInputError(f"{where}: src dtype {src.dtype} is not one of {names}")
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        """Refuse a source rank this conversion does not handle (also before allocating)."""
+        if self.src_ndims is not None and len(shape) not in self.src_ndims:
+            ranks = " or ".join(f"{n}-D" for n in self.src_ndims)
+            raise ConversionInputError(
+                f"conversion {self.name!r}: source of shape {tuple(shape)} is {len(shape)}-D; expected {ranks} "
+                "((N, K) weights or (E, N, K) stacked experts)"
+            )
+
+    def check_buffers(self, src: torch.Tensor, *buffers: Any) -> None:
+        """The one place every plugin's arguments are validated."""
+        self.check_source(src)
+        where = f"conversion {self.name!r}"
+        shapes = self._shapes_or_error(src.shape)
+        if not self.declares_outputs:
+            out = buffers[0] if buffers else None
+            scale_out = buffers[1] if len(buffers) > 1 else None
+            if len(buffers) > 2:
+                raise ConversionTypeError(f"{where} takes (src, out, scale_out); got {len(buffers)} buffers")
+            check_buffer(where, "out", out, shapes[0], self.dst_dtype, src.device)
+            if self.requires_scale:
+                if scale_out is None:
+                    raise ConversionInputError(
+                        f"{where} requires a scale buffer: pass scale_out of shape {shapes[1]} "
+                        f"and dtype {self.scale_dtype} (see Conversion.allocate)"
+                    )
+                check_buffer(where, "scale_out", scale_out, shapes[1], self.scale_dtype, src.device)
+            elif scale_out is not None:
+                raise ConversionInputError(f"{where} writes no scale: pass scale_out=None")
+            return
+        if len(buffers) != len(self.outputs):
+            names = ", ".join(o.name for o in self.outputs)
+            raise ConversionTypeError(
+                f"{where} writes {len(self.outputs)} outputs ({names}); got {len(buffers)} buffers "
+                "(see Conversion.allocate)"
+            )
+        for output, shape, buf in zip(self.outputs, shapes, buffers, strict=True):
+            check_buffer(where, f"output {output.name!r}", buf, shape, output.dtype, src.device)
+
+    def _shapes_or_error(self, src_shape: Sequence[int]) -> tuple[Shape, ...]:
+        try:
+            return self.output_shapes(src_shape)
+        except ConversionCoreError:
+            raise
+        except Exception as exc:  # a plugin's shape function that raises: name it, one line
+            raise ConversionTypeError(
+                f"conversion {self.name!r}: its output shape function failed for source shape "
+                f"{tuple(src_shape)}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def allocate(self, shape: Sequence[int], device: torch.device | str | None = None) -> tuple[Any, ...]:
+        """Allocate the buffers for a source of ``shape``, once: ``(out, scale_or_None)`` in the
+        one-scale form, one tensor per declared output otherwise."""
+        shape = tuple(int(s) for s in shape)
+        self.check_shape(shape)
+        tensors = [
+            torch.empty(s, dtype=o.dtype, device=device)
+            for o, s in zip(self.outputs, self._shapes_or_error(shape), strict=True)
+        ]
+        return self.calling(tensors)
+
+    def convert(self, src: torch.Tensor) -> tuple[Any, ...]:
+        """Allocate buffers on ``src``'s device and convert into them (DTensor in, DTensors out)."""
+        if is_dtensor(src):
+            from ..plan.sharded import convert as convert_dtensor
+
+            return convert_dtensor(self, src)
+        self.check_source(src)
+        buffers = self.allocate(src.shape, src.device)
+        self.fn(src, *buffers)
+        return buffers
+
+    def replace(self, **changes: Any) -> Conversion:
+        """A copy with some fields changed (the checks are re-bound to the copy)."""
+        if self.declares_outputs:  # the one-scale fields were derived from the outputs
+            for key in _ONE_SCALE_DEFAULTS:
+                changes.setdefault(key, _ONE_SCALE_DEFAULTS[key])
+        else:  # the outputs were derived from the one-scale fields
+            changes.setdefault("outputs", ())
+        return dataclasses.replace(self, **changes)
+
+
+def check_buffer(where: str, what: str, buf: Any, shape: Shape, dtype: torch.dtype, device: torch.device) -> None:
+    """One buffer has exactly the expected shape, dtype and device, and is contiguous."""
+    expected = f"expected shape {shape}, dtype {dtype}, device {device}, contiguous"
+    if not isinstance(buf, torch.Tensor):
+        raise ConversionTypeError(f"{where}: {what} must be a torch.Tensor ({expected}), got {type(buf).__name__}")
+    if tuple(buf.shape) != shape or buf.dtype != dtype or buf.device != device:
+        raise ConversionInputError(f"{where}: {what} has {_describe(buf)}; {expected}")
+    if not buf.is_contiguous():
+        raise ConversionInputError(f"{where}: {what} is not contiguous; {expected}")
+
+
+def _storage_of(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    return t.data_ptr(), tuple(t.shape), t.stride()
+
+
+def _checked(conversion: Conversion, raw: ConvertFn) -> ConvertFn:
+    @functools.wraps(raw)
+    def fn(src: torch.Tensor, *buffers: Any) -> None:
+        if is_dtensor(src):
+            from ..plan.sharded import convert_into
+
+            return convert_into(conversion, src, *buffers)
+        if not conversion.declares_outputs and len(buffers) == 1:
+            buffers = (buffers[0], None)  # fn(src, out) for a scale-less short form
+        conversion.check_buffers(src, *buffers)
+        before = [_storage_of(b) for b in buffers if b is not None]
+        result = raw(src, *buffers)
+        if result is not None:
+            raise ConversionTypeError(
+                f"conversion {conversion.name!r}: fn returned a {type(result).__name__}; it must write into the "
+                "buffers it is given and return None (a returned tensor would be lost)"
+            )
+        after = [_storage_of(b) for b in buffers if b is not None]
+        if after != before:
+            raise ConversionTypeError(
+                f"conversion {conversion.name!r}: fn moved or resized a buffer's storage (set_, resize_, ...); "
+                "it must write into the buffers in place"
+            )
+
+    fn.__cc_raw__ = raw  # type: ignore[attr-defined]
+    return fn
+
+
+__all__ = [
+    "ELEMENTWISE",
+    "FLOAT_SOURCE_DTYPES",
+    "RAW_TARGET",
+    "Conversion",
+    "ConvertFn",
+    "LaunchFn",
+    "check_buffer",
+    "is_dtensor",
+    "same_shape",
+]

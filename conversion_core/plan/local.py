@@ -1,0 +1,357 @@
+"""The whole-model plan's buffers and its step: allocated once, refilled every training step.
+
+:meth:`Plan.allocate` allocates every output once (one arena, so it can be registered for RDMA in
+one call); :meth:`Plan.run` validates the inputs, then refills the same buffers through each
+conversion's checked ``fn``, or, when every conversion can queue its kernels without a host sync,
+in one launched step (on CUDA, replayed CUDA graphs: :mod:`conversion_core.plan.graph_step`). Any
+failure raises and leaves the plan not ready. A tensor that is copied or cast rather than
+quantized is checked for NaN/Inf by the core (a quantizing conversion refuses them itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backend import use_triton
+from ..contract import Conversion
+from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError
+from . import arena as arenas
+from . import geometry
+from .decide import PlanEntry, dtype_name
+from .graph_step import SEGMENT_GROWTH, CapturedStep
+
+#: Manifest format written by :meth:`Plan.manifest` (2: every entry lists all its outputs).
+MANIFEST_VERSION = 2
+#: Streams a captured CUDA step spreads its launches over (see :meth:`Plan.run`).
+GRAPH_STREAMS = 8
+#: Tensors in the first graph segment of a captured step; each next one holds
+#: :data:`~conversion_core.plan.graph_step.SEGMENT_GROWTH` times as many.
+GRAPH_FIRST_SEGMENT = 32
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of a conversion: the source rows it reads (``()``: all) and the buffers it writes
+    (in the conversion's calling order, ``(out, None)`` for a scale-less short form)."""
+
+    name: str
+    index: tuple[Any, ...]
+    buffers: tuple[Any, ...]
+    #: (staging, strided view) pairs copied after the call (sharded fused pieces).
+    copies: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+
+
+def entry_calls(e: PlanEntry, tensors: Sequence[Any]) -> list[Call]:
+    """The calls that fill entry ``e``'s outputs ``tensors`` (one per output, buffer shapes)."""
+    c = e.conversion
+    if e.shards is None or len(e.shards) == 1 or geometry.shards_align(c, e.src_shape, e.shards):
+        return [Call(e.name, (), c.calling(tensors))]  # one call writes the same bytes as one per shard
+    return [
+        Call(e.name, index, c.calling(views))
+        for index, views in geometry.shard_views(c, e.src_shape, e.shards, tensors)
+    ]
+
+
+def non_finite_source(name: str, src: torch.Tensor) -> ConversionInputError:
+    return ConversionInputError(
+        f"tensor {name!r} of shape {tuple(src.shape)} holds NaN or Inf; refusing to write it "
+        "(kept and cast tensors are checked like quantized ones)"
+    )
+
+
+class Plan:
+    """Per-tensor decisions, then buffers allocated once and refilled every step."""
+
+    def __init__(self, entries: Sequence[PlanEntry], conversion: Conversion, target: Any = None):
+        self.entries: tuple[PlanEntry, ...] = tuple(entries)
+        self.conversion = conversion
+        #: The :class:`~conversion_core.TargetFormat` the outputs were named for.
+        self.target = target
+        self._by_name = {e.name: e for e in self.entries}
+        if len(self._by_name) != len(self.entries):
+            raise ConversionInputError("a plan cannot hold two tensors with one name")
+        outputs = [n for e in self.entries for n in e.output_names]
+        clash = sorted(n for n, count in Counter(outputs).items() if count > 1)
+        if clash:
+            raise ConversionInputError(
+                f"output names collide: {clash[:5]} (a source tensor already carries a scale's name; "
+                "is the source already quantized?)"
+            )
+        self.device: torch.device | None = None
+        self.arena: torch.Tensor | None = None
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._calls: list[Call] = []
+        self._sharded = False
+        self._ready = False
+        #: Streams a captured step spreads its launches over (concurrent small kernels).
+        self.graph_streams = GRAPH_STREAMS
+        #: Tensors in the first graph segment (the GPU starts once they are checked), and the
+        #: factor each next segment grows by. Changing a setting makes the next step start anew.
+        self.graph_first_segment = GRAPH_FIRST_SEGMENT
+        self.graph_segment_growth = SEGMENT_GROWTH
+        self._flag: torch.Tensor | None = None
+        self._step: CapturedStep | None = None
+        conversions = {id(e.conversion): e.conversion for e in self.entries}.values()
+        self._all_launch = all(c.launch is not None or not c.quantizes for c in conversions)
+
+    # ---- decisions -------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> PlanEntry:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ConversionInputError(f"tensor {name!r} is not in the plan") from None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def quantized(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.kept is None and e.conversion.quantizes]
+
+    @property
+    def kept(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.kept is not None]
+
+    def kept_modules(self) -> list[str]:
+        """Modules of kept matrices (2-D and up), for a checkpoint config's ignore list."""
+        modules = {e.name.removesuffix(".weight") for e in self.kept if len(e.src_shape) >= 2}
+        return sorted(modules)
+
+    def subset(self, names: Iterable[str]) -> Plan:
+        """A plan over some of the tensors (e.g. one checkpoint shard), with the same decisions."""
+        return Plan([self[n] for n in names], self.conversion, self.target)
+
+    def output_tags(self) -> dict[str, dict[str, Any]]:
+        """Tags of every output tensor (a companion carries its weight's tags)."""
+        return {n: e.tags for e in self.entries for n in e.output_names}
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format_version": MANIFEST_VERSION,
+            "conversion": self.conversion.name,
+            "tags": self.conversion.tags,
+            "tensors": [e.to_json() for e in self.entries],
+        }
+
+    def write_manifest(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(json.dumps(self.manifest(), indent=2) + "\n", encoding="utf-8")
+
+    # ---- buffers ---------------------------------------------------------------------------
+    def allocate(
+        self, device: torch.device | str | None = None, *, like: Mapping[str, Any] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Allocate every output once, as views of one arena on ``device``; returns the outputs.
+
+        ``like``: a state dict of DTensors (FSDP2, tensor or expert parallel): the outputs are then
+        DTensors placed like their sources, carved from one arena of local shards, and each
+        :meth:`run` batches its collectives (see :mod:`conversion_core.plan.sharded`).
+        """
+        self._step = None  # graphs write into the old buffers: never replayed again
+        if like is not None:
+            from .sharded import allocate_plan
+
+            self.arena, self._calls, self._outputs = allocate_plan(self, like)
+            self.device, self._ready, self._sharded = self.arena.device, False, True
+            return dict(self._outputs)
+        self._sharded = False
+        device = torch.device(device if device is not None else "cpu")
+        layout = [(o.buffer_shape, o.dtype) for e in self.entries for o in e.outputs]
+        arena, views = arenas.carve(layout, device)
+        self.arena, self.device, self._ready = arena, arena.device, False  # cuda -> cuda:0
+        self._calls, self._outputs = [], {}
+        position = 0
+        for e in self.entries:
+            tensors = views[position : position + len(e.outputs)]
+            position += len(e.outputs)
+            self._calls.extend(entry_calls(e, tensors))
+            for o, t in zip(e.outputs, tensors, strict=True):
+                self._outputs[o.name] = t.view(o.shape)
+        self._flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        return dict(self._outputs)
+
+    def dequantize(self, name: str) -> torch.Tensor:
+        """float32 reading of a tensor's current output, shard by shard for fused tensors (verification)."""
+        entry = self[name]
+        if self.arena is None:
+            raise ConversionInputError("the plan has no buffers yet: call allocate(device) first")
+        if self._sharded:
+            raise ConversionInputError(f"tensor {name!r}: a sharded plan's outputs are DTensors: read .full_tensor()")
+        result = torch.empty(entry.src_shape, dtype=torch.float32, device=self.device)
+        for call in self._calls:
+            if call.name == name:
+                value = entry.conversion.dequantize(*call.buffers)
+                if call.index:
+                    result[call.index] = value
+                else:
+                    result.copy_(value)
+        return result
+
+    @property
+    def ready(self) -> bool:
+        """True only after a run that converted every tensor."""
+        return self._ready
+
+    @property
+    def outputs(self) -> dict[str, torch.Tensor]:
+        """Output name -> preallocated tensor (the same tensors after every run)."""
+        if self.arena is None:
+            raise ConversionInputError("the plan has no buffers yet: call allocate(device) first")
+        return dict(self._outputs)
+
+    def validate(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Check names, types, shapes, dtypes and devices of every input; write nothing."""
+        if self.arena is None:
+            raise ConversionInputError("the plan has no buffers yet: call allocate(device) first")
+        if not isinstance(state_dict, Mapping):
+            raise ConversionTypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict)}")
+        missing = [n for n in self._by_name if n not in state_dict]
+        if missing:
+            raise ConversionInputError(
+                f"{len(missing)} planned tensor(s) missing from the state dict, e.g. {missing[:5]}"
+            )
+        if strict:
+            extra = [n for n in state_dict if n not in self._by_name]
+            if extra:
+                raise ConversionInputError(
+                    f"{len(extra)} tensor(s) the plan does not know, e.g. {extra[:5]}; rebuild the plan "
+                    "for this model (or run with strict=False to ignore them)"
+                )
+        for e in self.entries:
+            src = state_dict[e.name]
+            if not isinstance(src, torch.Tensor):
+                raise ConversionTypeError(f"tensor {e.name!r}: expected a torch.Tensor, got {type(src).__name__}")
+            got = (tuple(src.shape), src.dtype, src.device)
+            want = (e.src_shape, e.src_dtype, self.device)
+            if got != want:
+                raise ConversionInputError(
+                    f"tensor {e.name!r}: got shape {got[0]}, dtype {dtype_name(got[1])}, device {got[2]}; "
+                    f"the plan expects shape {want[0]}, dtype {dtype_name(want[1])}, device {want[2]}"
+                )
+
+    def run(self, state_dict: Mapping[str, Any], strict: bool = True) -> dict[str, torch.Tensor]:
+        """Refill every output from ``state_dict``; no allocation of outputs, no silent fallback.
+
+        Inputs are validated before they are converted (names, types, shapes, dtypes, devices);
+        a conversion that fails midway (NaN/Inf in a weight) raises naming the tensor. After any
+        failure the plan is not ready and its outputs are unspecified (some may hold this run's
+        bytes, others earlier ones) until a later run succeeds whole.
+
+        When every conversion has a ``launch`` and the backend picks Triton, the step queues all
+        kernels with no host sync and reads one NaN/Inf flag at the end (on a flag, it converts
+        tensor by tensor to name the culprit). On CUDA the step is captured in CUDA graphs
+        (launches spread over :attr:`graph_streams` streams) once its sources have sat at the
+        same addresses in two steps running, and replayed while the state dict holds the same
+        tensor objects at the same addresses, dtypes, shapes and strides (a trainer updating in
+        place); sources that move every step are launched eagerly instead. Objects and addresses
+        are checked segment by segment, each while the GPU runs the one before; dtypes, shapes and
+        strides after the last replay (:mod:`conversion_core.graph_step`). A source that changed
+        is thus found after some or all segments were replayed; the whole state dict is then
+        validated and the step run again. A state dict that fails that validation leaves those
+        segments holding replayed bytes (the plan is not ready, as after any failure).
+        """
+        self._ready = False
+        settings = (self.graph_streams, self.graph_first_segment, self.graph_segment_growth)
+        if self._step is not None and self._step.settings != settings:
+            self._step = None  # a graph setting changed: segments cut and captured anew
+        if self._step is not None and self._step.replay_if_unchanged(state_dict, strict):
+            outputs = dict(self._outputs)  # built while the GPU works
+            self._check_flag(state_dict)
+            self._ready = True
+            return outputs
+        self.validate(state_dict, strict)
+        if self._sharded:
+            from .sharded import run_plan
+
+            run_plan(self, self._calls, state_dict)
+            self._ready = True
+            return dict(self._outputs)
+        if self._launchable():
+            self._run_launched(state_dict)
+        else:
+            self._run_checked(state_dict)
+        self._ready = True
+        return dict(self._outputs)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def _launchable(self) -> bool:
+        """Every conversion has a sync-free ``launch`` (scale-free ones are plain copies) and the
+        backend picks Triton for the plan's device (CUDA; CPU only under Triton's interpreter)."""
+        assert self.arena is not None
+        return self._all_launch and use_triton(self.arena)
+
+    def _queue(self, state_dict: Mapping[str, Any], calls: slice, streams: Sequence[Any] = ()) -> None:
+        """Queue a range of calls, no host sync; round-robin over ``streams`` when given (graph capture).
+
+        A copy or cast (no ``launch``) ORs a NaN/Inf in its source into the flag as well."""
+        assert self._flag is not None
+        for i, call in enumerate(self._calls[calls]):
+            src = state_dict[call.name]
+            src = src[call.index] if call.index else src
+            conversion = self._by_name[call.name].conversion
+            ctx = torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext()
+            with ctx:
+                if conversion.launch is not None:
+                    conversion.launch(src, *call.buffers, self._flag)
+                else:
+                    if src.dtype.is_floating_point:
+                        self._flag.add_(torch.isfinite(src).all().logical_not())
+                    conversion.raw_fn(src, *call.buffers)
+
+    def _run_launched(self, state_dict: Mapping[str, Any]) -> None:
+        """The fast step: every kernel queued (CUDA: graph replays), then one flag read.
+
+        ``state_dict`` is validated. On CUDA, graph segments are replayed, captured or launched
+        eagerly as :meth:`CapturedStep.run` decides; never replayed on stale addresses.
+        """
+        assert self._flag is not None and self.device is not None
+        if self.device.type == "cuda":
+            if self._step is None:
+                calls_per_entry = Counter(call.name for call in self._calls)
+                self._step = CapturedStep(
+                    [e.name for e in self.entries],
+                    [calls_per_entry[e.name] for e in self.entries],
+                    self._flag,
+                    self.graph_streams,
+                    self.graph_first_segment,
+                    self.graph_segment_growth,
+                )
+            self._step.run(state_dict, lambda calls, streams: self._queue(state_dict, calls, streams))
+        else:
+            self._flag.zero_()
+            self._queue(state_dict, slice(None))
+        self._check_flag(state_dict)
+
+    def _check_flag(self, state_dict: Mapping[str, Any]) -> None:
+        """The one host sync of a launched step: on NaN/Inf, convert tensor by tensor to name it."""
+        assert self._flag is not None
+        if int(self._flag.item()):
+            self._run_checked(state_dict)
+            raise ConversionCoreError("a NaN/Inf was flagged during the step but no tensor failed when re-checked")
+
+    def _run_checked(self, state_dict: Mapping[str, Any]) -> None:
+        """Tensor by tensor through each conversion's checked ``fn`` (one host sync per call)."""
+        for call in self._calls:
+            src = state_dict[call.name]
+            conversion = self._by_name[call.name].conversion
+            src = src[call.index] if call.index else src
+            if not conversion.quantizes and src.dtype.is_floating_point and not bool(torch.isfinite(src).all()):
+                raise non_finite_source(call.name, src)
+            try:
+                conversion.fn(src, *call.buffers)
+            except ConversionCoreError as exc:
+                raise ConversionInputError(f"tensor {call.name!r}: {exc}") from exc
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # SystemExit or worse from plugin code: never a silent success
+                raise ConversionCoreError(
+                    f"tensor {call.name!r}: conversion {conversion.name!r} failed: {type(exc).__name__}: {exc}"
+                ) from exc
