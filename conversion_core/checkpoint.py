@@ -236,6 +236,10 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
     s, d = src.resolve(), dst.resolve()
     if s == d or s in d.parents or d in s.parents:
         raise ConversionInputError(f"DST {dst} must not be SRC {src}, inside it, or contain it")
+    try:
+        publish.tidy(d)  # a dead run's leftovers: restored or removed before DST is judged
+    except OSError as exc:
+        raise ConversionInputError(publish.os_error_line(exc, dst)) from exc
     publish.check_destination(d, force)
 
 

@@ -15,7 +15,8 @@ Protocol (all names beside DST, in its parent, so every rename stays on one file
    flock when its holder dies, so a lock that can be taken means no live run owns DST. After taking
    it we check that the path still names the inode we locked (a finishing holder unlinks it), else
    retry.
-3. Recover, under the lock: any ``.DST.tmp-*`` / ``.DST.old-*`` left there belongs to a dead run (a
+3. Recover, under the lock (also done by :func:`tidy` before the early checks, so a run refused
+   at once still cleans up): any ``.DST.tmp-*`` / ``.DST.old-*`` left there belongs to a dead run (a
    live one would hold the lock). If DST is missing and an ``.old`` exists, a run died between the
    two renames of a replace: the old complete result is renamed back to DST. Then the leftovers
    are removed.
@@ -139,6 +140,24 @@ def recover(dst: Path) -> None:
         olds = olds[:-1]
     for p in olds + _leftovers(dst, "tmp"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def tidy(dst: Path) -> None:
+    """Recover a dead run's leftovers now if no live run holds DST (a run refused early still cleans up)."""
+    if not dst.parent.is_dir():
+        return
+    if not lock_path(dst).exists() and not (_leftovers(dst, "tmp") + _leftovers(dst, "old")):
+        return
+    try:
+        fd = _acquire(dst)
+    except ConversionInputError:
+        return  # a live run owns DST; Publication.open() will say so
+    try:
+        recover(dst)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path(dst))
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
