@@ -18,9 +18,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import publish
 from .config import quantization_config_of
 from .contract import Conversion, TargetFormat
 from .errors import ConfigError, ConversionCoreError, ConversionInputError
@@ -209,31 +208,11 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
     s, d = src.resolve(), dst.resolve()
     if s == d or s in d.parents or d in s.parents:
         raise ConversionInputError(f"DST {dst} must not be SRC {src}, inside it, or contain it")
-    if not d.parent.is_dir():
-        raise ConversionInputError(f"the parent of DST, {d.parent}, does not exist")
-    if d.exists() or d.is_symlink():
-        if not d.is_dir():
-            raise ConversionInputError(f"DST {dst} exists and is not a directory")
-        if any(d.iterdir()) and not force:
-            raise ConversionInputError(f"DST {dst} exists and is not empty; pass --force to replace it")
-
-
-def _publish(tmp: Path, dst: Path) -> None:
-    """Move the finished ``tmp`` to ``dst``, replacing an existing ``dst`` only once ``tmp`` is complete."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
-    if not dst.exists():
-        os.rename(tmp, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(dst, old)
     try:
-        os.rename(tmp, dst)
-    except BaseException:
-        os.rename(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        publish.tidy(d)  # a dead run's leftovers: restored or removed before DST is judged
+    except OSError as exc:
+        raise ConversionInputError(publish.os_error_line(exc, dst)) from exc
+    publish.check_destination(d, force)
 
 
 def _copy_others(src: Path, tmp: Path) -> list[str]:
@@ -301,10 +280,11 @@ def convert_checkpoint(
             f"a checkpoint that loads as another format (quantization_config: {json.dumps(out_qc)})"
         )
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst_path.name}.tmp-", dir=dst_path.resolve().parent))
     weight_map: dict[str, str] = {}
     bytes_in = bytes_out = 0
+    pub = publish.Publication(dst_path.resolve(), force)
     try:
+        tmp = pub.open()  # claims DST (lock), recovers a dead run's leftovers, re-checks DST
         total = sum(_nbytes(s.shape, s.dtype) for s in specs.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress, file=sys.stderr) as bar:
             for file, names in shards:
@@ -314,6 +294,7 @@ def convert_checkpoint(
                     state = {name: f.get_tensor(name) for name in names}
                 shard_plan.run(state)
                 save_file(outputs, str(tmp / file), metadata={"format": "pt"})
+                publish.step("shard-written")
                 shard_in = sum(t.numel() * t.element_size() for t in state.values())
                 bytes_in += shard_in
                 bytes_out += sum(t.numel() * t.element_size() for t in outputs.values())
@@ -324,14 +305,15 @@ def convert_checkpoint(
             index = {"metadata": {"total_size": bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         (tmp / CONFIG_NAME).write_text(json.dumps(out_config, indent=2) + "\n", encoding="utf-8")
+        publish.step("config-written")
         plan.write_manifest(tmp / MANIFEST_NAME)
         _copy_others(src_path, tmp)
-        _publish(tmp, dst_path)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise ConversionInputError(f"writing {dst_path} failed: {exc}") from exc
-        raise
+        publish.step("others-copied")
+        pub.publish()
+    except OSError as exc:
+        raise ConversionInputError(publish.os_error_line(exc, dst_path)) from exc
+    finally:
+        pub.close()  # removes the temporary (or replaced) directory and releases DST
     return ConvertResult(
         dst=dst_path,
         conversion=chosen.name,
