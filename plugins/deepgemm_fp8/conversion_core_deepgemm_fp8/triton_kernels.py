@@ -47,6 +47,8 @@ GPU_SOFT_ROUND = False
 UE8M0_AMAX_FLOOR = tl.constexpr(9.999999747378752e-05)
 #: ``ue8m0.SATURATE`` = 15 * 2^124: with a power-of-two scale, ``|q| <= SATURATE / scale`` keeps ``q * scale`` finite.
 UE8M0_SATURATE = tl.constexpr(15.0 * 2.0**124)
+#: Scales below this give ``SATURATE / scale >= 960``: the limit is 448 there without dividing into Inf.
+UE8M0_SATURATE_FROM = tl.constexpr(2.0**118)
 
 
 @triton.jit
@@ -104,7 +106,8 @@ def _quantize_tile_kernel(
     recip = tl.math.div_rn(1.0, scale)
     q = _div_exact(x, scale, recip, FAST_DIV)
     if UE8M0:  # 448, or 240 for the scale 2^120, where 256 * scale would be Inf (ue8m0.SATURATE)
-        limit = tl.minimum(tl.math.div_rn(UE8M0_SATURATE, scale), Q_MAX)
+        # below 2^118 the quotient is >= 960 anyway; the floor on the divisor keeps it from overflowing
+        limit = tl.minimum(tl.math.div_rn(UE8M0_SATURATE, tl.maximum(scale, UE8M0_SATURATE_FROM)), Q_MAX)
         q = tl.minimum(tl.maximum(q, -limit), limit)
     q = _to_e4m3(q, SOFT_ROUND)
     if EVEN:
