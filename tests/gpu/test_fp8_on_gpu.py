@@ -20,6 +20,7 @@ pytestmark = [
 ]
 
 BLOCK = "fp8_128x128"
+UE8M0 = "fp8_128x128_ue8m0"
 CHANNEL = "cutlass_fp8_e4m3_per_channel"
 E4M3 = torch.float8_e4m3fn
 
@@ -53,7 +54,7 @@ def _assert_gpu_equals_cpu(name: str, src_cpu: torch.Tensor, gpu_view=lambda t: 
     assert torch.equal(s_gpu.cpu().view(torch.int32), s_cpu.view(torch.int32))
 
 
-@pytest.mark.parametrize("name", [BLOCK, CHANNEL])
+@pytest.mark.parametrize("name", [BLOCK, UE8M0, CHANNEL])
 @pytest.mark.parametrize(
     "shape",
     [(4096, 4096), (3, 1000, 1500), (130, 28700), (257, 200)],
@@ -63,13 +64,13 @@ def test_gpu_bytes_equal_cpu_bytes(name: str, shape: tuple[int, ...]) -> None:
     _assert_gpu_equals_cpu(name, _weights(shape, torch.bfloat16, seed=sum(shape)))
 
 
-@pytest.mark.parametrize("name", [BLOCK, CHANNEL])
+@pytest.mark.parametrize("name", [BLOCK, UE8M0, CHANNEL])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_gpu_bytes_equal_cpu_bytes_other_dtypes(name: str, dtype: torch.dtype) -> None:
     _assert_gpu_equals_cpu(name, _weights((2, 700, 900), dtype, seed=3))
 
 
-@pytest.mark.parametrize("name", [BLOCK, CHANNEL])
+@pytest.mark.parametrize("name", [BLOCK, UE8M0, CHANNEL])
 def test_gpu_bytes_equal_cpu_bytes_non_contiguous(name: str) -> None:
     src = _weights((900, 700), torch.bfloat16, seed=4)
     q_cpu, s_cpu = _convert(name, src.t())
@@ -78,15 +79,18 @@ def test_gpu_bytes_equal_cpu_bytes_non_contiguous(name: str) -> None:
     assert torch.equal(s_gpu.cpu(), s_cpu)
 
 
-@pytest.mark.parametrize("module", ["deepgemm", "cutlass"])
+@pytest.mark.parametrize("module", ["deepgemm", "deepgemm-ue8m0", "cutlass"])
 def test_every_kernel_variant_equals_cpu(module: str) -> None:
     """The division and rounding variants the benchmark may pick all write the same bytes."""
     src = _weights((64, 128, 2048), torch.bfloat16, seed=5)  # 16.7M elements
-    if module == "deepgemm":
+    if module.startswith("deepgemm"):
         from conversion_core_deepgemm_fp8 import triton_kernels
 
-        q_cpu, s_cpu = _convert(BLOCK, src)
-        variants = [dict(fast_div=f, soft_round=r, num_warps=w) for f in (0, 1) for r in (0, 1) for w in (4, 8)]
+        ue8m0 = module == "deepgemm-ue8m0"
+        q_cpu, s_cpu = _convert(UE8M0 if ue8m0 else BLOCK, src)
+        variants = [
+            dict(fast_div=f, soft_round=r, num_warps=w, ue8m0=ue8m0) for f in (0, 1) for r in (0, 1) for w in (4, 8)
+        ]
     else:
         from conversion_core_cutlass_fp8 import triton_kernels
 
@@ -99,7 +103,7 @@ def test_every_kernel_variant_equals_cpu(module: str) -> None:
         out = torch.full(x.shape, float("nan"), dtype=E4M3, device="cuda")
         scale = torch.full(s_cpu.shape, float("nan"), device="cuda")
         flag = torch.zeros(1, dtype=torch.int32, device="cuda")
-        if module == "deepgemm":
+        if module.startswith("deepgemm"):
             triton_kernels.launch_blocks(x, out, scale, flag, (128, 128), **variant)
         else:
             triton_kernels.launch_rows(x, out, scale, flag, variant)
@@ -108,7 +112,7 @@ def test_every_kernel_variant_equals_cpu(module: str) -> None:
         assert torch.equal(scale.cpu(), s_cpu), variant
 
 
-@pytest.mark.parametrize("name", [BLOCK, CHANNEL])
+@pytest.mark.parametrize("name", [BLOCK, UE8M0, CHANNEL])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_refused_on_gpu(name: str, bad: float) -> None:
     src = torch.randn(3, 300, 500, device="cuda", dtype=torch.bfloat16)
@@ -120,7 +124,7 @@ def test_non_finite_refused_on_gpu(name: str, bad: float) -> None:
     assert "(3, 300, 500)" in str(info.value)
 
 
-@pytest.mark.parametrize("name", [BLOCK, CHANNEL])
+@pytest.mark.parametrize("name", [BLOCK, UE8M0, CHANNEL])
 def test_ties_zeros_and_the_448_boundary_on_gpu(name: str) -> None:
     """Halfway cases (RNE), signed zeros, subnormals, amax elements that land a hair above 448
     before the cast, and values near FLT_MAX: the GPU cast must agree with torch on all."""
@@ -137,7 +141,7 @@ def test_torch_backend_on_gpu_equals_cpu(monkeypatch) -> None:
     """CONVERSION_CORE_BACKEND=torch on CUDA tensors: the torch path itself must match the CPU.
     (torch divides a CUDA tensor by a Python scalar as a multiplication by its reciprocal.)"""
     monkeypatch.setenv("CONVERSION_CORE_BACKEND", "torch")
-    for name in (BLOCK, CHANNEL):
+    for name in (BLOCK, UE8M0, CHANNEL):
         _assert_gpu_equals_cpu(name, _weights((3, 300, 700), torch.bfloat16, seed=9))
 
 
@@ -198,15 +202,16 @@ def test_grouped_scaled_mm_accepts_per_channel_expert_bytes() -> None:
     assert err <= 1.1 * err_dequant and err < 0.1
 
 
+@pytest.mark.parametrize("name", [BLOCK, UE8M0])  # power-of-two scales are float32 scales to this kernel
 @pytest.mark.parametrize("n,k", [(1536, 2048), (1008, 640)], ids=["kblocks16", "kblocks5-padded-partial"])
-def test_blockwise_scaled_mm_accepts_128x128_bytes(n: int, k: int) -> None:
+def test_blockwise_scaled_mm_accepts_128x128_bytes(n: int, k: int, name: str) -> None:
     from torch.nn.functional import ScalingType, scaled_mm
 
     torch.manual_seed(2)
     m = 256  # a multiple of 4, as the 1x128 activation scales need
     a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    conversion = cc.load_registry().get(BLOCK)
+    conversion = cc.load_registry().get(name)
     w_q, w_s = conversion.convert(w)
     nb, kb = w_s.shape
     assert (nb, kb) == (-(-n // 128), -(-k // 128))

@@ -3,6 +3,9 @@
 Weights ``(N, K)`` or stacked experts ``(E, N, K)``; one float32 dequantization scale per
 128x128 block (``weight_scale_inv``, shape ``(ceil(N/128), ceil(K/128))``, ``(E, …)`` for
 experts). Edge blocks cover only their valid elements; blocks never cross experts.
+
+The distribution has a second entry point, ``deepgemm_fp8_ue8m0`` (module :mod:`.ue8m0`): the
+same blocks with power-of-two scales, ``fp8_128x128_ue8m0``, for ``"scale_fmt": "ue8m0"`` configs.
 """
 
 from __future__ import annotations
@@ -54,7 +57,12 @@ def launch(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None,
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """float32 ``q * scale`` with each block's scale broadcast over its 128x128 elements."""
-    scale = check_fp8_dequantize_args(q, scale, NAME)
+    return dequantize_blocks(q, scale, NAME)
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor | None, conversion: str) -> torch.Tensor:
+    """``dequantize`` for any 128x128 block conversion of this plugin (errors name ``conversion``)."""
+    scale = check_fp8_dequantize_args(q, scale, conversion)
     n, k = q.shape[-2:]
     full = scale.repeat_interleave(BLOCK[0], dim=-2).repeat_interleave(BLOCK[1], dim=-1)
     return q.float() * full[..., :n, :k]

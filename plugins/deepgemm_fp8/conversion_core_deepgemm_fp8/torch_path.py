@@ -6,7 +6,7 @@ rows, split by columns when a band is large) on a few threads, with no full-size
 
 1. every chunk's block abs-max, as an integer max over the sign-masked float bits (exact, and NaN
    or Inf cannot hide in it), into a small ``(E*ceil(N/128), ceil(K/128))`` buffer;
-2. NaN/Inf check and ``scale_from_amax`` over all blocks at once;
+2. NaN/Inf check and the scale step (``scale_fn``, default ``scale_from_amax``) over all blocks at once;
 3. every chunk again: widen to float32 scratch, divide by its blocks' scales, clamp, cast.
 
 A non-finite source raises in step 2, before anything is written: ``out`` and ``scale_out`` are
@@ -16,7 +16,7 @@ the reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,21 @@ from conversion_core.formats.fp8 import (
 # (plane, first row, end row, first column, end column, the plane's global index of the first band)
 _Task = tuple[int, int, int, int, int, int]
 
+#: float32 block amax (any shape) -> float32 dequantization scale (same shape): the one step in
+#: which block formats differ (``scale_from_amax`` for plain float32 scales, a power-of-two
+#: rounding for UE8M0 scales); everything else (amax, NaN check, division, clamp, cast) is shared.
+ScaleFn = Callable[[torch.Tensor], torch.Tensor]
+
 
 def reference_quantize_blocks(
-    src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor, block: tuple[int, int], name: str
+    src: torch.Tensor,
+    out: torch.Tensor,
+    scale_out: torch.Tensor,
+    block: tuple[int, int],
+    name: str,
+    scale_fn: ScaleFn = scale_from_amax,
 ) -> None:
-    """Write e4m3 bytes into ``out`` and per-block float32 scales into ``scale_out``."""
+    """Write e4m3 bytes into ``out`` and per-block float32 scales (``scale_fn(amax)``) into ``scale_out``."""
     x = src.reshape(-1, *src.shape[-2:]).float()  # (E, N, K); a copy for non-float32 sources
     e, n, k = x.shape
     br, bc = block
@@ -48,18 +58,23 @@ def reference_quantize_blocks(
     amax = padded.view(e, nb, br, kb, bc).amax(dim=(2, 4))
     if not bool(torch.isfinite(amax).all()):  # amax propagates NaN and Inf
         raise non_finite_error(name, src.shape)
-    scale = scale_from_amax(amax)
+    scale = scale_fn(amax)
     full = scale.repeat_interleave(br, dim=1).repeat_interleave(bc, dim=2)[:, :n, :k]
     quantize_into(x, full, out.view(e, n, k))
     scale_out.view(e, nb, kb).copy_(scale)
 
 
 def quantize_blocks(
-    src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor, block: tuple[int, int], name: str
+    src: torch.Tensor,
+    out: torch.Tensor,
+    scale_out: torch.Tensor,
+    block: tuple[int, int],
+    name: str,
+    scale_fn: ScaleFn = scale_from_amax,
 ) -> None:
-    """Write e4m3 bytes into ``out`` and per-block float32 scales into ``scale_out``."""
+    """Write e4m3 bytes into ``out`` and per-block float32 scales (``scale_fn(amax)``) into ``scale_out``."""
     if src.device.type != "cpu" or src.dtype not in ABS_BITS or src.numel() == 0:
-        reference_quantize_blocks(src, out, scale_out, block, name)
+        reference_quantize_blocks(src, out, scale_out, block, name, scale_fn)
         return
     x = src if src.dim() == 3 else src.unsqueeze(0)
     e, n, k = x.shape
@@ -88,7 +103,7 @@ def quantize_blocks(
             torch.amax(col_max.view(bands, kblocks, bc), dim=-1, out=amax_bits[band : band + bands, k0 : k0 + kblocks])
 
     run_chunks(tasks, block_amax)
-    scale = scale_from_amax(amax_from_abs_bits(amax_bits, src.dtype, name, src.shape))
+    scale = scale_fn(amax_from_abs_bits(amax_bits, src.dtype, name, src.shape))
 
     def block_quantize(chunks: Iterable[_Task]) -> None:
         scratch = torch.empty(scratch_elements, dtype=torch.float32)
