@@ -55,9 +55,10 @@ import torch
 
 import conversion_core as cc
 from conversion_core.backend import use_triton
+from conversion_core.formats.checkpoints import fp8_block_config, scale_target
 from conversion_core.formats.fp8 import E4M3, E4M3_MAX, is_dynamic_e4m3_fp8
 
-from . import BLOCK, dequantize_blocks, scale_shape, torch_path
+from . import BLOCK, dequantize_blocks, scale_shape, statistic_block, torch_path
 
 NAME = "fp8_128x128_ue8m0"
 COMPILE_TARGET = "deep_gemm_fp8_ue8m0"
@@ -146,6 +147,28 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return dequantize_blocks(q, scale, NAME)
 
 
+def quantize_with_amax(
+    x: torch.Tensor, amax: torch.Tensor, grid: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor
+) -> None:
+    """``BlockAmax.apply`` for a sharded source: the torch path's numerics from the global block amax.
+
+    The per-element clamp to ``min(448, SATURATE / scale)`` equals the torch path's ±448 clamp
+    followed by ``saturate_overflowing_blocks`` (the limit is itself an e4m3 value).
+    """
+    scale_out.copy_(scale_from_amax(grid).reshape(scale_out.shape))
+    scale = scale_from_amax(amax)
+    limit = torch.tensor(SATURATE, dtype=torch.float32, device=x.device).div(scale).clamp_(max=E4M3_MAX)
+    q = torch.div(x.float(), scale)
+    out.view(x.shape).copy_(torch.maximum(torch.minimum(q, limit), -limit))
+
+
+def target_format(qc: dict[str, Any]) -> cc.TargetFormat:
+    """DeepSeek-V3.1 ``fp8`` checkpoints with ``scale_fmt: "ue8m0"`` (``weight_scale_inv``)."""
+    return scale_target(
+        qc, "weight_scale_inv", per_row=False, written=lambda kept: fp8_block_config(BLOCK, kept, scale_fmt="ue8m0")
+    )
+
+
 FP8_128X128_UE8M0 = cc.Conversion(
     name=NAME,
     fn=quantize,
@@ -158,6 +181,8 @@ FP8_128X128_UE8M0 = cc.Conversion(
     dequantize=dequantize,
     src_ndims=(2, 3),
     launch=launch,
+    target_format=target_format,
+    sharded=cc.BlockAmax(block=statistic_block, apply=quantize_with_amax),
 )
 
 
