@@ -145,3 +145,12 @@ def bench(session: nox.Session) -> None:
     _install_torch(session)
     _install(session, ".[triton]", *(f"./plugins/{name}" for name in PLUGINS))
     session.run("conversion-core", "bench", *session.posargs)
+
+
+@nox.session
+def exhaustive(session: nox.Session) -> None:
+    """Not run by default: minifloat rounding against torch's e4m3 cast on all 2**32 float32 patterns."""
+    _install_torch(session)
+    _install(session, "-e", ".", *TEST_TOOLS)
+    test = "tests/test_minifloat.py::test_every_float32_pattern_e4m3"
+    session.run("pytest", "-ra", test, *session.posargs, env={"CONVERSION_CORE_EXHAUSTIVE": "1"})
