@@ -130,7 +130,7 @@ def test_like_config_with_an_ignore_list(checkpoints, tmp_path):
                     "quant_method": "fp8",
                     "activation_scheme": "dynamic",
                     "weight_block_size": [128, 128],
-                    "ignored_layers": ["model.layers.1.self_attn.q_proj"],
+                    "ignored_layers": [f"model.layers.1.self_attn.{p}_proj" for p in "qkv"],
                 },
             }
         )

@@ -32,7 +32,7 @@ CT_CHANNEL = {
             "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True},
         }
     },
-    "ignore": ["lm_head", "re:.*v_proj$"],
+    "ignore": ["lm_head", "re:.*o_proj$"],
 }
 CT_BLOCK = json.loads(json.dumps(CT_CHANNEL))
 CT_BLOCK["config_groups"]["g"]["weights"].update(strategy="block", block_structure=[128, 128])
@@ -100,12 +100,16 @@ def test_published_fp8_checkpoints_keep_embeddings_head_norms_biases_and_router_
 @pytest.mark.parametrize(
     ("qc", "extra_kept"),
     [
-        ({**BLOCK, "modules_to_not_convert": ["model.layers.0.self_attn.q_proj"]}, {"q_proj"}),
+        # q, k and v are one fused layer in the engines: ignored together or not at all
         (
-            {**BLOCK, "ignored_layers": ["self_attn.o_proj", "model.layers.0.mlp.experts"]},
+            {**BLOCK, "modules_to_not_convert": [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]},
+            {"q_proj", "v_proj"},
+        ),
+        (
+            {**BLOCK, "ignored_layers": ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.experts"]},
             {"o_proj", "gate_up_proj", "down_proj"},
         ),
-        (CT_CHANNEL, {"v_proj"}),
+        (CT_CHANNEL, {"o_proj"}),
     ],
 )
 def test_the_configs_ignore_lists_are_kept(qc, extra_kept):
@@ -360,3 +364,19 @@ def test_block_error_bound_helper_is_not_vacuous():
     q = torch.zeros(130, 140, dtype=E4M3)
     with pytest.raises(AssertionError):
         assert_within_e4m3(x, q, expand_blocks(scale, 130, 140))
+
+
+def test_an_ignore_entry_the_engines_read_differently_is_refused():
+    """``self_attn.o_proj`` is a suffix: transformers skips every o_proj, vLLM none (issue 19, class 3)."""
+    with pytest.raises(cc.ConfigError, match="transformers skips .* vLLM converts"):
+        build_plan(moe_specs(), {**BLOCK, "ignored_layers": ["self_attn.o_proj"]})
+
+
+def test_compressed_tensors_targets_decide_what_is_quantized():
+    """Only what a config group targets is quantized; the rest stays as it is."""
+    qc = json.loads(json.dumps(CT_CHANNEL))
+    qc["config_groups"]["g"]["targets"] = ["re:.*mlp\\..*"]
+    qc["ignore"] = []
+    plan = build_plan(moe_specs(), qc)
+    assert {e.name for e in plan.quantized} == {n for n in QUANTIZED if ".mlp." in n}
+    assert plan["model.layers.0.self_attn.o_proj.weight"].kept == "not in config_groups targets"

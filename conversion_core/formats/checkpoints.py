@@ -15,6 +15,7 @@ from typing import Any
 
 from ..contract import TargetFormat
 from ..errors import ConfigError
+from .modules import module_keep
 
 Shape = tuple[int, ...]
 
@@ -154,9 +155,10 @@ def scale_target(
 
     compressed-tensors / fbgemm configs: scale ``weight_scale``, per-row scales ``(N, 1)``, the
     config written back with the kept modules in its ignore list. Any other config (or none): the
-    conversion's own scale name, the config ``written(kept)`` gives.
+    conversion's own scale name, the config ``written(kept)`` gives. Which modules the config
+    keeps follows the engines' own matching (:mod:`conversion_core.formats.modules`).
     """
-    keep = ignored_by(qc)
+    keep = module_keep(qc) if qc else None
     if qc.get("quant_method") in WEIGHT_SCALE_METHODS:
         like = dict(qc)
         return TargetFormat(
