@@ -163,6 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except SystemExit as exc:  # only plugin code exits from inside a command: never a silent success
+        print(
+            f"conversion-core {args.command}: plugin code called sys.exit({exc.code!r}) during the command",
+            file=sys.stderr,
+        )
+        return 1
     except BrokenPipeError:  # e.g. `conversion-core plugins | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
