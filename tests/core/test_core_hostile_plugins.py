@@ -64,8 +64,10 @@ BOOM = "class Boom(BaseException):\n    pass\n"
     ("source", "match"),
     [
         (BOOM + "raise Boom('at import')\n", "Boom: at import"),
-        (BOOM + "import conversion_core as cc\n@cc.hookimpl\ndef register_conversion():\n    raise Boom('hook')\n",
-         "Boom: hook"),
+        (
+            BOOM + "import conversion_core as cc\n@cc.hookimpl\ndef register_conversion():\n    raise Boom('hook')\n",
+            "Boom: hook",
+        ),
         ("raise GeneratorExit('gen')\n", "GeneratorExit: gen"),
         ("import conversion_core as cc\n@cc.hookimpl\ndef default_rule():\n    raise GeneratorExit\n", "GeneratorExit"),
         ("import sys\nsys.exit(0)\n", "SystemExit: 0"),
