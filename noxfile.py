@@ -124,7 +124,7 @@ def all_(session: nox.Session) -> None:
     # run per directory: test modules of different distributions may share a file name.
     interpret = {"TRITON_INTERPRET": "1"}
     runs: list[tuple[str, tuple[str, ...], dict[str, str]]] = [
-        ("tests", ("--ignore=tests/gpu",), interpret),
+        ("tests", ("--ignore=tests/gpu",), interpret),  # tests/core and tests/reliability included
         *((f"plugins/{name}/tests", (), interpret) for name in PLUGINS),
         (f"{EXAMPLE_PLUGIN}/tests", (), interpret),
         ("tests/gpu", (), {}),
