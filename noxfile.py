@@ -11,6 +11,7 @@ test run (pytest's own "no tests ran", exit code 5, fails the session too).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
@@ -52,8 +53,22 @@ def _check_env(session: nox.Session, plugins: list[str], absent: tuple[str, ...]
     session.run("python", ".ci/check_env.py", "--plugins", *plugins, "--absent", *absent)
 
 
+#: Where each pytest run writes its JUnit XML report, ``<session>-<n>.xml``; .ci/run sets it and
+#: counts the tests from those files.
+JUNIT_DIR_ENV = "CONVERSION_CORE_JUNIT_DIR"
+_runs: dict[str, int] = {}
+
+
+def _junit_xml(session: nox.Session) -> str:
+    directory = Path(os.environ.get(JUNIT_DIR_ENV) or ROOT / ".nox" / "junit")
+    directory.mkdir(parents=True, exist_ok=True)
+    _runs[session.name] = _runs.get(session.name, 0) + 1
+    return str(directory / f"{session.name}-{_runs[session.name]}.xml")
+
+
 def _pytest(session: nox.Session, path: str, *args: str, env: dict[str, str] | None = None) -> None:
-    session.run("pytest", "-ra", _require_dir(session, path), *args, *session.posargs, env=env or {})
+    tests = _require_dir(session, path)
+    session.run("pytest", "-ra", f"--junitxml={_junit_xml(session)}", tests, *args, *session.posargs, env=env or {})
 
 
 @nox.session
@@ -66,9 +81,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def types(session: nox.Session) -> None:
-    """mypy on conversion_core/ (config in pyproject.toml), with its optional dependencies."""
+    """mypy on conversion_core/ and every plugin's package (config in pyproject.toml)."""
     _install_torch(session)
-    _install(session, "-e", ".[hf,triton]", MYPY)
+    # The plugins' packages are in mypy's `files` too: install them so their imports resolve.
+    plugins = [arg for name in PLUGINS for arg in ("-e", f"plugins/{name}")]
+    example = ["-e", EXAMPLE_PLUGIN] if (ROOT / EXAMPLE_PLUGIN / "pyproject.toml").is_file() else []
+    _install(session, "-e", ".[hf,triton]", *plugins, *example, MYPY)
     session.run("mypy")
 
 
@@ -106,7 +124,7 @@ def all_(session: nox.Session) -> None:
     # run per directory: test modules of different distributions may share a file name.
     interpret = {"TRITON_INTERPRET": "1"}
     runs: list[tuple[str, tuple[str, ...], dict[str, str]]] = [
-        ("tests", ("--ignore=tests/gpu",), interpret),
+        ("tests", ("--ignore=tests/gpu",), interpret),  # tests/core and tests/reliability included
         *((f"plugins/{name}/tests", (), interpret) for name in PLUGINS),
         (f"{EXAMPLE_PLUGIN}/tests", (), interpret),
         ("tests/gpu", (), {}),

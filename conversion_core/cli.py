@@ -149,6 +149,14 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *args: An
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _from_argparse(exc: BaseException) -> bool:
+    """True when ``exc`` was raised by :mod:`argparse` (a parser's --help or usage error)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__") == "argparse"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -163,6 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except SystemExit as exc:  # a plugin's sys.exit() inside a command is never a silent success
+        if _from_argparse(exc):  # e.g. `bench -- --help`: a parser's own exit, passed on
+            raise
+        print(
+            f"conversion-core {args.command}: plugin code called sys.exit({exc.code!r}) during the command",
+            file=sys.stderr,
+        )
+        return 1
     except BrokenPipeError:  # e.g. `conversion-core plugins | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

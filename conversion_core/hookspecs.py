@@ -4,6 +4,13 @@ A plugin is a module (or object) exposed under the ``conversion_core`` entry poi
 whose functions are decorated with :data:`conversion_core.hookimpl`. Each hook is called
 once per plugin when the registry is loaded (:func:`conversion_core.load_registry`), in
 isolation: a hook that raises or returns the wrong type disables only its own plugin.
+
+What else is a load failure of the plugin (skipped whole, reported naming it): a
+``@hookimpl`` whose function name is no hook below (e.g. ``register_conversions``); any
+``BaseException`` at import or in a hook, ``SystemExit`` and ``GeneratorExit`` included; a
+call back into ``load_registry()`` while it is loading (which would otherwise deadlock).
+``KeyboardInterrupt`` still stops the program, with a note naming the plugin. Two
+distributions claiming one entry point name is an error raised by ``load_registry()``.
 """
 
 from __future__ import annotations
@@ -49,7 +56,10 @@ def default_rule() -> Rule | Sequence[Rule]:
     plugin's rules by ``priority`` (highest first; ties by plugin name, then the plugin's
     own order); the first whose predicate returns True names the conversion. Predicates
     receive the ``quantization_config`` as a plain dict (``{}`` for an unquantized model);
-    a predicate that raises counts as no match. A rule naming a conversion that no loaded
+    a predicate that raises (any ``BaseException`` but ``KeyboardInterrupt``, ``sys.exit()``
+    included) counts as ``"raised"``, never a match and never an exit. Predicates are not
+    preempted: one that never returns hangs resolution until Ctrl-C, whose
+    ``KeyboardInterrupt`` names the rule and plugin. A rule naming a conversion that no loaded
     plugin registers is reported at load time and never selected.
 
     :return: one :class:`~conversion_core.Rule` or a sequence of them.

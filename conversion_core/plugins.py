@@ -8,6 +8,8 @@ recorded with its error while every other plugin keeps working.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Any
 
 import pluggy
 
-from .errors import PluginError, PluginLoadWarning
+from .errors import DuplicateConversionError, PluginError, PluginLoadWarning
 from .types import Conversion, Rule
 
 ENTRY_POINT_GROUP = "conversion_core"
@@ -69,6 +71,40 @@ def allowlist() -> set[str] | None:
 
 def strict() -> bool:
     return os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+class _Loading(threading.local):
+    """Which plugin this thread is loading right now (None outside a load)."""
+
+    plugin: str | None = None
+    reentered: bool = False
+
+
+_loading = _Loading()
+
+
+def loading_plugin() -> str | None:
+    """Entry point name of the plugin whose import or hook this thread is running, if any."""
+    return _loading.plugin
+
+
+def note_reentry() -> str:
+    """Record that the plugin being loaded called ``load_registry()``; returns the error text."""
+    _loading.reentered = True
+    who = f"plugin {_loading.plugin!r}" if _loading.plugin else "a plugin"
+    return f"{who} called load_registry() while the registry is being loaded"
+
+
+def _check_hook_names(pm: pluggy.PluginManager, name: str, plugin: object) -> None:
+    """A hookimpl whose name is no hookspec (e.g. a misspelt ``register_conversions``) is an error."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        unknown = sorted(c.name for c in pm.get_hookcallers(plugin) or [] if not c.has_spec())
+        known = ", ".join(sorted(n for n in vars(pm.hook) if getattr(pm.hook, n).has_spec()))
+        raise PluginError(
+            f"plugin {name!r} implements unknown hook(s) {', '.join(unknown) or '?'}; known hooks: {known}"
+        ) from None
 
 
 def _as_list(plugin: str, hook: str, results: list[Any], kind: type) -> list[Any]:
@@ -128,27 +164,40 @@ def load_plugins(pm: pluggy.PluginManager) -> LoadResult:
         if ep.name in found:
             if found[ep.name].value == ep.value and _dist(found[ep.name]) == (dist, version):
                 continue  # the same distribution seen twice on sys.path
-            first = describe(ep.name, *_dist(found[ep.name]))
-            error = f"entry point name {ep.name!r} is already taken by {first}"
-            result.infos.append(PluginInfo(ep.name, dist, version, FAILED, error))
-            _report(describe(ep.name, dist, version), error)
-            continue
+            first = _dist(found[ep.name])
+            raise DuplicateConversionError(
+                f"entry point name {ep.name!r} of group {ENTRY_POINT_GROUP!r} is claimed by two distributions: "
+                f"{first[0] or '?'} {first[1] or '?'} ({found[ep.name].value}) and {dist or '?'} {version or '?'} "
+                f"({ep.value}). Uninstall one of the distributions (pip uninstall <name>)."
+            )
         found[ep.name] = ep
         if allowed is not None and ep.name not in allowed:
             result.infos.append(PluginInfo(ep.name, dist, version, DISABLED))
             continue
         plugin: object = None
+        _loading.plugin, _loading.reentered = ep.name, False
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
+            _check_hook_names(pm, ep.name, plugin)
             conversions, rules = _call_hooks(pm, ep.name, plugin)
-        except (Exception, SystemExit) as exc:  # a broken plugin, even one calling sys.exit, spares the others
-            if plugin is not None and pm.is_registered(plugin):
-                pm.unregister(plugin)
+            if _loading.reentered:  # even when the plugin swallowed the error load_registry() raised
+                raise PluginError(note_reentry())
+        except KeyboardInterrupt as exc:  # the user's Ctrl-C stops the program, saying what was running
+            _unregister(pm, plugin)
+            where = f"while loading {describe(ep.name, dist, version)}"
+            exc.add_note(f"conversion-core: interrupted {where}")
+            print(f"conversion-core: interrupted {where}", file=sys.stderr)
+            raise
+        except BaseException as exc:  # noqa: B036  any other failure, sys.exit() and GeneratorExit included,
+            # is this plugin's load failure: it spares the others and never ends the host program
+            _unregister(pm, plugin)
             error = f"{type(exc).__name__}: {exc}"
             result.infos.append(PluginInfo(ep.name, dist, version, FAILED, error))
             _report(describe(ep.name, dist, version), error)
             continue
+        finally:
+            _loading.plugin, _loading.reentered = None, False
         registered = [RegisteredRule(rule, ep.name, i) for i, rule in enumerate(rules)]
         result.conversions.extend((conversion, ep.name) for conversion in conversions)
         result.rules.extend(registered)
@@ -171,6 +220,11 @@ def load_plugins(pm: pluggy.PluginManager) -> LoadResult:
                 fatal=False,
             )
     return result
+
+
+def _unregister(pm: pluggy.PluginManager, plugin: object) -> None:
+    if plugin is not None and pm.is_registered(plugin):
+        pm.unregister(plugin)
 
 
 def _report(who: str, error: str, fatal: bool = True) -> None:

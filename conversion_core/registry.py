@@ -21,6 +21,7 @@ from .plugins import (
     RegisteredRule,
     describe,
     load_plugins,
+    note_reentry,
     strict,
 )
 from .types import Conversion
@@ -103,16 +104,28 @@ class Registry:
 
 
 _lock = threading.Lock()
+_loader: int | None = None  # ident of the thread loading the registry right now
 _cached: Registry | None = None
 
 
 def load_registry(reload: bool = False) -> Registry:
-    """Discover and load plugins once per process; ``reload=True`` re-scans."""
-    global _cached
+    """Discover and load plugins once per process; ``reload=True`` re-scans.
+
+    Thread-safe: a second thread calling this while a load runs waits for it and gets its
+    result. A plugin that calls it back while it is being loaded (at import or in a hook)
+    gets a :class:`PluginError` at once instead of a deadlock, and is a load failure.
+    """
+    global _cached, _loader
+    if _loader == threading.get_ident():
+        raise PluginError(f"conversion-core: {note_reentry()}")
     with _lock:
         if _cached is None or reload:
-            pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-            pm.add_hookspecs(hookspecs)
-            result = load_plugins(pm)
-            _cached = Registry(result.infos, result.conversions, result.rules, pm)
+            _loader = threading.get_ident()
+            try:
+                pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+                pm.add_hookspecs(hookspecs)
+                result = load_plugins(pm)
+                _cached = Registry(result.infos, result.conversions, result.rules, pm)
+            finally:
+                _loader = None
         return _cached

@@ -1,10 +1,25 @@
-"""Pick the conversion for a model from its ``quantization_config`` by rule priority."""
+"""Pick the conversion for a model from its ``quantization_config`` by rule priority.
+
+Predicates are plugin code and may fail in any way Python allows. Any exception, and any
+other ``BaseException`` -- ``SystemExit`` (whatever its code, 0 included), ``GeneratorExit``, a
+plugin's own subclass -- counts as ``"raised"`` for that rule: it is logged (debug), shown by
+:func:`explain`, and resolution goes on with the next rule. Only ``KeyboardInterrupt`` passes
+through, with a note naming the rule and plugin that was running.
+
+A predicate that never returns: we do not preempt it. Python cannot kill a thread, so running
+predicates on a worker thread with a time limit would only leave the hung thread behind,
+still holding whatever it holds, and would cost a thread hop per rule on a path trainers call
+often; a subprocess cannot receive a lambda. Predicates are expected to be tiny pure dict
+lookups, and a hang is a plugin bug to be found, not hidden: press Ctrl-C and the
+``KeyboardInterrupt`` carries (and prints) a line naming the rule and the plugin that hung.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +56,12 @@ def _evaluate(qc: dict[str, Any], registry: Registry) -> list[RuleOutcome]:
             if not isinstance(answer, bool):  # e.g. `qc.get("a") and [1]`: neither a silent match nor a miss
                 raise TypeError(f"predicate returned {type(answer).__name__} {answer!r}; expected a bool")
             outcome = MATCHED if answer else NO_MATCH
-        except Exception as exc:
+        except KeyboardInterrupt as exc:
+            where = f"conversion-core: interrupted in rule {entry.label!r} of plugin {entry.plugin!r}"
+            exc.add_note(where)
+            print(where, file=sys.stderr)
+            raise
+        except BaseException as exc:  # noqa: B036  sys.exit() in a predicate is a raise, never an exit
             logger.debug("rule %s of plugin %s raised: %r", entry.label, entry.plugin, exc)
             outcome, error = RAISED, exc
         selected = outcome == MATCHED and not chosen

@@ -281,17 +281,32 @@ def test_hook_returning_an_empty_list_contributes_nothing(fake_site: FakeSite) -
 
 
 def test_two_distributions_with_one_entry_point_name(fake_site: FakeSite) -> None:
-    first = fake_site.install(
-        "same", fake_site.source(conversions=["zz_same_a"]), dist="fake-same-a", module="fake_cc_a"
+    """Never first-found-wins: an error naming both distributions and how to choose."""
+    fake_site.install(
+        "same", fake_site.source(conversions=["zz_same_a"]), dist="fake-same-a", version="1.1", module="fake_cc_a"
     )
-    second = fake_site.install(
-        "same", fake_site.source(conversions=["zz_same_b"]), dist="fake-same-b", module="fake_cc_b"
+    fake_site.install(
+        "same", fake_site.source(conversions=["zz_same_b"]), dist="fake-same-b", version="2.2", module="fake_cc_b"
     )
-    with pytest.warns(cc.PluginLoadWarning, match=r"(?s)'same'.*fake-same-b.*already taken.*fake-same-a"):
-        registry = fake_site.load("same")
-    records = [(i.dist, i.status) for i in registry.plugins() if i.name == "same"]
-    assert records == [(first, "loaded"), (second, "failed")]  # ordered by entry point value
-    assert registry.names() == ["zz_same_a"]
+    with pytest.raises(cc.DuplicateConversionError) as info:
+        fake_site.load("same")
+    message = str(info.value)
+    for part in ("'same'", "fake-same-a 1.1", "fake-same-b 2.2", "Uninstall one"):
+        assert part in message
+
+
+def test_one_distribution_seen_twice_on_sys_path_is_fine(fake_site: FakeSite, tmp_path: Any) -> None:
+    import shutil
+
+    fake_site.install("twin", fake_site.source(conversions=["zz_twin"]), dist="fake-twin", module="fake_cc_twin")
+    copy = tmp_path / "site2"
+    shutil.copytree(fake_site.path, copy)
+    fake_site.monkeypatch.syspath_prepend(str(copy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cc.PluginLoadWarning)
+        registry = fake_site.load("twin")
+    assert [i.status for i in registry.plugins() if i.name == "twin"] == ["loaded"]
+    assert registry.names() == ["zz_twin"]
 
 
 def test_hookimpl_with_unknown_argument_is_isolated(fake_site: FakeSite) -> None:

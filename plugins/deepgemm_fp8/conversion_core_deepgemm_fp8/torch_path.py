@@ -113,6 +113,7 @@ def quantize_blocks(
             bands, kblocks = -(-rows // br), -(-cols // bc)
             s = scale[band : band + bands, c0 // bc : c0 // bc + kblocks]
             f = scratch[: rows * cols]
+            shape: tuple[int, ...]
             if cols % bc == 0:  # (bands, rows per band, blocks, block columns) / (bands, 1, blocks, 1)
                 shape = (bands, rows // bands, kblocks, bc)
                 s = s.view(bands, 1, kblocks, 1)
