@@ -100,12 +100,20 @@ def core(session: nox.Session) -> None:
     _pytest(session, tests)
 
 
+def _entry_points(plugin: str) -> list[str]:
+    """The entry point names a plugin distribution declares (one distribution may register several)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "plugins" / plugin / "pyproject.toml").read_text())["project"]
+    return sorted(project["entry-points"]["conversion_core"])
+
+
 def _plugin_session(name: str) -> None:
     def session_fn(session: nox.Session) -> None:
         tests = _require_dir(session, f"plugins/{name}/tests")
         _install_torch(session)
         _install(session, "-e", ".", "-e", f"plugins/{name}", *TEST_TOOLS)
-        _check_env(session, plugins=[name], absent=("transformers",))
+        _check_env(session, plugins=_entry_points(name), absent=("transformers",))
         _pytest(session, tests)
 
     session_fn.__doc__ = f"The {name} plugin alone with the core."

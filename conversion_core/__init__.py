@@ -1,6 +1,10 @@
 """conversion-core: turn trainer weights into the exact bytes an inference kernel expects."""
 
+from typing import Any
+
 from .contract import BlockAmax, Conversion, Output, Rule, TargetFormat
+from .contract.conversion import set_sharded_executor
+from .contract.hookspecs import hookimpl
 from .errors import (
     ConfigError,
     ConversionCoreError,
@@ -12,11 +16,26 @@ from .errors import (
     PluginLoadWarning,
     UnknownConversionError,
 )
-from .hookspecs import hookimpl
-from .plugins import PluginInfo
-from .receiver import accepts
-from .registry import Registry, load_registry
-from .resolver import RuleOutcome, explain, select_default_conversion
+from .loading import PluginInfo, Registry, load_registry
+from .selection import RuleOutcome, accepts, explain, select_default_conversion
+
+
+class _LazyShardedExecutor:
+    """The plan's DTensor executor, imported on the first DTensor source (torch.distributed.tensor
+    costs seconds to import; most processes never need it)."""
+
+    def convert(self, conversion: Conversion, src: Any) -> tuple[Any, ...]:
+        from .plan import sharded
+
+        return sharded.convert(conversion, src)
+
+    def convert_into(self, conversion: Conversion, src: Any, *buffers: Any) -> None:
+        from .plan import sharded
+
+        sharded.convert_into(conversion, src, *buffers)
+
+
+set_sharded_executor(_LazyShardedExecutor())
 
 __all__ = [
     "BlockAmax",

@@ -24,7 +24,7 @@ import torch
 
 from .contract import Conversion
 from .errors import ConversionCoreError
-from .receiver import accepts
+from .selection import accepts
 
 Shape = tuple[int, ...]
 

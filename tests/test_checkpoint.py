@@ -23,8 +23,8 @@ from plan_expectations import (
 from safetensors import safe_open
 
 import conversion_core as cc
-from conversion_core.checkpoint import convert_checkpoint
-from conversion_core.cli import main
+from conversion_core.apps.checkpoint import convert_checkpoint
+from conversion_core.apps.cli import main
 
 BLOCK_NAME, CHANNEL_NAME = "fp8_128x128", "cutlass_fp8_e4m3_per_channel"
 
@@ -226,7 +226,7 @@ def test_a_conversion_whose_config_cannot_round_trip_is_refused_before_writing(c
 
 def test_a_checkpoint_saved_by_transformers_converts(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from conversion_core.demo import MODEL_CONFIG, data_path
+    from conversion_core.apps.demo import MODEL_CONFIG, data_path
 
     kwargs = json.loads(data_path(MODEL_CONFIG).read_text())
     kwargs.update(num_hidden_layers=1, vocab_size=256)
@@ -235,7 +235,7 @@ def test_a_checkpoint_saved_by_transformers_converts(tmp_path):
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "src", max_shard_size="400KB")
     result = convert_checkpoint(
-        tmp_path / "src", tmp_path / "dst", like=data_path("fp8_block_128x128.json"), progress=False
+        tmp_path / "src", tmp_path / "dst", like=data_path("inference_block.json"), progress=False
     )
     assert result.shards > 1 and result.conversion == BLOCK_NAME
     source, converted = load_dir(tmp_path / "src"), load_dir(tmp_path / "dst")

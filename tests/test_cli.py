@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from conversion_core import cli, registry
+from conversion_core.apps import cli
+from conversion_core.loading import registry
 
 SCRIPT = Path(sys.executable).with_name("conversion-core")
 if not SCRIPT.exists():  # e.g. a venv whose scripts live elsewhere
@@ -394,7 +395,7 @@ def test_a_module_with_add_parser_becomes_a_subcommand(
 def test_bench_reaches_the_benchmark_scripts_parser(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from conversion_core import cli
+    from conversion_core.apps import cli
 
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the checkout's root, wheel-installed or not
     with pytest.raises(SystemExit) as info:
@@ -406,7 +407,7 @@ def test_bench_reaches_the_benchmark_scripts_parser(
 def test_bench_outside_a_checkout_is_a_one_line_user_error(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from conversion_core import bench, cli
+    from conversion_core.apps import bench, cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(bench, "__file__", str(tmp_path / "pkg" / "bench.py"))

@@ -172,7 +172,7 @@ def test_predicates_see_a_plain_copy():
     """Str-valued enums (transformers' QuantizationMethod) reach predicates as plain str."""
     import enum
 
-    from conversion_core.config import quantization_config_of
+    from conversion_core.selection.config import quantization_config_of
 
     class Method(str, enum.Enum):
         FP8 = "fp8"

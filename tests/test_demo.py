@@ -10,8 +10,8 @@ import pytest
 from plan_expectations import needs_builtin_plugins
 
 import conversion_core as cc
-from conversion_core.cli import main
-from conversion_core.demo import INFERENCE_CONFIGS, MODEL_CONFIG, build_model_state, data_path, run_demo
+from conversion_core.apps.cli import main
+from conversion_core.apps.demo import INFERENCE_CONFIGS, MODEL_CONFIG, build_model_state, data_path, run_demo
 
 
 @needs_builtin_plugins

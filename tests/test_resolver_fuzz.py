@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from plan_expectations import built_in_registry
 
 import conversion_core as cc
-from conversion_core.config import quantization_config_of
+from conversion_core.selection.config import quantization_config_of
 
 #: CI-sized by default; set CONVERSION_CORE_HYPOTHESIS_EXAMPLES for a longer local run.
 EXAMPLES = int(os.environ.get("CONVERSION_CORE_HYPOTHESIS_EXAMPLES", "200"))

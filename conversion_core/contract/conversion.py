@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -58,6 +58,30 @@ def is_dtensor(x: Any) -> bool:
     """True for a ``torch.distributed.tensor.DTensor``, without importing torch.distributed.tensor."""
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and isinstance(x, dtensor.DTensor)
+
+
+class ShardedExecutor(Protocol):
+    """Converts a sharded (DTensor) source: the plan's sharded executor, a layer above this one."""
+
+    def convert(self, conversion: Conversion, src: Any) -> tuple[Any, ...]: ...
+
+    def convert_into(self, conversion: Conversion, src: Any, *buffers: Any) -> None: ...
+
+
+#: Installed by the package (``conversion_core/__init__.py``) so that ``fn`` and ``convert`` take
+#: DTensor sources without the contract importing the layers above it.
+SHARDED_EXECUTOR: list[ShardedExecutor] = []
+
+
+def set_sharded_executor(executor: ShardedExecutor) -> None:
+    """Route DTensor sources of every conversion's ``fn`` and ``convert`` to ``executor``."""
+    SHARDED_EXECUTOR[:] = [executor]
+
+
+def sharded_executor() -> ShardedExecutor:
+    if not SHARDED_EXECUTOR:
+        raise ConversionTypeError("a DTensor source needs the sharded executor: import conversion_core first")
+    return SHARDED_EXECUTOR[0]
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -308,9 +332,7 @@ class Conversion:
     def convert(self, src: torch.Tensor) -> tuple[Any, ...]:
         """Allocate buffers on ``src``'s device and convert into them (DTensor in, DTensors out)."""
         if is_dtensor(src):
-            from ..plan.sharded import convert as convert_dtensor
-
-            return convert_dtensor(self, src)
+            return sharded_executor().convert(self, src)
         self.check_source(src)
         buffers = self.allocate(src.shape, src.device)
         self.fn(src, *buffers)
@@ -345,9 +367,7 @@ def _checked(conversion: Conversion, raw: ConvertFn) -> ConvertFn:
     @functools.wraps(raw)
     def fn(src: torch.Tensor, *buffers: Any) -> None:
         if is_dtensor(src):
-            from ..plan.sharded import convert_into
-
-            return convert_into(conversion, src, *buffers)
+            return sharded_executor().convert_into(conversion, src, *buffers)
         if not conversion.declares_outputs and len(buffers) == 1:
             buffers = (buffers[0], None)  # fn(src, out) for a scale-less short form
         conversion.check_buffers(src, *buffers)

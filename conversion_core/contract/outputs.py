@@ -1,9 +1,9 @@
 """What a conversion declares about its outputs: names, dtypes, shapes, and how they are placed.
 
-A conversion writes one or more named tensors per source weight (FP8: values and a scale;
-NVFP4: packed values, block scales, a global scale; int4: packed words, scales, the unpacked
-shape). The core allocates, checks, names, shards and writes them from these declarations
-alone, so a new format needs no core change.
+A conversion writes one or more named tensors per source weight (values and a scale; packed
+values, block scales and a global scale; packed words, scales and the unpacked shape). The core
+allocates, checks, names, shards and writes them from these declarations alone, so a new format
+needs no core change.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ WEIGHT = "weight"
 def output_tensor_name(source_name: str, suffix: str) -> str:
     """The tensor name an output is stored under, relative to the source's own name.
 
-    ``suffix`` replaces ``weight`` in ``<module>.weight`` (``weight_packed``, ``weight_scale``);
+    ``suffix`` replaces ``weight`` in ``<module>.weight`` (``weight_packed``, ``weight_s``);
     for a fused parameter without ``.weight`` (``experts.gate_up_proj``) the part after ``weight``
     is appended, as transformers names it (``experts.gate_up_proj_scale_inv``).
     """
@@ -51,7 +51,7 @@ class Output:
     """One tensor a conversion writes for every source tensor.
 
     ``name`` is relative to the source's last name component ``weight``: ``"weight"`` keeps the
-    source's name, ``"weight_packed"`` renames it, ``"weight_scale"`` adds a companion.
+    source's name, ``"weight_packed"`` renames it, ``"weight_absmax"`` adds a companion.
     ``shape`` maps the source shape to this output's shape.
     """
 
@@ -79,8 +79,8 @@ class TargetFormat:
     ``convert`` follow it. Every field defaults to "nothing format-specific".
     """
 
-    #: Per output, the suffix it is stored under (compressed-tensors calls every scale
-    #: ``weight_scale``); None: each ``Output.name``.
+    #: Per output, the suffix it is stored under (a checkpoint convention may name every scale
+    #: alike); None: each ``Output.name``.
     output_names: Sequence[str] | None = None
     #: ``(output index, buffer shape) -> stored shape`` (a view of the same elements: per-row
     #: scales stored ``(N, 1)``); None: as written.

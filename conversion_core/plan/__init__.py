@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..contract import TargetFormat
-from ..registry import Registry
+from ..loading import Registry
 from .decide import (
     DEFAULT_FUSED_SHARDS,
     KEEP,

@@ -26,11 +26,10 @@ from typing import Any
 
 import torch
 
-from ..config import quantization_config_of
 from ..contract import Conversion, TargetFormat, output_tensor_name
 from ..errors import ConfigError, ConversionCoreError, ConversionInputError, ConversionTypeError
-from ..registry import Registry, load_registry
-from ..resolver import select_default_conversion
+from ..loading import Registry, load_registry
+from ..selection import quantization_config_of, select_default_conversion
 from . import geometry
 
 Shape = tuple[int, ...]

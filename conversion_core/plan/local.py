@@ -15,7 +15,6 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from ..backend import use_triton
 from ..contract import Conversion
 from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError
 from . import arena as arenas
-from . import geometry
+from .calls import Call, entry_calls, non_finite_source
 from .decide import PlanEntry, dtype_name
 from .graph_step import SEGMENT_GROWTH, CapturedStep
 
@@ -36,36 +35,6 @@ GRAPH_STREAMS = 8
 #: Tensors in the first graph segment of a captured step; each next one holds
 #: :data:`~conversion_core.plan.graph_step.SEGMENT_GROWTH` times as many.
 GRAPH_FIRST_SEGMENT = 32
-
-
-@dataclass(frozen=True)
-class Call:
-    """One call of a conversion: the source rows it reads (``()``: all) and the buffers it writes
-    (in the conversion's calling order, ``(out, None)`` for a scale-less short form)."""
-
-    name: str
-    index: tuple[Any, ...]
-    buffers: tuple[Any, ...]
-    #: (staging, strided view) pairs copied after the call (sharded fused pieces).
-    copies: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
-
-
-def entry_calls(e: PlanEntry, tensors: Sequence[Any]) -> list[Call]:
-    """The calls that fill entry ``e``'s outputs ``tensors`` (one per output, buffer shapes)."""
-    c = e.conversion
-    if e.shards is None or len(e.shards) == 1 or geometry.shards_align(c, e.src_shape, e.shards):
-        return [Call(e.name, (), c.calling(tensors))]  # one call writes the same bytes as one per shard
-    return [
-        Call(e.name, index, c.calling(views))
-        for index, views in geometry.shard_views(c, e.src_shape, e.shards, tensors)
-    ]
-
-
-def non_finite_source(name: str, src: torch.Tensor) -> ConversionInputError:
-    return ConversionInputError(
-        f"tensor {name!r} of shape {tuple(src.shape)} holds NaN or Inf; refusing to write it "
-        "(kept and cast tensors are checked like quantized ones)"
-    )
 
 
 class Plan:

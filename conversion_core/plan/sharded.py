@@ -56,7 +56,7 @@ from ..contract import ELEMENTWISE, PER_BLOCK, REPLICATED, Conversion
 from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError
 from . import arena as arenas
 from . import geometry
-from .local import Call, Plan, entry_calls, non_finite_source
+from .calls import Call, entry_calls, non_finite_source
 
 Shape = tuple[int, ...]
 Placements = tuple[Placement, ...]
@@ -507,7 +507,7 @@ def _stored_view(local: torch.Tensor, buffer_shape: Shape, stored: Shape, placem
     raise ConversionInputError(f"an output of shape {buffer_shape} stored as {stored} cannot stay sharded")
 
 
-def allocate_plan(plan: Plan, like: Mapping[str, Any]) -> tuple[torch.Tensor, list[Call], dict[str, torch.Tensor]]:
+def allocate_plan(plan: Any, like: Mapping[str, Any]) -> tuple[torch.Tensor, list[Call], dict[str, torch.Tensor]]:
     """The DTensor form of ``Plan.allocate``: one local arena, outputs placed like their sources.
 
     Returns the arena, the calls (DTensor buffers; ``index`` the rows of a fused piece) and the
@@ -600,7 +600,7 @@ def _rows_view(t: DTensor, index: tuple, shape: Shape) -> DTensor:
     return _wrap(t.to_local()[index], t.device_mesh, tuple(t.placements), shape)
 
 
-def run_plan(plan: Plan, calls: Sequence[Call], state_dict: Mapping[str, Any]) -> None:
+def run_plan(plan: Any, calls: Sequence[Call], state_dict: Mapping[str, Any]) -> None:
     """The DTensor form of ``Plan.run``'s loop: every sharded call of the step in one :func:`convert_many`.
 
     Tensors that were plain at allocation go through their checked ``fn`` after the collectives,

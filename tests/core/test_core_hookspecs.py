@@ -7,7 +7,7 @@ import inspect
 import pluggy
 import pytest
 
-from conversion_core import hookspecs
+from conversion_core.contract import hookspecs
 
 SPEC_MARK = f"{hookspecs.PROJECT_NAME}_spec"  # the attribute pluggy's HookspecMarker sets
 

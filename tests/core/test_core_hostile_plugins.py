@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import conversion_core as cc
-from conversion_core import cli
+from conversion_core.apps import cli
 
 FakeSite = Any  # the fake_site fixture's type lives in conftest.py
 
@@ -245,7 +245,11 @@ def test_cli_subprocess_reports_plugin_exit(fake_site: FakeSite) -> None:
     fake_site.install("exiter", "import sys\nsys.exit(0)\n")
     env = {**__import__("os").environ, "PYTHONPATH": str(fake_site.path), "CONVERSION_CORE_PLUGINS": "exiter"}
     done = subprocess.run(
-        [sys.executable, "-m", "conversion_core.cli", "plugins"], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "conversion_core.apps.cli", "plugins"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert done.returncode == 0
     assert "exiter" in done.stdout and "failed" in done.stdout and "SystemExit" in done.stdout

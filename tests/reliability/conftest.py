@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # plan_expectation
 
 from plan_expectations import needs_builtin_plugins  # noqa: E402
 
-from conversion_core import publish  # noqa: E402
+from conversion_core.apps import publish  # noqa: E402
 
 CONVERSION = "fp8_128x128"
 
@@ -42,7 +42,7 @@ def sources(tmp_path_factory):
 @pytest.fixture(scope="session")
 def outputs(sources, tmp_path_factory):
     """The complete converted result of each source, to compare DST against."""
-    from conversion_core.checkpoint import convert_checkpoint
+    from conversion_core.apps.checkpoint import convert_checkpoint
 
     root = tmp_path_factory.mktemp("expected")
     out = []

@@ -9,14 +9,14 @@ import sys
 import pytest
 from conftest import CONVERSION, needs_builtin_plugins, snapshot
 
-from conversion_core.checkpoint import convert_checkpoint
+from conversion_core.apps.checkpoint import convert_checkpoint
 
 pytestmark = needs_builtin_plugins
 
 KILLER = """
 import os, signal, sys
-from conversion_core import publish
-from conversion_core.cli import main
+from conversion_core.apps import publish
+from conversion_core.apps.cli import main
 step, exchange = sys.argv[1], sys.argv[2] == "1"
 publish.use_exchange = exchange
 def hook(name):

@@ -11,8 +11,9 @@ import time
 import pytest
 from conftest import CONVERSION, needs_builtin_plugins, snapshot
 
-from conversion_core import ConversionInputError, publish
-from conversion_core.checkpoint import convert_checkpoint
+from conversion_core import ConversionInputError
+from conversion_core.apps import publish
+from conversion_core.apps.checkpoint import convert_checkpoint
 
 pytestmark = needs_builtin_plugins
 
@@ -106,7 +107,7 @@ def test_a_second_run_on_a_claimed_dst_fails_fast_naming_the_holder(sources, out
         [
             sys.executable,
             "-c",
-            "import sys, time, pathlib; from conversion_core import publish\n"
+            "import sys, time, pathlib; from conversion_core.apps import publish\n"
             "p = publish.Publication(pathlib.Path(sys.argv[1]), False); p.open()\n"
             "pathlib.Path(sys.argv[2]).write_text('x'); time.sleep(60)",
             str(dst),
@@ -141,7 +142,7 @@ def test_two_concurrent_runs_exactly_one_succeeds(sources, outputs, tmp_path, mo
                     [
                         sys.executable,
                         "-c",
-                        "import sys; from conversion_core.cli import main\n"
+                        "import sys; from conversion_core.apps.cli import main\n"
                         "sys.exit(main(['convert', sys.argv[1], sys.argv[2], '--conversion', sys.argv[3], "
                         "'--no-progress', '--force']))",
                         str(sources[1]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .errors import ConversionTypeError
+from ..errors import ConversionTypeError
 
 
 def _normalise(value: Any) -> Any:

@@ -18,8 +18,8 @@ from typing import Any
 
 import pluggy
 
-from .errors import DuplicateConversionError, PluginError, PluginLoadWarning
-from .types import Conversion, Rule
+from ..contract import Conversion, Rule
+from ..errors import DuplicateConversionError, PluginError, PluginLoadWarning
 
 ENTRY_POINT_GROUP = "conversion_core"
 PLUGINS_ENV = "CONVERSION_CORE_PLUGINS"

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: Keys that mark a dict as a whole config.json rather than a bare quantization_config.
 WHOLE_CONFIG_KEYS = ("quantization_config", "model_type", "architectures")

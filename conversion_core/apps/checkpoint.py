@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
+from ..contract import Conversion, TargetFormat
+from ..errors import ConfigError, ConversionCoreError, ConversionInputError
+from ..loading.registry import Registry, load_registry
+from ..plan import TensorSpec, build_plan, resolve_conversion, target_of
+from ..selection.config import quantization_config_of
 from . import publish
-from .config import quantization_config_of
-from .contract import Conversion, TargetFormat
-from .errors import ConfigError, ConversionCoreError, ConversionInputError
-from .plan import TensorSpec, build_plan, resolve_conversion, target_of
-from .registry import Registry, load_registry
 
 #: ``[(shard file name, tensor names)]``
 Shards = list[tuple[str, list[str]]]
@@ -76,8 +76,7 @@ def checkpoint_targets(conversion: Conversion, like: dict[str, Any]) -> tuple[Ta
 
     Both come from the conversion's plugin: ``like``'s decides which modules the config keeps and
     what ``quantization_config`` DST carries; that written config's own target names the outputs
-    (a per-channel FP8 conversion writes an HF ``fp8`` request as compressed-tensors, whose scales
-    are ``weight_scale`` of shape (N, 1)).
+    (a plugin may write one config family as another, whose outputs are named and shaped its way).
     """
     requested = target_of(conversion, like)
     if requested.quantization_config is None:
@@ -245,7 +244,7 @@ def convert_checkpoint(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .resolver import select_default_conversion
+    from ..selection.resolver import select_default_conversion
 
     start = time.perf_counter()
     src_path, dst_path = Path(src).expanduser(), Path(dst).expanduser()
@@ -363,7 +362,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("src", help="source checkpoint directory (safetensors, sharded or not); never modified")
     p.add_argument("dst", help="output directory (written atomically; must not exist or be empty)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--conversion", help="a registered conversion name, e.g. fp8_128x128")
+    which.add_argument("--conversion", help="a registered conversion name, e.g. bf16_cast")
     which.add_argument("--like", metavar="CONFIG", help="an inference config whose quantization_config selects it")
     p.add_argument("--force", action="store_true", help="replace a non-empty DST")
     p.add_argument("--device", default="cpu", help="where tensors are converted (default: cpu)")

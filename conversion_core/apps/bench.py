@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConversionCoreError
+from ..errors import ConversionCoreError
 
 
 def _find_script(name: str) -> Path:

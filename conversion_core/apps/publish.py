@@ -49,7 +49,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ConversionInputError
+from ..errors import ConversionInputError
 
 #: Called with the step name at every write step (tests raise or SIGKILL there); None in production.
 fault_hook: Callable[[str], None] | None = None

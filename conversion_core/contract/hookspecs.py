@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .types import Conversion, Rule
+    from .conversion import Conversion
+    from .rule import Rule
 
 PROJECT_NAME = "conversion_core"
 
@@ -42,9 +43,9 @@ def register_conversion() -> Conversion | Sequence[Conversion]:
 
         @conversion_core.hookimpl
         def register_conversion():
-            return Conversion(name="my_fp8", fn=my_fn, requires_scale=True,
-                              dst_dtype=torch.float8_e4m3fn, scale_shape=my_scale_shape,
-                              compile_target="my_kernel")
+            return Conversion(name="my_format", fn=my_fn, requires_scale=True,
+                              dst_dtype=torch.int8, scale_shape=my_scale_shape,
+                              scale_name="weight_s", compile_target="my_kernel")
     """
 
 
@@ -68,6 +69,6 @@ def default_rule() -> Rule | Sequence[Rule]:
 
         @conversion_core.hookimpl
         def default_rule():
-            return Rule(conversion="my_fp8", priority=150, name="my-fp8-config",
-                        predicate=lambda qc: qc.get("quant_method") == "my_fp8")
+            return Rule(conversion="my_format", priority=150, name="my-format-config",
+                        predicate=lambda qc: qc.get("quant_method") == "my_format")
     """

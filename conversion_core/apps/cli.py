@@ -21,11 +21,15 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import ConversionCoreError
-from .registry import Registry, load_registry
+from ..errors import ConversionCoreError
+from ..loading.registry import Registry, load_registry
 
 #: Modules that each contribute a subcommand through ``add_parser(subparsers)``.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("conversion_core.checkpoint", "conversion_core.demo", "conversion_core.bench")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "conversion_core.apps.checkpoint",
+    "conversion_core.apps.demo",
+    "conversion_core.apps.bench",
+)
 
 
 def plugin_records(registry: Registry) -> list[dict[str, Any]]:
@@ -80,7 +84,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_resolve(args: argparse.Namespace) -> int:
-    from .resolver import explain, select_default_conversion
+    from ..selection.resolver import explain, select_default_conversion
 
     registry = load_registry()
     outcomes = explain(args.config, registry)

@@ -1,7 +1,7 @@
 """``conversion-core demo``: one trainer step's conversion of a small MoE model, end to end.
 
 Builds a Qwen3-MoE-style model from the config shipped in ``conversion_core/data`` with random
-weights (transformers, no download), resolves the conversion from a shipped FP8 inference config,
+weights (transformers, no download), resolves the conversion from a shipped quantized inference config,
 plans, allocates once, converts twice (the second run refills the same buffers), checks every
 output's tags with :func:`accepts` and prints a short table. Needs the ``hf`` extra.
 """
@@ -19,17 +19,24 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, ConversionCoreError
-from .plan import Plan, build_plan
-from .receiver import accepts
-from .registry import load_registry
-from .resolver import select_default_conversion
+from ..errors import ConfigError, ConversionCoreError
+from ..loading.registry import load_registry
+from ..plan import Plan, build_plan
+from ..selection.receiver import accepts
+from ..selection.resolver import select_default_conversion
 
 MODEL_CONFIG = "qwen3_moe_tiny.json"
-#: Shipped FP8 inference configs, by the short name ``--format`` takes.
-INFERENCE_CONFIGS = {"block": "fp8_block_128x128.json", "channel": "fp8_per_channel.json"}
-#: e4m3 keeps 3 mantissa bits: round to nearest is within 2**-4 of |x| <= amax of the scale group.
-E4M3_RELATIVE_BOUND = 2.0**-4
+#: Shipped inference configs (quantized with blocks, or per output channel), by the short name
+#: ``--format`` takes.
+INFERENCE_CONFIGS = {"block": "inference_block.json", "channel": "inference_channel.json"}
+
+
+def relative_bound(dtype: torch.dtype) -> float:
+    """Largest relative error of one element against its scale group's max |x|: the kit's bound."""
+    from ..testing import DEFAULT_BOUNDS
+
+    bound = DEFAULT_BOUNDS.get(dtype)
+    return 0.0 if bound is None else bound.relative
 
 
 def data_path(name: str) -> Path:
@@ -77,6 +84,8 @@ class DemoReport:
     bytes_out: int
     seconds: float
     max_relative_error: float
+    #: The format's own relative rounding bound (the conformance kit's, from the output dtype).
+    relative_bound: float
     accepted: int
     outputs: int
     refused_by_other: bool
@@ -88,7 +97,7 @@ class DemoReport:
         return (
             self.accepted == self.outputs
             and self.buffers_reused
-            and self.max_relative_error <= E4M3_RELATIVE_BOUND * (1 + 1e-6)
+            and self.max_relative_error <= self.relative_bound * (1 + 1e-6)
         )
 
 
@@ -110,14 +119,14 @@ def run_demo(inference_config: str | Path, device: str = "cpu", seed: int = 0) -
 
     conversion = plan.conversion
     tags = plan.output_tags()
-    # quantized outputs go to the FP8 kernel, kept ones are read as they are (hf_raw)
+    # quantized outputs go to the conversion's kernel, kept ones are read as they are (hf_raw)
     accepted = sum(
         accepts(t, ["hf_raw"])
         if t["compile_target"] == "hf_raw"
         else accepts(t, [conversion.compile_target], conversion.compile_metadata)
         for t in tags.values()
     )
-    other = "cutlass_fp8" if conversion.compile_target != "cutlass_fp8" else "deep_gemm_fp8"
+    other = conversion.compile_target + "-other-kernel"
     refused = not any(accepts(t, [other]) for t in tags.values())
 
     worst = 0.0
@@ -134,6 +143,7 @@ def run_demo(inference_config: str | Path, device: str = "cpu", seed: int = 0) -
         bytes_out=sum(t.numel() * t.element_size() for t in outputs.values()),
         seconds=seconds,
         max_relative_error=worst,
+        relative_bound=relative_bound(conversion.dst_dtype),
         accepted=accepted,
         outputs=len(outputs),
         refused_by_other=refused,
@@ -156,7 +166,10 @@ def format_report(report: DemoReport, inference_config: str | Path, device: str)
         ("tensors kept", f"{sum(report.kept.values())} ({kept})"),
         ("bytes in / out", f"{report.bytes_in / 1e6:.2f} MB / {report.bytes_out / 1e6:.2f} MB (with scales)"),
         ("convert time", f"{report.seconds * 1e3:.1f} ms (second run, same buffers: {_yes(report.buffers_reused)})"),
-        ("max dequantize error", f"{report.max_relative_error:.4f} of max|w| (e4m3 bound {E4M3_RELATIVE_BOUND:.4f})"),
+        (
+            "max dequantize error",
+            f"{report.max_relative_error:.4f} of max|w| (bound {report.relative_bound:.4f})",
+        ),
         (
             "receiver accepts",
             f"{report.accepted}/{report.outputs} outputs; another kernel's receiver refuses them: "
@@ -181,7 +194,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "demo", help="convert a small Qwen3-MoE-style model built from a shipped config (needs transformers)"
     )
-    p.add_argument("--format", choices=sorted(INFERENCE_CONFIGS), default="block", help="shipped FP8 inference config")
+    p.add_argument("--format", choices=sorted(INFERENCE_CONFIGS), default="block", help="shipped inference config")
     p.add_argument("--config", help="your own inference config (config.json or quantization_config JSON) instead")
     p.add_argument("--device", default="cpu", help="device of the weights and buffers (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")

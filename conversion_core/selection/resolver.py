@@ -23,9 +23,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import NoMatchingConversionError
+from ..loading.registry import Registry, load_registry
 from .config import quantization_config_of
-from .errors import NoMatchingConversionError
-from .registry import Registry, load_registry
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import warnings
 
 import pluggy
 
-from . import hookspecs
-from .errors import DuplicateConversionError, PluginError, PluginLoadWarning, UnknownConversionError
+from ..contract import Conversion, hookspecs
+from ..errors import DuplicateConversionError, PluginError, PluginLoadWarning, UnknownConversionError
 from .plugins import (
     FAILED,
     PLUGINS_ENV,
@@ -24,7 +24,6 @@ from .plugins import (
     note_reentry,
     strict,
 )
-from .types import Conversion
 
 
 class Registry:

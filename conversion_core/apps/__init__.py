@@ -1,0 +1,1 @@
+"""Applications built on the plan: checkpoint conversion, the command line, the demo, benchmarks."""
