@@ -24,6 +24,7 @@ TEST_TOOLS = ("pytest>=8", "hypothesis>=6.100")
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
 EXAMPLE_PLUGIN = "examples/third_party_plugin"
+TOY_PLUGIN = "examples/toy_two_scales"
 #: Every directory under plugins/ with a pyproject.toml is a plugin distribution.
 PLUGINS = sorted(p.parent.name for p in (ROOT / "plugins").glob("*/pyproject.toml"))
 
@@ -135,12 +136,13 @@ def all_(session: nox.Session) -> None:
         ("tests", ("--ignore=tests/gpu",), interpret),  # tests/core and tests/reliability included
         *((f"plugins/{name}/tests", (), interpret) for name in PLUGINS),
         (f"{EXAMPLE_PLUGIN}/tests", (), interpret),
+        (f"{TOY_PLUGIN}/tests", (), interpret),
         ("tests/gpu", (), {}),
     ]
     missing = [path for path, _, _ in runs if not (ROOT / path).is_dir()]
     if "tests" in missing:
         session.error("tests/ does not exist: this session would run no test")
-    example = [f"./{EXAMPLE_PLUGIN}"] if (ROOT / EXAMPLE_PLUGIN / "pyproject.toml").is_file() else []
+    example = [f"./{p}" for p in (EXAMPLE_PLUGIN, TOY_PLUGIN) if (ROOT / p / "pyproject.toml").is_file()]
     _install_torch(session)
     # Not editable: prove the built wheels (package data, entry points) as users install them.
     _install(session, ".[hf,triton]", *(f"./plugins/{name}" for name in PLUGINS), *example, *TEST_TOOLS)
