@@ -128,7 +128,7 @@ class Conversion:
     #: Every tensor written per source, in ``fn``'s order; empty: the one-scale fields above.
     outputs: Sequence[Output] = ()
     #: How the checkpoint convention a ``quantization_config`` names stores the outputs.
-    target_format: Callable[[Mapping[str, Any]], TargetFormat] = no_target_format
+    target_format: Callable[[dict[str, Any]], TargetFormat] = no_target_format
     #: The statistic a sharded (DTensor) source reduces across ranks; None: elementwise only.
     sharded: BlockAmax | None = None
     #: True when ``outputs`` were declared (not derived from the one-scale fields).
@@ -367,12 +367,13 @@ def _checked(conversion: Conversion, raw: ConvertFn) -> ConvertFn:
     @functools.wraps(raw)
     def fn(src: torch.Tensor, *buffers: Any) -> None:
         if is_dtensor(src):
-            return sharded_executor().convert_into(conversion, src, *buffers)
+            sharded_executor().convert_into(conversion, src, *buffers)
+            return None
         if not conversion.declares_outputs and len(buffers) == 1:
             buffers = (buffers[0], None)  # fn(src, out) for a scale-less short form
         conversion.check_buffers(src, *buffers)
         before = [_storage_of(b) for b in buffers if b is not None]
-        result = raw(src, *buffers)
+        result = raw(src, *buffers)  # type: ignore[func-returns-value]
         if result is not None:
             raise ConversionTypeError(
                 f"conversion {conversion.name!r}: fn returned a {type(result).__name__}; it must write into the "

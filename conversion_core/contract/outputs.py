@@ -8,7 +8,7 @@ needs no core change.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +92,7 @@ class TargetFormat:
     keep: Callable[[str], str | None] | None = None
 
 
-def no_target_format(quantization_config: Mapping[str, Any]) -> TargetFormat:
+def no_target_format(quantization_config: dict[str, Any]) -> TargetFormat:
     """The default: outputs under their own names, nothing kept by config, no config writer."""
     return TargetFormat()
 

@@ -219,15 +219,15 @@ def keep_reason(
         return None if ranks is None or len(spec.shape) in ranks else f"{len(spec.shape)}-D tensor"
     if len(spec.shape) not in (conversion.src_ndims or (2, 3)):
         return f"{len(spec.shape)}-D tensor"
-    for pattern, reason in ((_BIAS, "bias"), (_EMBEDDING, "embedding"), (_LM_HEAD, "lm_head"), (_NORM, "norm")):
-        if pattern.search(name):
-            return reason
+    for structural, why in ((_BIAS, "bias"), (_EMBEDDING, "embedding"), (_LM_HEAD, "lm_head"), (_NORM, "norm")):
+        if structural.search(name):
+            return why
     if _ROUTER.search(name):
         return "router gate"
     if target.keep is not None:
-        reason = target.keep(name)
-        if reason is not None:
-            return str(reason)
+        by_config = target.keep(name)
+        if by_config is not None:
+            return str(by_config)
     for pattern in keep:
         if matches_module(pattern, name):
             return f"kept: {pattern}"
