@@ -34,7 +34,9 @@ def row_axis(conversion: Conversion, output: Output, k: int) -> int:
 
 def rows_independent(conversion: Conversion, k: int) -> bool:
     """True when every row is converted on its own (per-row or per-group statistics, or none):
-    one call over a fused tensor then writes the bytes of one call per shard."""
+    one call over a fused tensor then writes the bytes of one call per shard, and a one-per-tensor
+    (``replicated``) output covers the whole fused set, as fused kernels read it (one global scale
+    for gate and up)."""
     for output in conversion.outputs:
         if output.placement != PER_BLOCK:
             continue
