@@ -28,7 +28,15 @@ TOY_PLUGIN = "examples/toy_two_scales"
 #: Every directory under plugins/ with a pyproject.toml is a plugin distribution.
 PLUGINS = sorted(p.parent.name for p in (ROOT / "plugins").glob("*/pyproject.toml"))
 
-nox.options.sessions = ["lint", "types", "core", *(f"plugin-{name}" for name in PLUGINS), "all", "demo"]
+#: The independent judges of our bytes, test-only: llm-compressor's ``model_free_ptq`` (the reference
+#: producer of compressed-tensors checkpoints; pins compressed-tensors and transformers itself).
+JUDGES = ("llmcompressor==0.14.0.1",)
+#: Tests that need the judges live in ``tests/judges/`` of the repo or of a plugin; only the judges
+#: session runs them.
+JUDGE_DIRS = sorted(str(p.relative_to(ROOT)) for p in [ROOT / "tests" / "judges", *ROOT.glob("plugins/*/tests/judges")] if p.is_dir())
+NO_JUDGES = ("--ignore-glob=*/judges/*",)
+
+nox.options.sessions = ["lint", "types", "core", *(f"plugin-{name}" for name in PLUGINS), "all", "judges", "demo"]
 nox.options.error_on_external_run = True
 
 
@@ -115,7 +123,7 @@ def _plugin_session(name: str) -> None:
         _install_torch(session)
         _install(session, "-e", ".", "-e", f"plugins/{name}", *TEST_TOOLS)
         _check_env(session, plugins=_entry_points(name), absent=("transformers",))
-        _pytest(session, tests)
+        _pytest(session, tests, *NO_JUDGES)
 
     session_fn.__doc__ = f"The {name} plugin alone with the core."
     nox.session(name=f"plugin-{name}")(session_fn)
@@ -133,8 +141,8 @@ def all_(session: nox.Session) -> None:
     # run per directory: test modules of different distributions may share a file name.
     interpret = {"TRITON_INTERPRET": "1"}
     runs: list[tuple[str, tuple[str, ...], dict[str, str]]] = [
-        ("tests", ("--ignore=tests/gpu",), interpret),  # tests/core and tests/reliability included
-        *((f"plugins/{name}/tests", (), interpret) for name in PLUGINS),
+        ("tests", ("--ignore=tests/gpu", *NO_JUDGES), interpret),  # tests/core and tests/reliability included
+        *((f"plugins/{name}/tests", NO_JUDGES, interpret) for name in PLUGINS),
         (f"{EXAMPLE_PLUGIN}/tests", (), interpret),
         (f"{TOY_PLUGIN}/tests", (), interpret),
         ("tests/gpu", (), {}),
@@ -157,6 +165,23 @@ def all_(session: nox.Session) -> None:
     problems = [f"{path}/ does not exist" for path in missing] + [f"pytest failed in {path}" for path in failed]
     if problems:
         session.error("; ".join(problems))
+
+
+@nox.session
+def judges(session: nox.Session) -> None:
+    """Our bytes against llm-compressor's ``model_free_ptq`` and transformers' CPU loader (CPU only)."""
+    if not JUDGE_DIRS:
+        session.error("no tests/judges/ directory exists: this session would run no test")
+    _install_torch(session)
+    _install(session, ".[hf,triton]", *(f"./plugins/{name}" for name in PLUGINS), *JUDGES, *TEST_TOOLS)
+    failed = []
+    for path in JUDGE_DIRS:  # one run per directory, all of them: a failure must not hide another's result
+        try:
+            _pytest(session, path)
+        except CommandFailed:
+            failed.append(path)
+    if failed:
+        session.error("pytest failed in " + ", ".join(failed))
 
 
 @nox.session
