@@ -50,52 +50,46 @@ def conversion_name(group: int, symmetric: bool) -> str:
     return f"int4_w4a16_g{group}" if symmetric else f"int4_w4a16_asym_g{group}"
 
 
-def _packed_shape(name: str) -> Any:
+def _packed_shape(src: Shape) -> Shape:
+    *lead, k = src
+    return (*lead, -(-k // torch_path.PER_WORD))
+
+
+def _scale_shape(group: int) -> Any:
     def shape(src: Shape) -> Shape:
         *lead, k = src
-        if k % torch_path.PER_WORD:
-            raise cc.ConversionInputError(
-                f"conversion {name!r}: source of shape {tuple(src)} has K={k}, not a multiple of 8 (one int32 word)"
-            )
-        return (*lead, k // torch_path.PER_WORD)
+        return (*lead, -(-k // group))
 
     return shape
 
 
-def _scale_shape(name: str, group: int) -> Any:
+def _zero_point_shape(group: int) -> Any:
     def shape(src: Shape) -> Shape:
-        *lead, k = src
-        if k % group:
-            raise cc.ConversionInputError(
-                f"conversion {name!r}: source of shape {tuple(src)} has K={k}, not a multiple of group_size {group} "
-                "(compressed-tensors refuses such weights too); leave the module unquantized (the config's ignore list)"
-            )
-        return (*lead, k // group)
+        *lead, n, k = src
+        return (*lead, -(-n // torch_path.PER_WORD), -(-k // group))
 
     return shape
 
 
-def _zero_point_shape(name: str, group: int) -> Any:
-    scale_shape = _scale_shape(name, group)
-
-    def shape(src: Shape) -> Shape:
-        *lead, n, g = scale_shape(src)
-        return (*lead, -(-n // torch_path.PER_WORD), g)
-
-    return shape
+def check_groups(name: str, shape: Sequence[int], group: int) -> None:
+    """Refuse a K that is not a multiple of the group size (shape functions stay total, as the kit wants)."""
+    k = int(shape[-1])
+    if k % group:
+        raise cc.ConversionInputError(
+            f"conversion {name!r}: source of shape {tuple(shape)} has K={k}, not a multiple of group_size {group} "
+            "(compressed-tensors refuses such weights too); leave the module unquantized (the config's ignore list)"
+        )
 
 
 def outputs(name: str, group: int, symmetric: bool) -> tuple[cc.Output, ...]:
     declared = [
-        cc.Output("weight_packed", torch.int32, _packed_shape(name)),
-        cc.Output("weight_scale", COMPUTE_DTYPE, _scale_shape(name, group), placement="per_block"),
+        cc.Output("weight_packed", torch.int32, _packed_shape),
+        cc.Output("weight_scale", COMPUTE_DTYPE, _scale_shape(group), placement="per_block"),
         cc.Output("weight_shape", torch.int64, lambda src: (len(src),), placement="replicated"),
     ]
     if not symmetric:
         # packed across rows: not laid out like the statistic grid; only used without sharding
-        declared.append(
-            cc.Output("weight_zero_point", torch.int32, _zero_point_shape(name, group), placement="per_block")
-        )
+        declared.append(cc.Output("weight_zero_point", torch.int32, _zero_point_shape(group), placement="per_block"))
     return tuple(declared)
 
 
@@ -129,6 +123,7 @@ class Int4Format:
 
     def quantize(self, src: torch.Tensor, *buffers: torch.Tensor) -> None:
         packed, scale, shape, zp = self._split(buffers)
+        check_groups(self.name, src.shape, self.group)
         if use_triton(src) and src.numel():
             from . import triton_kernels
 
@@ -140,6 +135,7 @@ class Int4Format:
         """Queue the Triton kernel, no host sync: ``flag[0]`` set on NaN/Inf (the plan's step, CUDA graphs)."""
         *outs, flag = buffers
         packed, scale, shape, zp = self._split(outs)
+        check_groups(self.name, src.shape, self.group)
         from . import triton_kernels
 
         triton_kernels.launch(src, packed, scale, shape, zp, flag, self.group)
@@ -155,6 +151,7 @@ class Int4Format:
 
     def apply_sharded(self, x: torch.Tensor, amax: torch.Tensor, grid: torch.Tensor, *buffers: torch.Tensor) -> None:
         packed, scale, shape, _ = self._split(buffers)
+        check_groups(self.name, (*grid.shape[:-1], grid.shape[-1] * self.group), self.group)
         torch_path.apply_sharded(x, amax, grid, packed, scale, shape, self.group, self.name)
 
     def statistic_block(self, shape: Shape) -> Shape:

@@ -39,6 +39,10 @@ BF16 = torch.bfloat16
 #: ``finfo(bfloat16).eps``: the scale of a group whose scale computes to 0 (``_get_dtype_eps``).
 ZERO_SCALE = 2.0**-7
 Q_MIN, Q_MAX, OFFSET = -8.0, 7.0, 8
+#: The largest scale whose largest dequantized value stays finite in bf16: ``-8 * s`` (symmetric),
+#: ``(q - zp) * s`` with ``|q - zp| <= 15`` (asymmetric).
+MAX_SCALE = torch.finfo(BF16).max / 8
+MAX_SCALE_ASYM = torch.finfo(BF16).max / 15
 #: Eight 4-bit values per int32 word.
 PER_WORD = 8
 
@@ -80,6 +84,16 @@ def asymmetric_params(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor,
     zp = torch.where(torch.isnan(zp), torch.zeros_like(zp), zp).round()
     s = torch.where(s == 0, torch.full_like(s, ZERO_SCALE), s)
     return s, zp
+
+
+def check_scales(s: torch.Tensor, name: str, shape: tuple[int, ...] | torch.Size, limit: float = MAX_SCALE) -> None:
+    """Refuse scales whose dequantized values overflow bf16 (|x| near bf16 max): finite bytes, Inf weights.
+
+    llm-compressor writes such bytes; an engine dequantizing them in bf16 gets -Inf. Only groups
+    with an amax above ``7.5/8`` of bf16's max (symmetric) or a range near it (asymmetric) hit this.
+    """
+    if bool((s > limit).any()):
+        raise non_finite_error(name, shape, "has a group so large that its dequantized values overflow bfloat16")
 
 
 def quantize_values(x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor | None) -> torch.Tensor:
@@ -145,11 +159,13 @@ def quantize(
     x = bf16_groups(src, group, name)
     if zp_out is None:
         s = symmetric_scale(x.abs().amax(dim=-1))
+        check_scales(s, name, src.shape)
         q = quantize_values(x, s.unsqueeze(-1), None)
     else:
         s, zp = asymmetric_params(x.amin(dim=-1), x.amax(dim=-1))
         if not bool(torch.isfinite(s).all()):
             raise non_finite_error(name, src.shape, "has a group whose range max - min overflows bfloat16")
+        check_scales(s, name, src.shape, MAX_SCALE_ASYM)
         q = quantize_values(x, s.unsqueeze(-1), zp.unsqueeze(-1))
         zp_out.copy_(pack_rows(zp))
     packed.copy_(pack_k(q.reshape(*q.shape[:-2], -1)))
@@ -177,6 +193,7 @@ def apply_sharded(
     grid_b = grid.to(BF16).float()
     if not bool(torch.isfinite(grid_b).all()):  # the same reduced grid on every rank: all raise together
         raise non_finite_error(name, (*grid.shape[:-1], grid.shape[-1] * group), "overflows bfloat16")
+    check_scales(symmetric_scale(grid_b), name, (*grid.shape[:-1], grid.shape[-1] * group))
     xb = x.to(BF16).float()
     q = quantize_values(xb, symmetric_scale(amax.to(BF16).float()), None)
     packed.copy_(pack_k(q))

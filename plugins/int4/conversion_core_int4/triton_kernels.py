@@ -27,6 +27,8 @@ TILE_ELEMENTS = 8192
 ROWS = 16
 NUM_WARPS = 8
 _RNE = 12582912.0  # 1.5 * 2^23
+MAX_SCALE = tl.constexpr(torch_path.MAX_SCALE)
+MAX_SCALE_ASYM = tl.constexpr(torch_path.MAX_SCALE_ASYM)
 
 
 @triton.jit
@@ -96,6 +98,9 @@ def _int4_kernel(
         amax = tl.max(tl.max(tl.abs(x), 3), 2)
         s = _bf16(tl.math.div_rn(amax, 7.5))
         zp = tl.zeros((BLOCK_R, BLOCK_G), dtype=tl.float32)
+    limit = MAX_SCALE_ASYM if ASYM else MAX_SCALE
+    if tl.max(tl.max((s > limit).to(tl.int32), 1), 0) > 0:  # a dequantized value would overflow bf16
+        tl.store(flag_ptr, 1)
     s = tl.where(s == 0.0, 0.0078125, s)
     v = _bf16(tl.math.div_rn(x, s[:, :, None, None]))
     if ASYM:
@@ -181,4 +186,6 @@ def quantize(
     flag = torch.zeros(1, dtype=torch.int32, device=src.device)
     launch(src, packed, scale, shape_out, zp, flag, group)
     if int(flag.item()):
-        raise torch_path.non_finite_error(name, src.shape, "holds NaN or Inf (or values beyond bfloat16)")
+        raise torch_path.non_finite_error(
+            name, src.shape, "holds NaN or Inf, values beyond bf16, or a group too large for it"
+        )
