@@ -25,7 +25,7 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
     for n in range(3):
         shapes[f"model.layers.{n}.self_attn.q_proj.weight"] = (64, 64)
         shapes[f"model.layers.{n}.mlp.up_proj.weight"] = (200, 64)
-        shapes[f"model.layers.{n}.mlp.experts.gate_up_proj"] = (4, 96, 64)
+        shapes[f"model.layers.{n}.mlp.experts.down_proj"] = (4, 96, 64)
     return {k: (torch.randn(s, generator=g) * 2).bfloat16() for k, s in shapes.items()}
 
 
