@@ -146,6 +146,8 @@ def check(expected: Expectations, manifest: Mapping[str, Any] | str | bytes) -> 
     if not isinstance(expected, Expectations):
         raise ConversionInputError(f"check needs the receiver's Expectations, got {type(expected).__name__}")
     sent, problems = sent_tensors(manifest)
+    if problems and not sent:  # an unreadable manifest: listing every tensor as missing says nothing more
+        return Verdict(tuple(problems), sent)
     wanted = expected.tensors
     problems += [Problem("missing", n, "expected by the receiver, not sent") for n in wanted if n not in sent]
     problems += [Problem("extra", n, "sent, the receiver has no such parameter") for n in sent if n not in wanted]
