@@ -119,7 +119,7 @@ def _gathered(out: torch.Tensor) -> torch.Tensor:
         return out
     local = out.to_local()
     if local.element_size() == 1 and local.dtype not in (torch.uint8, torch.int8):
-        # gloo cannot move float8: gather the same bytes as uint8 (same shape at one byte per element)
+        # gloo cannot move every one-byte dtype: gather the same bytes as uint8 (same shape at one byte per element)
         local = local.view(torch.uint8)
         whole = DTensor.from_local(local, out.device_mesh, out.placements, shape=out.shape, stride=out.stride())
         return whole.full_tensor().view(out.dtype)

@@ -118,7 +118,7 @@ def expectations(
     """The receiver's expectations from its own parameters and its own inference config.
 
     :param params: name -> tensor (its buffers, meta is fine) or ``(shape, dtype)``, in the quantized
-        layout the engine allocated (``x.weight`` e4m3 and ``x.weight_scale_inv`` float32, say).
+        layout the engine allocated (``x.weight`` and its companions, in their quantized dtypes).
     :param config: the receiver's model config in any form ``quantization_config_of`` reads.
     :param conversion: a conversion name, overriding what the config selects.
     """
