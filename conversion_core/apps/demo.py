@@ -181,6 +181,14 @@ def format_report(report: DemoReport, inference_config: str | Path, device: str)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.sync:
+        from .demo_sync import format_sync_report, ok, run_sync_demo
+
+        sync_report = run_sync_demo(args.format, steps=args.steps, bucket_bytes=args.bucket_kib << 10, seed=args.seed)
+        print(format_sync_report(sync_report))
+        if not ok(sync_report):
+            raise ConversionCoreError("demo --sync check failed: see the table above (verdicts, logits or refusal)")
+        return 0
     inference_config = args.config or data_path(INFERENCE_CONFIGS[args.format])
     report, _ = run_demo(inference_config, device=args.device, seed=args.seed)
     print(format_report(report, inference_config, args.device))
@@ -198,5 +206,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--config", help="your own inference config (config.json or quantization_config JSON) instead")
     p.add_argument("--device", default="cpu", help="device of the weights and buffers (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument(
+        "--sync",
+        action="store_true",
+        help="the whole weight-sync loop: 2 trainer ranks (DTensor, gloo) send bucketed updates to a receiver process",
+    )
+    p.add_argument("--steps", type=int, default=3, help="--sync: optimizer steps synced")
+    p.add_argument("--bucket-kib", type=int, default=512, help="--sync: bucket size in KiB")
     p.set_defaults(func=_cmd_demo)
     return p
