@@ -214,11 +214,15 @@ class BucketSender:
             handles.append(self.transport.isend(sums.to(self.control_device)))
         return handles
 
-    def step(self, state_dict: Mapping[str, Any]) -> StepStats:
-        """One update: offer, then every bucket converted and sent, conversion overlapping the wire."""
+    def step(self, state_dict: Mapping[str, Any], *, offer: bool = True) -> StepStats:
+        """One update: offer, then every bucket converted and sent, conversion overlapping the wire.
+
+        ``offer=False`` skips the check round trip (a transport with no receiver behind it: benchmarks).
+        """
         stats = StepStats(buckets=len(self.buckets))
         start = time.perf_counter()
-        self.offer()
+        if offer:
+            self.offer()
         in_flight: list[Handle] = []
         alive: list[torch.Tensor] = []
         for k in range(len(self.buckets)):
