@@ -69,13 +69,17 @@ class DistTransport:
         self.dist, self.peer, self.group, self.device = dist, peer, group, torch.device(device)
 
     def isend(self, payload: torch.Tensor) -> Handle:
-        return self.dist.isend(payload, dst=self.peer, group=self.group)
+        work = self.dist.isend(payload, dst=self.peer, group=self.group)
+        assert work is not None  # None only on ranks outside the group, which never send
+        return work
 
     def recv(self, payload: torch.Tensor) -> None:
         self.dist.recv(payload, src=self.peer, group=self.group)
 
     def irecv(self, payload: torch.Tensor) -> Handle:
-        return self.dist.irecv(payload, src=self.peer, group=self.group)
+        work = self.dist.irecv(payload, src=self.peer, group=self.group)
+        assert work is not None
+        return work
 
 
 def send_json(transport: Transport, value: Any, device: torch.device | str = "cpu") -> None:
