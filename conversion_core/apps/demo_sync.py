@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionCoreError
-from .demo import INFERENCE_CONFIGS, MODEL_CONFIG, build_model_state, data_path, load_json
+from .demo_model import INFERENCE_CONFIGS, MODEL_CONFIG, build_model_state, data_path, load_json
 
 TRAINERS = (0, 1)
 RECEIVER = 2
