@@ -188,10 +188,12 @@ def judges(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The README's main job: `conversion-core demo` on the model config shipped in the package."""
+    """The README's main job: `conversion-core demo` on the model config shipped in the package, then `demo --sync`."""
     _install_torch(session)
     _install(session, ".[hf]", *(f"./plugins/{name}" for name in PLUGINS))
     session.run("conversion-core", "demo", *session.posargs)
+    if not session.posargs:  # the whole sync loop: 2 trainer ranks (gloo) and a receiver process
+        session.run("conversion-core", "demo", "--sync")
 
 
 @nox.session

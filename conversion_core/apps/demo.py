@@ -9,26 +9,20 @@ output's tags with :func:`accepts` and prints a short table. Needs the ``hf`` ex
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError, ConversionCoreError
+from ..errors import ConversionCoreError
 from ..loading.registry import load_registry
 from ..plan import Plan, build_plan
 from ..selection.receiver import accepts
 from ..selection.resolver import select_default_conversion
-
-MODEL_CONFIG = "qwen3_moe_tiny.json"
-#: Shipped inference configs (quantized with blocks, or per output channel), by the short name
-#: ``--format`` takes.
-INFERENCE_CONFIGS = {"block": "inference_block.json", "channel": "inference_channel.json"}
+from .demo_model import INFERENCE_CONFIGS, MODEL_CONFIG, build_model_state, data_path, load_json
 
 
 def relative_bound(dtype: torch.dtype) -> float:
@@ -37,41 +31,6 @@ def relative_bound(dtype: torch.dtype) -> float:
 
     bound = DEFAULT_BOUNDS.get(dtype)
     return 0.0 if bound is None else bound.relative
-
-
-def data_path(name: str) -> Path:
-    """Path of a file shipped in ``conversion_core/data``."""
-    return Path(str(resources.files("conversion_core") / "data" / name))
-
-
-def load_json(path: str | Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {path} as JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return data
-
-
-def build_model_state(model_config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
-    """bf16 state dict of a randomly initialised model built from ``model_config`` (no download)."""
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ConfigError(
-            "the demo builds its model with transformers, which is not installed: pip install 'conversion-core[hf]'"
-        ) from exc
-    kwargs = dict(model_config)
-    model_type = kwargs.pop("model_type", None)
-    kwargs.pop("architectures", None)
-    if not isinstance(model_type, str):
-        raise ConfigError("the demo's model config needs a 'model_type' string")
-    config = transformers.AutoConfig.for_model(model_type, **kwargs)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    model.to(torch.bfloat16)
-    return {name: t.detach() for name, t in model.state_dict().items()}
 
 
 @dataclass
@@ -181,6 +140,14 @@ def format_report(report: DemoReport, inference_config: str | Path, device: str)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.sync:
+        from .demo_sync import format_sync_report, ok, run_sync_demo
+
+        sync_report = run_sync_demo(args.format, steps=args.steps, bucket_bytes=args.bucket_kib << 10, seed=args.seed)
+        print(format_sync_report(sync_report))
+        if not ok(sync_report):
+            raise ConversionCoreError("demo --sync check failed: see the table above (verdicts, logits or refusal)")
+        return 0
     inference_config = args.config or data_path(INFERENCE_CONFIGS[args.format])
     report, _ = run_demo(inference_config, device=args.device, seed=args.seed)
     print(format_report(report, inference_config, args.device))
@@ -198,5 +165,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--config", help="your own inference config (config.json or quantization_config JSON) instead")
     p.add_argument("--device", default="cpu", help="device of the weights and buffers (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument(
+        "--sync",
+        action="store_true",
+        help="the whole weight-sync loop: 2 trainer ranks (DTensor, gloo) send bucketed updates to a receiver process",
+    )
+    p.add_argument("--steps", type=int, default=3, help="--sync: optimizer steps synced")
+    p.add_argument("--bucket-kib", type=int, default=512, help="--sync: bucket size in KiB")
     p.set_defaults(func=_cmd_demo)
     return p

@@ -8,12 +8,12 @@ from typing import Any
 from ..errors import ConversionTypeError
 
 
-def _normalise(value: Any) -> Any:
+def normalise(value: Any) -> Any:
     """Lists and tuples compare equal, at any depth."""
     if isinstance(value, Mapping):
-        return {k: _normalise(v) for k, v in value.items()}
+        return {k: normalise(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_normalise(v) for v in value]
+        return [normalise(v) for v in value]
     return value
 
 
@@ -40,6 +40,6 @@ def accepts(
         if not isinstance(metadata, Mapping):
             return False
         for key, value in required_compile_metadata.items():
-            if key not in metadata or _normalise(metadata[key]) != _normalise(value):
+            if key not in metadata or normalise(metadata[key]) != normalise(value):
                 return False
     return True
