@@ -76,6 +76,6 @@ def test_target_format_keeps_the_config_and_adds_kept_modules():
     assert written["ignore"] == ["lm_head", "model.embed_tokens"]
     assert written["format"] == "mxfp4-pack-quantized"
     assert tf.keep("lm_head.weight") is not None and tf.keep("model.layers.0.mlp.up_proj.weight") is None
-    assert MXFP4_CONVERSION.target_format({}).quantization_config([])["config_groups"]["MXFP4"]["weights"][
-        "num_bits"
-    ] == 4
+    assert (
+        MXFP4_CONVERSION.target_format({}).quantization_config([])["config_groups"]["MXFP4"]["weights"]["num_bits"] == 4
+    )
