@@ -15,6 +15,7 @@ import copy
 from typing import Any
 
 import conversion_core as cc
+from conversion_core.formats.checkpoints import matches_module
 
 #: compressed-tensors format name -> (conversion, num_bits).
 FORMATS = {"mxfp8-quantized": ("mxfp8", 8), "mxfp4-pack-quantized": ("mxfp4", 4)}
@@ -131,8 +132,9 @@ def default_config(fmt: str, kept: list[str]) -> dict[str, Any]:
 
 
 def with_kept(qc: dict[str, Any], kept: list[str]) -> dict[str, Any]:
-    """``qc`` (a ``--like`` config) with the modules left unquantized added to its ``ignore``."""
+    """``qc`` (a ``--like`` config) with the kept modules its ``ignore`` does not already cover added to it."""
     out = copy.deepcopy(qc)
     ignore = list(out.get("ignore") or [])
-    out["ignore"] = ignore + [m for m in sorted(kept) if m not in ignore]
+    covered = [m for m in sorted(kept) if any(matches_module(entry, m) for entry in ignore)]
+    out["ignore"] = ignore + [m for m in sorted(kept) if m not in covered]
     return out
