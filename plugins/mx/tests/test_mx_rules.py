@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 
 import pytest
+from conversion_core_mx import config
 
 import conversion_core as cc
-from conversion_core_mx import config
 
 
 def mx_config(fmt: str) -> dict:

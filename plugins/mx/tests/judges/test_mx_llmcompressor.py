@@ -189,9 +189,8 @@ def test_direct_conversion_config_matches_llm_compressor(checkpoints, converted,
 
 
 def _logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
     from compressed_tensors.quantization import disable_quantization
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.bfloat16
