@@ -1,3 +1,4 @@
+# ruff: noqa: B023 -- the timed lambdas are called inside the loop iteration that makes them
 """MX kernels on the GPU: bytes equal the CPU torch path, then bandwidth against a device copy.
 
 Run on CUDA (the lead's H200 batch)::
@@ -117,7 +118,8 @@ def bench(conversions: dict, shapes: list, device: str, tune: bool) -> None:
         tile = f"{best[1]}x{best[2]} w{best[3]}: {moved / best[0] / 1e6:.0f} GB/s" if best[1] else "default"
         print(f"{name:7s} {str(shape):18s} {gbs:11.0f} {ratio:6.2f} {fn_gbs:8.0f} {copy_gbs:9.0f}  {tile}")
     print(
-        f"defaults: BLOCK_R={triton_kernels.BLOCK_R} BLOCK_C={triton_kernels.BLOCK_C} NUM_WARPS={triton_kernels.NUM_WARPS}"
+        f"defaults: BLOCK_R={triton_kernels.BLOCK_R} BLOCK_C={triton_kernels.BLOCK_C} "
+        f"NUM_WARPS={triton_kernels.NUM_WARPS}"
     )
 
 
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     registry = cc.load_registry()
     conversions = {name: registry.get(name) for name in ("mxfp8", "mxfp4")}
     print(
-        f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}, torch {torch.__version__}"
+        f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}, "
+        f"torch {torch.__version__}"
     )
     bad = check_bytes(conversions, check_shapes, device)
     if bad:

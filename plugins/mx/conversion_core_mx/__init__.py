@@ -58,7 +58,8 @@ def _check_dequantize(name: str, q: Any, scale: Any, dtype: torch.dtype) -> None
         raise cc.ConversionTypeError(f"conversion {name!r}: dequantize(values, weight_scale) takes two tensors")
     if q.dtype != dtype or scale.dtype != torch.uint8:
         raise cc.ConversionInputError(
-            f"conversion {name!r}: dequantize expects {dtype} values and uint8 weight_scale, got {q.dtype}, {scale.dtype}"
+            f"conversion {name!r}: dequantize expects {dtype} values and uint8 weight_scale, "
+            f"got {q.dtype}, {scale.dtype}"
         )
 
 

@@ -65,7 +65,9 @@ else:
         assert use_triton(src)
         assert [
             torch.equal(a, b)
-            for a, b in zip(_convert(name, src, "triton", monkeypatch), _convert(name, src, "torch", monkeypatch))
+            for a, b in zip(
+                _convert(name, src, "triton", monkeypatch), _convert(name, src, "torch", monkeypatch), strict=True
+            )
         ] == [True, True]
 
     @pytest.mark.parametrize("name", ["mxfp8", "mxfp4"])

@@ -209,7 +209,8 @@ LOAD_CASES = [
         s,
         marks=pytest.mark.xfail(
             strict=False,
-            reason="transformers 5.17 fails to merge per-expert MX weights of Qwen3-MoE on CPU (weight conversion error); not investigated",
+            reason="transformers 5.17 fails to merge per-expert MX weights of Qwen3-MoE on CPU "
+            "(weight conversion error); not investigated",
         ),
     )
     if m == "qwen3_moe"
