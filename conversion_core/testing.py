@@ -135,7 +135,7 @@ def check_conversion(
     if refuse_nonfinite is None:
         refuse_nonfinite = conversion.requires_scale
     runners: dict[str, Callable[[], object]] = {
-        "fields": lambda: check_fields(conversion),
+        "fields": lambda: check_fields(conversion, shapes),
         "tags": lambda: check_tags(conversion),
         "allocate": lambda: check_allocate(conversion, shapes, device),
         "agreement": lambda: check_agreement(conversion, shapes, device, seed),
@@ -243,7 +243,7 @@ def e4m3_reference_bytes(values: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- checks
 
 
-def check_fields(conversion: Conversion) -> None:
+def check_fields(conversion: Conversion, shapes: Sequence[Shape] | None = None) -> None:
     """The declared fields agree with one another, and every output shape function answers."""
     name = conversion.name
     if conversion.requires_scale:
@@ -253,7 +253,7 @@ def check_fields(conversion: Conversion) -> None:
             "fields",
             f"requires_scale=True but scale_name is {conversion.scale_name!r}",
         )
-    for shape in DEFAULT_SHAPES:
+    for shape in shapes or DEFAULT_SHAPES:
         if conversion.src_ndims is not None and len(shape) not in conversion.src_ndims:
             continue
         if not conversion.declares_outputs:
