@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from .contract import BlockAmax, Conversion, Output, Rule, TargetFormat
+from .contract import BlockAmax, Conversion, Output, Rule, SharedAmax, TargetFormat
 from .contract.conversion import set_sharded_executor
 from .contract.hookspecs import hookimpl
 from .errors import (
@@ -53,6 +53,7 @@ __all__ = [
     "Registry",
     "Rule",
     "RuleOutcome",
+    "SharedAmax",
     "TargetFormat",
     "UnknownConversionError",
     "accepts",

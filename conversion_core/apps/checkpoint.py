@@ -286,12 +286,14 @@ def convert_checkpoint(
         tmp = pub.open()  # claims DST (lock), recovers a dead run's leftovers, re-checks DST
         total = sum(_nbytes(s.shape, s.dtype) for s in specs.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress, file=sys.stderr) as bar:
+            across = shared_across_shards(plan, shards, src_path, device)
             for file, names in shards:
                 shard_plan = plan.subset(names)
                 outputs = shard_plan.allocate(device)
                 with safe_open(str(src_path / file), framework="pt", device=str(device)) as f:
                     state = {name: f.get_tensor(name) for name in names}
-                shard_plan.run(state)
+                given = {m: v for m, v in across.items() if m not in state}
+                shard_plan.run(state, shared_amax=given or None)
                 save_file(outputs, str(tmp / file), metadata={"format": "pt"})
                 publish.step("shard-written")
                 shard_in = sum(t.numel() * t.element_size() for t in state.values())
@@ -324,6 +326,30 @@ def convert_checkpoint(
         bytes_out=bytes_out,
         seconds=time.perf_counter() - start,
     )
+
+
+def shared_across_shards(plan: Any, shards: Shards, src: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """``max |x|`` of every member of a shared-statistic set that spans shards (read once, up front).
+
+    A fused set (q/k/v sharing one global scale) may sit in several shard files; each shard is
+    converted alone, so the other members' statistics are taken first, one tensor at a time.
+    """
+    from safetensors import safe_open
+
+    from ..plan.shared import source_amax
+
+    file_of = {name: file for file, names in shards for name in names}
+    needed: dict[str, list[str]] = {}
+    for e in plan.entries:
+        if e.shared_with and len({file_of[m] for m in e.shared_with}) > 1:
+            for m in e.shared_with:
+                needed.setdefault(file_of[m], []).append(m)
+    result: dict[str, torch.Tensor] = {}
+    for file, members in needed.items():
+        with safe_open(str(src / file), framework="pt", device=str(device)) as f:
+            for m in dict.fromkeys(members):
+                result[m] = source_amax(f.get_tensor(m))
+    return result
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:

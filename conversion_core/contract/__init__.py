@@ -9,6 +9,7 @@ from .outputs import (
     BlockAmax,
     Output,
     Shape,
+    SharedAmax,
     TargetFormat,
     output_tensor_name,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Output",
     "Rule",
     "Shape",
+    "SharedAmax",
     "TargetFormat",
     "check_buffer",
     "is_dtensor",

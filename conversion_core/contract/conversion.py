@@ -26,7 +26,17 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError
-from .outputs import ELEMENTWISE, PER_BLOCK, WEIGHT, BlockAmax, Output, Shape, TargetFormat, no_target_format
+from .outputs import (
+    ELEMENTWISE,
+    PER_BLOCK,
+    WEIGHT,
+    BlockAmax,
+    Output,
+    Shape,
+    SharedAmax,
+    TargetFormat,
+    no_target_format,
+)
 from .tags import check_json_ready, freeze, thaw
 
 #: ``fn(src, *buffers)``: writes ``src`` into the preallocated buffers; returns None.
@@ -131,6 +141,8 @@ class Conversion:
     target_format: Callable[[dict[str, Any]], TargetFormat] = no_target_format
     #: The statistic a sharded (DTensor) source reduces across ranks; None: elementwise only.
     sharded: BlockAmax | None = None
+    #: A whole-tensor statistic (max |x|) the members of a fused set share; None: each tensor its own.
+    shared_amax: SharedAmax | None = None
     #: True when ``outputs`` were declared (not derived from the one-scale fields).
     declares_outputs: bool = field(default=False, init=False, repr=False)
 
@@ -148,6 +160,8 @@ class Conversion:
             raise ConversionTypeError(f"{where}: requires_scale must be a bool")
         if self.sharded is not None and not isinstance(self.sharded, BlockAmax):
             raise ConversionTypeError(f"{where}: sharded must be a conversion_core.BlockAmax or None")
+        if self.shared_amax is not None and not isinstance(self.shared_amax, SharedAmax):
+            raise ConversionTypeError(f"{where}: shared_amax must be a conversion_core.SharedAmax or None")
         for attr in ("dst_dtype", "scale_dtype"):
             if not isinstance(getattr(self, attr), torch.dtype):
                 raise ConversionTypeError(f"{where}: {attr} must be a torch.dtype")

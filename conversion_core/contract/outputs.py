@@ -90,6 +90,10 @@ class TargetFormat:
     quantization_config: Callable[[list[str]], dict[str, Any] | None] | None = None
     #: Tensor name -> why the config leaves it unquantized (its ignore list, its targets), or None.
     keep: Callable[[str], str | None] | None = None
+    #: Names of the tensors a plan quantizes -> the sets of them whose members share the
+    #: conversion's :class:`SharedAmax` statistic (fused q/k/v, gate/up: engine knowledge, owned
+    #: by the plugin); None: every tensor on its own.
+    shared_sets: Callable[[Sequence[str]], Sequence[Sequence[str]]] | None = None
 
 
 def no_target_format(quantization_config: dict[str, Any]) -> TargetFormat:
@@ -117,3 +121,35 @@ class BlockAmax:
     def __post_init__(self) -> None:
         if not callable(self.block) or not callable(self.apply):
             raise ConversionTypeError("BlockAmax needs callables block(src_shape) and apply(x, amax, grid, *outputs)")
+
+
+@dataclass(frozen=True)
+class SharedAmax:
+    """A statistic of the whole source tensor, ``max |x|``, that a set of tensors shares.
+
+    Fused inference kernels read one value for several tensors (one global scale for q, k and v):
+    each member's bytes then depend on the max over the set, not on the member alone. Which
+    tensors form a set comes from the target format (:attr:`TargetFormat.shared_sets`); the core
+    takes the max over the set (across checkpoint shards, and across ranks for DTensor sources)
+    and calls, instead of ``fn``:
+
+    - ``apply(src, amax, *buffers)``: ``amax`` the set's float32 ``(1,)`` statistic, on ``src``'s
+      device; ``fn(src, *buffers)`` must write what ``apply(src, max|src|, *buffers)`` writes, and
+      ``apply`` refuses NaN/Inf like ``fn``;
+    - ``launch(src, amax, *buffers, flag)``: its sync-free twin for the whole-model step (None: a
+      plan with shared sets runs tensor by tensor);
+    - ``sharded_apply(x, amax, block_amax, grid, *buffers)``: the DTensor form for shards whose
+      :class:`BlockAmax` blocks are cut: ``BlockAmax.apply``'s arguments after the set's amax.
+    """
+
+    apply: Callable[..., None]
+    launch: Callable[..., None] | None = None
+    sharded_apply: Callable[..., None] | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.apply) or any(
+            f is not None and not callable(f) for f in (self.launch, self.sharded_apply)
+        ):
+            raise ConversionTypeError(
+                "SharedAmax needs a callable apply(src, amax, *buffers) (launch, sharded_apply: callables or None)"
+            )

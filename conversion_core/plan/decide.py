@@ -19,6 +19,7 @@ output buffers (:mod:`conversion_core.plan.geometry`).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -135,6 +136,9 @@ class PlanEntry:
     outputs: tuple[PlannedOutput, ...]
     #: Row counts of fused shards along dim -2, converted separately; None when not fused.
     shards: tuple[int, ...] | None = None
+    #: Every member (this one included) of the set whose whole-tensor amax its bytes share
+    #: (``Conversion.shared_amax``); empty when the tensor stands alone.
+    shared_with: tuple[str, ...] = ()
 
     @property
     def tags(self) -> dict[str, Any]:
@@ -178,6 +182,7 @@ class PlanEntry:
             "scale_dtype": None if scale is None else dtype_name(scale.dtype),
             "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": dtype_name(o.dtype)} for o in self.outputs],
             "fused_shards": None if self.shards is None else list(self.shards),
+            "shares_amax_with": list(self.shared_with),
             "compile_target": tags["compile_target"],
             "compile_metadata": tags["compile_metadata"],
         }
@@ -340,4 +345,32 @@ def decide(
                 f"(expected one of {accepted}); keep it with keep=[{name!r}] or fix the source"
             )
         entries.append(converted_entry(name, spec, chosen, target, _fused_spec(name, fused)))
-    return entries, chosen, target
+    return with_shared_sets(entries, chosen, target), chosen, target
+
+
+def with_shared_sets(entries: list[PlanEntry], conversion: Conversion, target: TargetFormat) -> list[PlanEntry]:
+    """Mark the members of every set the target format says share the conversion's ``shared_amax``."""
+    if conversion.shared_amax is None or target.shared_sets is None:
+        return entries
+    quantized = [e.name for e in entries if e.kept is None]
+    try:
+        sets = [tuple(str(n) for n in members) for members in target.shared_sets(quantized)]
+    except ConversionCoreError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"conversion {conversion.name!r}: target_format's shared_sets failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    known, seen = set(quantized), set()
+    membership: dict[str, tuple[str, ...]] = {}
+    for members in sets:
+        stray = [n for n in members if n not in known or n in seen]
+        if stray:
+            raise ConversionTypeError(
+                f"conversion {conversion.name!r}: shared_sets gives {list(members)}, whose {stray} are not "
+                "quantized tensors of the plan or already in another set"
+            )
+        seen.update(members)
+        if len(members) > 1:
+            membership.update({n: members for n in members})
+    return [dataclasses.replace(e, shared_with=membership[e.name]) if e.name in membership else e for e in entries]

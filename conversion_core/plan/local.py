@@ -24,6 +24,7 @@ from ..backend import use_triton
 from ..contract import Conversion
 from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError
 from . import arena as arenas
+from . import shared
 from .calls import Call, entry_calls, non_finite_source
 from .decide import PlanEntry, dtype_name
 from .graph_step import SEGMENT_GROWTH, CapturedStep
@@ -70,7 +71,12 @@ class Plan:
         self._flag: torch.Tensor | None = None
         self._step: CapturedStep | None = None
         conversions = {id(e.conversion): e.conversion for e in self.entries}.values()
-        self._all_launch = all(c.launch is not None or not c.quantizes for c in conversions)
+        self._all_launch = all(c.launch is not None or not c.quantizes for c in conversions) and shared.launchable(
+            self.entries
+        )
+        self._shares = any(e.shared_with for e in self.entries)
+        #: Statistics of set members outside this run's state dict (``run(shared_amax=...)``).
+        self._given_amax: Mapping[str, torch.Tensor] = {}
 
     # ---- decisions -------------------------------------------------------------------------
     def __getitem__(self, name: str) -> PlanEntry:
@@ -206,8 +212,17 @@ class Plan:
                     f"the plan expects shape {want[0]}, dtype {dtype_name(want[1])}, device {want[2]}"
                 )
 
-    def run(self, state_dict: Mapping[str, Any], strict: bool = True) -> dict[str, torch.Tensor]:
+    def run(
+        self,
+        state_dict: Mapping[str, Any],
+        strict: bool = True,
+        *,
+        shared_amax: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Refill every output from ``state_dict``; no allocation of outputs, no silent fallback.
+
+        ``shared_amax``: ``name -> max |x|`` of members of a shared-statistic set that are not in
+        ``state_dict`` (a set spanning checkpoint shards, converted one shard at a time).
 
         Inputs are validated before they are converted (names, types, shapes, dtypes, devices);
         a conversion that fails midway (NaN/Inf in a weight) raises naming the tensor. After any
@@ -228,6 +243,7 @@ class Plan:
         segments holding replayed bytes (the plan is not ready, as after any failure).
         """
         self._ready = False
+        self._given_amax = dict(shared_amax or {})
         settings = (self.graph_streams, self.graph_first_segment, self.graph_segment_growth)
         if self._step is not None and self._step.settings != settings:
             self._step = None  # a graph setting changed: segments cut and captured anew
@@ -240,10 +256,10 @@ class Plan:
         if self._sharded:
             from .sharded import run_plan
 
-            run_plan(self, self._calls, state_dict)
+            run_plan(self, self._calls, state_dict, self._given_amax)
             self._ready = True
             return dict(self._outputs)
-        if self._launchable():
+        if self._launchable() and not self._given_amax:  # given statistics: the checked path (convert)
             self._run_launched(state_dict)
         else:
             self._run_checked(state_dict)
@@ -262,13 +278,21 @@ class Plan:
 
         A copy or cast (no ``launch``) ORs a NaN/Inf in its source into the flag as well."""
         assert self._flag is not None
-        for i, call in enumerate(self._calls[calls]):
+        chosen = self._calls[calls]
+        amaxes = {}
+        if self._shares:  # the sets' statistics first (sync-free: a NaN reaches the flag through launch)
+            entries = [self._by_name[n] for n in dict.fromkeys(call.name for call in chosen)]
+            amaxes = shared.set_amaxes(entries, state_dict, self._given_amax, check=False)
+        for i, call in enumerate(chosen):
             src = state_dict[call.name]
             src = src[call.index] if call.index else src
             conversion = self._by_name[call.name].conversion
             ctx = torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext()
             with ctx:
-                if conversion.launch is not None:
+                if call.name in amaxes:
+                    assert conversion.shared_amax is not None and conversion.shared_amax.launch is not None
+                    conversion.shared_amax.launch(src, amaxes[call.name], *call.buffers, self._flag)
+                elif conversion.launch is not None:
                     conversion.launch(src, *call.buffers, self._flag)
                 else:
                     if src.dtype.is_floating_point:
@@ -308,6 +332,7 @@ class Plan:
 
     def _run_checked(self, state_dict: Mapping[str, Any]) -> None:
         """Tensor by tensor through each conversion's checked ``fn`` (one host sync per call)."""
+        amaxes = shared.set_amaxes(self.entries, state_dict, self._given_amax) if self._shares else {}
         for call in self._calls:
             src = state_dict[call.name]
             conversion = self._by_name[call.name].conversion
@@ -315,7 +340,10 @@ class Plan:
             if not conversion.quantizes and src.dtype.is_floating_point and not bool(torch.isfinite(src).all()):
                 raise non_finite_source(call.name, src)
             try:
-                conversion.fn(src, *call.buffers)
+                if call.name in amaxes:
+                    shared.apply_checked(conversion, src, amaxes[call.name], call.buffers)
+                else:
+                    conversion.fn(src, *call.buffers)
             except ConversionCoreError as exc:
                 raise ConversionInputError(f"tensor {call.name!r}: {exc}") from exc
             except KeyboardInterrupt:

@@ -148,7 +148,7 @@ def _layout(conversion: Conversion, shape: Shape, mesh: DeviceMesh, placements: 
         if output.placement == ELEMENTWISE:
             output_placements.append(placements)
         elif output.placement == REPLICATED:
-            if not all_replicated:
+            if not all_replicated and conversion.shared_amax is None:  # else it comes from the tensor amax
                 raise _refuse(
                     conversion, shape, f"its one-per-tensor output {output.name!r} needs every block's statistic"
                 )
@@ -157,7 +157,11 @@ def _layout(conversion: Conversion, shape: Shape, mesh: DeviceMesh, placements: 
             output_placements.append(
                 _per_block_placements(conversion, output.name, out_shape, grid_shape, grid_placements)
             )
-    local_fn = not reduce_dims and (all(o.placement != REPLICATED for o in outputs) or all(d is None for d in dims))
+    local_fn = not reduce_dims and (
+        all(o.placement != REPLICATED for o in outputs)
+        or all(d is None for d in dims)
+        or conversion.shared_amax is not None
+    )
     return Layout(tuple(output_placements), block, grid_shape, tuple(grid_placements), tuple(reduce_dims), local_fn)
 
 
@@ -295,6 +299,10 @@ class _Job:
     grid_offset: Shape = ()
     flag: float = 0.0
     failure: ConversionInputError | None = field(default=None, repr=False)
+    #: ``Conversion.shared_amax``: this rank's, then the global, whole-tensor amax (Inf for NaN/Inf).
+    tensor_amax: torch.Tensor | None = None
+    #: The max over the job's shared set (what ``shared_amax.apply`` gets).
+    set_amax: torch.Tensor | None = None
 
 
 def _prepare(index: int, item: Any, name: str | None = None) -> _Job:
@@ -354,28 +362,51 @@ def _local_amax(job: _Job) -> None:
     job.grid[index] = amax
 
 
-def _reduce(jobs: list[_Job]) -> None:
-    """One all-reduce MAX per (mesh, mesh dims) for every tensor sharing that reduction: grids + flags."""
-    groups: list[tuple[DeviceMesh, tuple[int, ...], torch.device, list[_Job]]] = []
-    for job in jobs:
-        key = (job.src.device_mesh, job.layout.reduce_mesh_dims, job.src.to_local().device)
-        for mesh, dims, device, members in groups:
+def _tensor_amax_dims(job: _Job) -> tuple[int, ...]:
+    """Mesh dims over which a whole-tensor statistic must be reduced: those that shard the source."""
+    mesh = job.src.device_mesh
+    return tuple(d for d, p in enumerate(job.src.placements) if type(p) is Shard and mesh.shape[d] > 1)
+
+
+def _local_tensor_amax(job: _Job) -> None:
+    """This rank's part of a ``shared_amax`` statistic; NaN becomes Inf (MAX keeps Inf on every backend)."""
+    local = job.src.to_local()
+    if local.numel() == 0:
+        job.tensor_amax = torch.zeros(1, dtype=torch.float32, device=local.device)
+    else:
+        job.tensor_amax = torch.nan_to_num(local.abs().amax().float().reshape(1), nan=float("inf"))
+
+
+def _reduce(jobs: list[_Job], sharing: Sequence[_Job] = ()) -> None:
+    """One all-reduce MAX per (mesh, mesh dims) for every tensor sharing that reduction: grids + flags,
+    and the whole-tensor statistics of ``sharing`` jobs (reduced over every mesh dim sharding them)."""
+    groups: list[tuple[DeviceMesh, tuple[int, ...], torch.device, list[_Job], list[_Job]]] = []
+
+    def group(key: tuple[DeviceMesh, tuple[int, ...], torch.device]) -> tuple[list[_Job], list[_Job]]:
+        for mesh, dims, device, grids, amaxes in groups:
             if (mesh, dims, device) == key:
-                members.append(job)
-                break
-        else:
-            groups.append((*key, [job]))
-    for mesh, dims, device, members in groups:
+                return grids, amaxes
+        groups.append((*key, [], []))
+        return groups[-1][3], groups[-1][4]
+
+    for job in jobs:
+        group((job.src.device_mesh, job.layout.reduce_mesh_dims, job.src.to_local().device))[0].append(job)
+    for job in sharing:
+        group((job.src.device_mesh, _tensor_amax_dims(job), job.src.to_local().device))[1].append(job)
+    for mesh, dims, device, members, amaxes in groups:
         grids = [job.grid for job in members if job.grid is not None]
         flags = torch.tensor([job.flag for job in members], dtype=torch.float32, device=device)
-        flat = torch.cat([g.reshape(-1) for g in grids] + [flags])
+        tensor_amaxes = [job.tensor_amax for job in amaxes if job.tensor_amax is not None]
+        flat = torch.cat([g.reshape(-1) for g in grids] + [flags] + tensor_amaxes)
         for mesh_dim in dims:
             dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=mesh.get_group(mesh_dim))
-        *parts, flags = torch.split(flat, [g.numel() for g in grids] + [len(members)])
+        *parts, flags, reduced = torch.split(flat, [g.numel() for g in grids] + [len(members), len(tensor_amaxes)])
         for job, part, flag in zip(members, parts, flags.tolist(), strict=True):
             assert job.grid is not None
             job.grid = part.view(job.grid.shape)
             job.flag = flag
+        for job, value in zip(amaxes, reduced.split(1), strict=True):
+            job.tensor_amax = value
 
 
 def _apply(job: _Job) -> None:
@@ -392,7 +423,13 @@ def _apply(job: _Job) -> None:
             count = 1 if b == 0 else -(-((o % b) + n) // b)
             amax = _expand(amax.narrow(dim, first, count), dim, o, b, n)
         amax = amax.expand(x.shape)
-    job.conversion.sharded.apply(x, amax, grid, *job.conversion.calling(job.locals))
+    buffers = job.conversion.calling(job.locals)
+    if job.set_amax is not None:
+        shared = job.conversion.shared_amax
+        assert shared is not None and shared.sharded_apply is not None
+        shared.sharded_apply(x, job.set_amax, amax, grid, *buffers)
+        return
+    job.conversion.sharded.apply(x, amax, grid, *buffers)
 
 
 def _convert_local(job: _Job) -> None:
@@ -400,13 +437,20 @@ def _convert_local(job: _Job) -> None:
     local = job.src.to_local()
     if not job.conversion.quantizes and local.dtype.is_floating_point and not bool(torch.isfinite(local).all()):
         raise non_finite_source(job.label, local)
-    if local.numel() or any(t.numel() for t in job.locals):
+    if job.set_amax is not None:  # the set's global statistic is given: shared_amax.apply
+        assert job.conversion.shared_amax is not None
+        job.conversion.shared_amax.apply(local, job.set_amax, *job.conversion.calling(job.locals))
+    elif local.numel() or any(t.numel() for t in job.locals):
         job.conversion.fn(local, *job.conversion.calling(job.locals))
 
 
 @torch.no_grad()
 def convert_many(
-    items: Sequence[Any], *, raise_on_all_ranks: bool = False, names: Sequence[str] | None = None
+    items: Sequence[Any],
+    *,
+    raise_on_all_ranks: bool = False,
+    names: Sequence[str] | None = None,
+    shared_sets: Sequence[Sequence[int]] = (),
 ) -> list[tuple[Any, ...]]:
     """Convert many DTensors with the collectives batched: one all-reduce per shared reduction.
 
@@ -419,6 +463,10 @@ def convert_many(
     converted without communication, at the price of one more all-reduce of one flag per item
     over the world: then every rank of the world must pass the same number of items.
     ``names`` (one per item) name the tensors in errors.
+
+    Conversions with a ``shared_amax`` get their whole-tensor amax reduced over every mesh dim that
+    shards them, in the same batched all-reduce, before any block is quantized; ``shared_sets``
+    (lists of item indices) make the members of each set share the max over the set.
     """
     if names is not None and len(names) != len(items):
         raise ConversionInputError(f"convert_many: {len(names)} names for {len(items)} items")
@@ -426,7 +474,15 @@ def convert_many(
     reducing = [job for job in jobs if not job.layout.local_fn]
     for job in reducing:
         _local_amax(job)
-    _reduce(reducing)
+    sharing = [job for job in jobs if job.conversion.shared_amax is not None]
+    for job in sharing:
+        if not job.layout.local_fn and job.conversion.shared_amax.sharded_apply is None:  # type: ignore[union-attr]
+            raise _refuse(
+                job.conversion, tuple(job.src.shape), "its shards cut blocks and shared_amax has no sharded_apply"
+            )
+        _local_tensor_amax(job)
+    _reduce(reducing, sharing)
+    _share(jobs, sharing, shared_sets)
     if raise_on_all_ranks:
         for job in jobs:
             if job.layout.local_fn:
@@ -451,6 +507,25 @@ def convert_many(
         elif not raise_on_all_ranks:
             _convert_local(job)
     return [job.buffers for job in jobs]
+
+
+def _share(jobs: list[_Job], sharing: list[_Job], shared_sets: Sequence[Sequence[int]]) -> None:
+    """Each sharing job's statistic: the max over its set (alone: its own); Inf (NaN/Inf) flags the job."""
+    for job in sharing:
+        job.set_amax = job.tensor_amax
+    for members in shared_sets:
+        chosen = [jobs[i] for i in members]
+        if any(job.tensor_amax is None for job in chosen):
+            raise ConversionInputError(
+                f"shared set {[job.label for job in chosen]}: every member needs a conversion with shared_amax"
+            )
+        value = torch.cat([job.tensor_amax for job in chosen]).amax().reshape(1)  # type: ignore[misc]
+        for job in chosen:
+            job.set_amax = value
+    for job in sharing:
+        assert job.tensor_amax is not None
+        if not bool(torch.isfinite(job.tensor_amax).all()):
+            job.flag = 1.0
 
 
 def convert_into(conversion: Conversion, src: torch.Tensor, *buffers: Any) -> None:
@@ -600,7 +675,9 @@ def _rows_view(t: DTensor, index: tuple, shape: Shape) -> DTensor:
     return _wrap(t.to_local()[index], t.device_mesh, tuple(t.placements), shape)
 
 
-def run_plan(plan: Any, calls: Sequence[Call], state_dict: Mapping[str, Any]) -> None:
+def run_plan(
+    plan: Any, calls: Sequence[Call], state_dict: Mapping[str, Any], given_amax: Mapping[str, Any] | None = None
+) -> None:
     """The DTensor form of ``Plan.run``'s loop: every sharded call of the step in one :func:`convert_many`.
 
     Tensors that were plain at allocation go through their checked ``fn`` after the collectives,
@@ -620,7 +697,21 @@ def run_plan(plan: Any, calls: Sequence[Call], state_dict: Mapping[str, Any]) ->
             rows = call.index[-1]
             src = _rows_view(src, call.index, (*src.shape[:-2], rows.stop - rows.start, src.shape[-1]))
         items.append((plan[call.name].conversion, src, *call.buffers))
-    convert_many(items, names=[call.name for call in sharded])
+    if given_amax:
+        raise ConversionInputError("a sharded plan takes no shared_amax: its sets are reduced across ranks")
+    position: dict[str, list[int]] = {}
+    for i, call in enumerate(sharded):
+        position.setdefault(call.name, []).append(i)
+    sets: list[list[int]] = []
+    for members in dict.fromkeys(plan[call.name].shared_with for call in sharded if plan[call.name].shared_with):
+        missing = [m for m in members if m not in position]
+        if missing:
+            raise ConversionInputError(
+                f"tensors {list(members)} share one amax, but {missing} are not DTensors of this step; "
+                "shard every member of a fused set alike"
+            )
+        sets.append([i for m in members for i in position[m]])
+    convert_many(items, names=[call.name for call in sharded], shared_sets=sets)
     for call in sharded:
         for staging, view in call.copies:
             view.copy_(staging)
