@@ -30,7 +30,7 @@ from ..contract import Conversion, TargetFormat
 from ..errors import ConfigError, ConversionCoreError, ConversionInputError
 from ..loading.registry import Registry, load_registry
 from ..plan import TensorSpec, build_plan, resolve_conversion, target_of
-from ..selection.config import quantization_config_of
+from ..selection.prequantized import refuse_quantized_source
 from . import publish
 
 #: ``[(shard file name, tensor names)]``
@@ -254,14 +254,12 @@ def convert_checkpoint(
     registry = registry or load_registry()
 
     src_config = _read_json(src_path / CONFIG_NAME) if (src_path / CONFIG_NAME).is_file() else {}
-    if quantization_config_of(src_config):
-        raise ConversionInputError(
-            f"{src_path / CONFIG_NAME} already has a quantization_config; convert reads unquantized checkpoints"
-        )
     chosen, like_qc = resolve_conversion(like, conversion, registry)
     shards, specs = read_specs(src_path, source_shards(src_path))
     if not specs:
         raise ConversionInputError(f"{src_path} holds no tensors")
+    files = {name: str(src_path / file) for file, names in shards for name in names}
+    refuse_quantized_source(src_path, src_config, ((n, s.dtype) for n, s in specs.items()), files)
 
     plan_target, requested = checkpoint_targets(chosen, like_qc)
     plan = build_plan(

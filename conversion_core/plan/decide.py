@@ -30,6 +30,7 @@ from ..contract import Conversion, TargetFormat, output_tensor_name
 from ..errors import ConfigError, ConversionCoreError, ConversionInputError, ConversionTypeError
 from ..loading import Registry, load_registry
 from ..selection import quantization_config_of, select_default_conversion
+from ..selection.prequantized import refuse_quantized_tensors
 from . import geometry
 
 Shape = tuple[int, ...]
@@ -329,6 +330,7 @@ def decide(
         if not isinstance(name, str):
             raise ConversionTypeError(f"tensor names must be str, got {name!r}")
         spec = _spec_of(name, value)
+        refuse_quantized_tensors([(name, spec.dtype)])  # a quantizer's output never passes as a weight
         reason = keep_reason(name, spec, chosen, patterns, target)
         if reason is not None:
             entries.append(kept_entry(name, spec, reason))
