@@ -63,7 +63,9 @@ def tensor_marker(name: str, dtype: torch.dtype) -> str | None:
     return None
 
 
-def refuse_quantized_tensors(tensors: Iterable[tuple[str, torch.dtype]], where: Mapping[str, str] | None = None) -> None:
+def refuse_quantized_tensors(
+    tensors: Iterable[tuple[str, torch.dtype]], where: Mapping[str, str] | None = None
+) -> None:
     """Raise naming the first tensor that is a quantizer's output; ``where`` maps a name to its file."""
     for name, dtype in tensors:
         marker = tensor_marker(name, dtype)
@@ -94,4 +96,11 @@ def refuse_quantized_source(
     refuse_quantized_tensors(tensors, where)
 
 
-__all__ = ["COMPANION_NAMES", "CONFIG_FILES", "CONFIG_KEYS", "refuse_quantized_source", "refuse_quantized_tensors", "tensor_marker"]
+__all__ = [
+    "COMPANION_NAMES",
+    "CONFIG_FILES",
+    "CONFIG_KEYS",
+    "refuse_quantized_source",
+    "refuse_quantized_tensors",
+    "tensor_marker",
+]

@@ -39,19 +39,41 @@ def plain_state() -> dict[str, torch.Tensor]:
 
 
 def t(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(shape, dtype=torch.float32).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+    return (
+        torch.zeros(shape, dtype=torch.float32).to(dtype)
+        if dtype.is_floating_point
+        else torch.zeros(shape, dtype=dtype)
+    )
 
 
 #: (case, extra tensors as a quantizer stores them, the tensor the error must name)
 QUANTIZED = [
-    ("gptq", {f"{LAYER}.qweight": t((8, 64), torch.int32), f"{LAYER}.qzeros": t((1, 8), torch.int32),
-              f"{LAYER}.scales": t((1, 64), torch.float16), f"{LAYER}.g_idx": t((64,), torch.int32)}, "name quantizers store"),
+    (
+        "gptq",
+        {
+            f"{LAYER}.qweight": t((8, 64), torch.int32),
+            f"{LAYER}.qzeros": t((1, 8), torch.int32),
+            f"{LAYER}.scales": t((1, 64), torch.float16),
+            f"{LAYER}.g_idx": t((64,), torch.int32),
+        },
+        "name quantizers store",
+    ),
     ("awq-scales-only", {f"{LAYER}.scales": t((1, 64), torch.float16)}, "scales"),
-    ("ct-packed", {f"{LAYER}.weight_packed": t((64, 8), torch.int32), f"{LAYER}.weight_shape": t((2,), torch.int64),
-                   f"{LAYER}.weight_scale": t((64, 2), BF16)}, "weight_packed"),
+    (
+        "ct-packed",
+        {
+            f"{LAYER}.weight_packed": t((64, 8), torch.int32),
+            f"{LAYER}.weight_shape": t((2,), torch.int64),
+            f"{LAYER}.weight_scale": t((64, 2), BF16),
+        },
+        "weight_packed",
+    ),
     ("ct-zero-point", {f"{LAYER}.weight_zero_point": t((64, 2), torch.int8)}, "weight_zero_point"),
-    ("block-fp8", {f"{LAYER}.weight": t((64, 64), torch.float8_e4m3fn),
-                   f"{LAYER}.weight_scale_inv": t((1, 1), torch.float32)}, "weight"),
+    (
+        "block-fp8",
+        {f"{LAYER}.weight": t((64, 64), torch.float8_e4m3fn), f"{LAYER}.weight_scale_inv": t((1, 1), torch.float32)},
+        "weight",
+    ),
     ("scale-inv-alone", {f"{LAYER}.weight_scale_inv": t((1, 1), torch.float32)}, "weight_scale_inv"),
     ("nvfp4-global", {f"{LAYER}.weight_global_scale": t((1,), torch.float32)}, "weight_global_scale"),
     ("modelopt-scale-2", {f"{LAYER}.weight_scale_2": t((), torch.float32)}, "weight_scale_2"),
@@ -116,7 +138,11 @@ def test_build_plan_refuses_the_same_state_dict(case, extra, named):
     ("config", "files", "marker"),
     [
         ({**CONFIG, "quantization_config": {"quant_method": "gptq", "bits": 4}}, {}, "quantization_config"),
-        ({**CONFIG, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, {}, "quantization_config"),
+        (
+            {**CONFIG, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
+            {},
+            "quantization_config",
+        ),
         ({**CONFIG, "compression_config": {"format": "pack-quantized"}}, {}, "compression_config"),
         (CONFIG, {"quantize_config.json": '{"bits": 4, "group_size": 128}'}, "quantize_config.json"),
         (CONFIG, {"quant_config.json": '{"w_bit": 4, "q_group_size": 128}'}, "quant_config.json"),
