@@ -32,6 +32,7 @@ from ..loading.registry import Registry, load_registry
 from ..plan import TensorSpec, build_plan, resolve_conversion, target_of
 from ..selection.prequantized import refuse_quantized_source
 from . import publish
+from .device import checked_device
 
 #: ``[(shard file name, tensor names)]``
 Shards = list[tuple[str, list[str]]]
@@ -122,13 +123,13 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def dtype_from_safetensors(code: str) -> torch.dtype:
-    """torch dtype of a safetensors header dtype code (``BF16``, ``F32``, ...)."""
+def dtype_from_safetensors(code: str, where: str = "") -> torch.dtype:
+    """torch dtype of a safetensors header dtype code (``BF16``, ``F32``, ...); ``where`` names the tensor."""
     try:
         return SAFETENSORS_DTYPES[code]
     except KeyError:
         raise ConversionInputError(
-            f"safetensors dtype {code!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
+            f"{where}safetensors dtype {code!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
         ) from None
 
 
@@ -172,7 +173,8 @@ def read_specs(src: Path, shards: Shards) -> tuple[Shards, dict[str, TensorSpec]
                 names = list(f.keys())
                 for name in names:
                     sl = f.get_slice(name)
-                    specs[name] = TensorSpec(tuple(sl.get_shape()), dtype_from_safetensors(sl.get_dtype()))
+                    dtype = dtype_from_safetensors(sl.get_dtype(), f"{path}: tensor {name!r}: ")
+                    specs[name] = TensorSpec(tuple(sl.get_shape()), dtype)
         except ConversionCoreError:
             raise
         except Exception as exc:
@@ -250,6 +252,7 @@ def convert_checkpoint(
     src_path, dst_path = Path(src).expanduser(), Path(dst).expanduser()
     if (conversion is None) == (like is None):
         raise ConversionInputError("convert needs exactly one of --conversion NAME or --like CONFIG")
+    device = checked_device(device)
     _check_paths(src_path, dst_path, force)
     registry = registry or load_registry()
 

@@ -280,6 +280,11 @@ def converted_entry(
     name: str, spec: TensorSpec, conversion: Conversion, target: TargetFormat, fused: int | Sequence[int] | None
 ) -> PlanEntry:
     """The entry of a tensor the conversion applies to: outputs named and shaped for ``target``."""
+    try:
+        conversion.check_shape(spec.shape)
+        conversion.output_shapes(spec.shape)
+    except ConversionCoreError as exc:  # the same one line, naming the tensor
+        raise type(exc)(f"tensor {name!r}: {exc}") from exc
     shards = None if fused is None else _shard_rows(name, spec.shape[-2], fused)
     if shards is not None and len(shards) > 1 and not geometry.shards_align(conversion, spec.shape, shards):
         buffers = geometry.fused_output_shapes(conversion, spec.shape, shards)
