@@ -32,8 +32,9 @@ def install(site: FakeSite, validator: str) -> None:
         "validating",
         site.prelude
         + VALIDATORS
-        + "@cc.hookimpl\ndef register_conversion():\n    return [cc.Conversion('zz_v', copy_fn, False, dst_dtype=torch.float32),"
-        " cc.Conversion('zz_other', copy_fn, False, dst_dtype=torch.float32)]\n"
+        + "@cc.hookimpl\ndef register_conversion():\n"
+        "    return [cc.Conversion('zz_v', copy_fn, False, dst_dtype=torch.float32),\n"
+        "            cc.Conversion('zz_other', copy_fn, False, dst_dtype=torch.float32)]\n"
         "@cc.hookimpl\ndef default_rule():\n"
         f"    return [cc.Rule('zz_v', lambda qc: qc.get('quant_method') == 'zz', 9, 'v-rule', validate={validator}),\n"
         "            cc.Rule('zz_other', lambda qc: True, 1, 'fallback')]\n",
