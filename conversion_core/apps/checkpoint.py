@@ -30,8 +30,9 @@ from ..contract import Conversion, TargetFormat
 from ..errors import ConfigError, ConversionCoreError, ConversionInputError
 from ..loading.registry import Registry, load_registry
 from ..plan import TensorSpec, build_plan, resolve_conversion, target_of
-from ..selection.config import quantization_config_of
+from ..selection.prequantized import refuse_quantized_source
 from . import publish
+from .device import checked_device
 
 #: ``[(shard file name, tensor names)]``
 Shards = list[tuple[str, list[str]]]
@@ -122,13 +123,13 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def dtype_from_safetensors(code: str) -> torch.dtype:
-    """torch dtype of a safetensors header dtype code (``BF16``, ``F32``, ...)."""
+def dtype_from_safetensors(code: str, where: str = "") -> torch.dtype:
+    """torch dtype of a safetensors header dtype code (``BF16``, ``F32``, ...); ``where`` names the tensor."""
     try:
         return SAFETENSORS_DTYPES[code]
     except KeyError:
         raise ConversionInputError(
-            f"safetensors dtype {code!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
+            f"{where}safetensors dtype {code!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
         ) from None
 
 
@@ -172,7 +173,8 @@ def read_specs(src: Path, shards: Shards) -> tuple[Shards, dict[str, TensorSpec]
                 names = list(f.keys())
                 for name in names:
                     sl = f.get_slice(name)
-                    specs[name] = TensorSpec(tuple(sl.get_shape()), dtype_from_safetensors(sl.get_dtype()))
+                    dtype = dtype_from_safetensors(sl.get_dtype(), f"{path}: tensor {name!r}: ")
+                    specs[name] = TensorSpec(tuple(sl.get_shape()), dtype)
         except ConversionCoreError:
             raise
         except Exception as exc:
@@ -250,18 +252,17 @@ def convert_checkpoint(
     src_path, dst_path = Path(src).expanduser(), Path(dst).expanduser()
     if (conversion is None) == (like is None):
         raise ConversionInputError("convert needs exactly one of --conversion NAME or --like CONFIG")
+    device = checked_device(device)
     _check_paths(src_path, dst_path, force)
     registry = registry or load_registry()
 
     src_config = _read_json(src_path / CONFIG_NAME) if (src_path / CONFIG_NAME).is_file() else {}
-    if quantization_config_of(src_config):
-        raise ConversionInputError(
-            f"{src_path / CONFIG_NAME} already has a quantization_config; convert reads unquantized checkpoints"
-        )
     chosen, like_qc = resolve_conversion(like, conversion, registry)
     shards, specs = read_specs(src_path, source_shards(src_path))
     if not specs:
         raise ConversionInputError(f"{src_path} holds no tensors")
+    files = {name: str(src_path / file) for file, names in shards for name in names}
+    refuse_quantized_source(src_path, src_config, ((n, s.dtype) for n, s in specs.items()), files)
 
     plan_target, requested = checkpoint_targets(chosen, like_qc)
     plan = build_plan(

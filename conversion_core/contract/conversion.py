@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError
+from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError, PluginError
 from .outputs import (
     ELEMENTWISE,
     PER_BLOCK,
@@ -258,9 +258,20 @@ class Conversion:
         return self.requires_scale or self.compile_target != RAW_TARGET
 
     def output_shapes(self, src_shape: Sequence[int]) -> tuple[Shape, ...]:
-        """Shape of every declared output for a source of ``src_shape``."""
+        """Shape of every declared output for a source of ``src_shape``.
+
+        A plugin's shape function that raises or returns something that is not a shape is named
+        in one line (the plan, ``allocate`` and the checked ``fn`` all come through here)."""
         src = tuple(int(s) for s in src_shape)
-        return tuple(tuple(int(s) for s in o.shape(src)) for o in self.outputs)
+        try:
+            return tuple(tuple(int(s) for s in o.shape(src)) for o in self.outputs)
+        except ConversionCoreError:
+            raise
+        except Exception as exc:
+            raise ConversionTypeError(
+                f"conversion {self.name!r}: its output shape function failed for source shape "
+                f"{src}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def expected_scale_shape(self, src_shape: Sequence[int]) -> Shape | None:
         """Shape of the second output (the scale of the one-scale form), None when there is none."""
@@ -289,6 +300,11 @@ class Conversion:
             raise ConversionInputError(
                 f"conversion {self.name!r}: source of shape {tuple(shape)} is {len(shape)}-D; expected {ranks} "
                 "((N, K) weights or (E, N, K) stacked experts)"
+            )
+        if self.quantizes and 0 in tuple(shape):  # no statistic of nothing: refuse, never a raw error
+            raise ConversionInputError(
+                f"conversion {self.name!r}: source of shape {tuple(shape)} has no elements; "
+                "a quantizing conversion needs a non-empty weight (keep empty tensors unconverted)"
             )
 
     def check_buffers(self, src: torch.Tensor, *buffers: Any) -> None:
@@ -322,15 +338,7 @@ class Conversion:
             check_buffer(where, f"output {output.name!r}", buf, shape, output.dtype, src.device)
 
     def _shapes_or_error(self, src_shape: Sequence[int]) -> tuple[Shape, ...]:
-        try:
-            return self.output_shapes(src_shape)
-        except ConversionCoreError:
-            raise
-        except Exception as exc:  # a plugin's shape function that raises: name it, one line
-            raise ConversionTypeError(
-                f"conversion {self.name!r}: its output shape function failed for source shape "
-                f"{tuple(src_shape)}: {type(exc).__name__}: {exc}"
-            ) from exc
+        return self.output_shapes(src_shape)
 
     def allocate(self, shape: Sequence[int], device: torch.device | str | None = None) -> tuple[Any, ...]:
         """Allocate the buffers for a source of ``shape``, once: ``(out, scale_or_None)`` in the
@@ -387,7 +395,21 @@ def _checked(conversion: Conversion, raw: ConvertFn) -> ConvertFn:
             buffers = (buffers[0], None)  # fn(src, out) for a scale-less short form
         conversion.check_buffers(src, *buffers)
         before = [_storage_of(b) for b in buffers if b is not None]
-        result = raw(src, *buffers)  # type: ignore[func-returns-value]
+        try:
+            # a trainer's requires_grad weight: bytes out, never an autograd graph (detached, since
+            # no_grad is per thread and a plugin may convert on worker threads)
+            with torch.no_grad():
+                result = raw(src.detach(), *buffers)  # type: ignore[func-returns-value]
+        except KeyboardInterrupt as exc:  # the user's Ctrl-C still stops, saying what was running
+            exc.add_note(f"conversion-core: interrupted in conversion {conversion.name!r}")
+            raise
+        except Exception:
+            raise
+        except BaseException as exc:  # noqa: B036  sys.exit(0) in a plugin's fn is a failure, never an exit
+            raise PluginError(
+                f"conversion {conversion.name!r}: fn raised {type(exc).__name__}({exc}); "
+                "a conversion must write its buffers or raise an Exception"
+            ) from exc
         if result is not None:
             raise ConversionTypeError(
                 f"conversion {conversion.name!r}: fn returned a {type(result).__name__}; it must write into the "

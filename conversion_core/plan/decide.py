@@ -31,6 +31,7 @@ from ..contract import Conversion, TargetFormat, output_tensor_name
 from ..errors import ConfigError, ConversionCoreError, ConversionInputError, ConversionTypeError
 from ..loading import Registry, load_registry
 from ..selection import quantization_config_of, select_default_conversion
+from ..selection.prequantized import refuse_quantized_tensors
 from . import geometry
 
 Shape = tuple[int, ...]
@@ -284,6 +285,11 @@ def converted_entry(
     name: str, spec: TensorSpec, conversion: Conversion, target: TargetFormat, fused: int | Sequence[int] | None
 ) -> PlanEntry:
     """The entry of a tensor the conversion applies to: outputs named and shaped for ``target``."""
+    try:
+        conversion.check_shape(spec.shape)
+        conversion.output_shapes(spec.shape)
+    except ConversionCoreError as exc:  # the same one line, naming the tensor
+        raise type(exc)(f"tensor {name!r}: {exc}") from exc
     shards = None if fused is None else _shard_rows(name, spec.shape[-2], fused)
     if shards is not None and len(shards) > 1 and not geometry.shards_align(conversion, spec.shape, shards):
         buffers = geometry.fused_output_shapes(conversion, spec.shape, shards)
@@ -334,6 +340,7 @@ def decide(
         if not isinstance(name, str):
             raise ConversionTypeError(f"tensor names must be str, got {name!r}")
         spec = _spec_of(name, value)
+        refuse_quantized_tensors([(name, spec.dtype)])  # a quantizer's output never passes as a weight
         reason = keep_reason(name, spec, chosen, patterns, target)
         if reason is not None:
             entries.append(kept_entry(name, spec, reason))

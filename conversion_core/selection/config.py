@@ -25,12 +25,6 @@ from ..errors import ConfigError
 #: Keys that mark a dict as a whole config.json rather than a bare quantization_config.
 WHOLE_CONFIG_KEYS = ("quantization_config", "model_type", "architectures")
 
-#: Keys every rule may read as a string when present.
-STRING_KEYS = ("fmt", "scale_fmt", "activation_scheme", "quant_format", "format", "expert_dtype")
-
-#: Keys listing modules left unquantized (HF fp8 / fbgemm / compressed-tensors spellings).
-MODULE_LIST_KEYS = ("modules_to_not_convert", "ignored_layers", "ignore", "modules_to_convert")
-
 #: Nesting deeper than this is not a config anybody wrote; refusing it keeps recursion bounded.
 MAX_DEPTH = 64
 
@@ -68,7 +62,11 @@ def _from_mapping(config: Mapping[Any, Any], origin: str) -> dict[str, Any]:
 
 
 def validate_quantization_config(qc: Any, origin: str = "quantization_config") -> dict[str, Any]:
-    """Check the keys every rule relies on; return a deep plain copy predicates may not spoil."""
+    """Check what every format shares (a non-empty ``quant_method``); return a deep plain copy.
+
+    The keys a format reads (block sizes, ignore lists, ...) are checked by the rules that claim
+    them (:attr:`conversion_core.Rule.validate`), never here: the core knows no format's keys.
+    """
     if not isinstance(qc, Mapping):
         raise ConfigError(f"{origin} must be a mapping (a JSON object), got {type(qc).__name__}")
     plain = _plain(qc, origin, 0)
@@ -79,35 +77,6 @@ def validate_quantization_config(qc: Any, origin: str = "quantization_config") -
         raise ConfigError(
             f"{origin}['quant_method'] must be a non-empty string naming the quantization method, got {method!r}"
         )
-    block = plain.get("weight_block_size")
-    if block is not None and not (
-        isinstance(block, list)
-        and len(block) == 2
-        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
-    ):
-        raise ConfigError(
-            f"{origin}['weight_block_size'] must be a list of two positive ints [rows, cols], got {block!r}"
-        )
-    for key in STRING_KEYS:
-        value = plain.get(key)
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(f"{origin}[{key!r}] must be a string, got {value!r}")
-    for key in MODULE_LIST_KEYS:
-        value = plain.get(key)
-        if value is not None and not (isinstance(value, list) and all(isinstance(m, str) for m in value)):
-            raise ConfigError(f"{origin}[{key!r}] must be a list of module names (strings) or null, got {value!r}")
-    groups = plain.get("config_groups")
-    if groups is not None:
-        if not isinstance(groups, dict):
-            raise ConfigError(
-                f"{origin}['config_groups'] must be a mapping of group name to scheme, got {type(groups).__name__}"
-            )
-        for name, group in groups.items():
-            if not isinstance(group, dict):
-                raise ConfigError(
-                    f"{origin}['config_groups'][{name!r}] must be a mapping with 'weights' and "
-                    f"'input_activations', got {type(group).__name__}"
-                )
     return plain
 
 

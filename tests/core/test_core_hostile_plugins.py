@@ -253,3 +253,97 @@ def test_cli_subprocess_reports_plugin_exit(fake_site: FakeSite) -> None:
     )
     assert done.returncode == 0
     assert "exiter" in done.stdout and "failed" in done.stdout and "SystemExit" in done.stdout
+
+
+# --- 6. a conversion fn that exits, and a predicate that hangs, in a real process -------------
+
+EXITING_FN = """
+import sys
+class Boom(BaseException):
+    pass
+
+def exit_fn(src, out, scale_out):
+    sys.exit(0)
+
+def boom_fn(src, out, scale_out):
+    raise Boom("in fn")
+
+@cc.hookimpl
+def register_conversion():
+    return [cc.Conversion("zz_exit_fn", exit_fn, False, dst_dtype=torch.float32),
+            cc.Conversion("zz_boom_fn", boom_fn, False, dst_dtype=torch.float32)]
+
+@cc.hookimpl
+def default_rule():
+    return cc.Rule("zz_exit_fn", lambda qc: qc.get("quant_method") == "zz_exit", 9, "exit-fn-rule")
+"""
+
+
+@pytest.mark.parametrize(("conversion", "raised"), [("zz_exit_fn", "SystemExit"), ("zz_boom_fn", "Boom")])
+def test_base_exception_in_a_conversion_fn_is_a_plugin_error_naming_it(
+    fake_site: FakeSite, conversion: str, raised: str
+) -> None:
+    fake_site.install("fnexit", fake_site.prelude + EXITING_FN)
+    registry = fake_site.load()
+    with pytest.raises(cc.PluginError, match=rf"conversion '{conversion}': fn raised {raised}"):
+        registry.get(conversion).convert(__import__("torch").ones(2, 3))
+
+
+def _cli(site: FakeSite, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+    env = {**__import__("os").environ, "PYTHONPATH": str(site.path), "CONVERSION_CORE_PLUGINS": ",".join(site.names)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "conversion_core.apps.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
+
+
+def test_cli_convert_with_a_fn_calling_sys_exit_0_fails_and_publishes_nothing(
+    fake_site: FakeSite, tmp_path: Any
+) -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    pytest.importorskip("tqdm")
+    torch = __import__("torch")
+    fake_site.install("fnexit", fake_site.prelude + EXITING_FN)
+    src = tmp_path / "src"
+    src.mkdir()
+    safetensors_torch.save_file({"model.layers.0.mlp.up_proj.weight": torch.ones(4, 4)}, str(src / "model.safetensors"))
+    (src / "config.json").write_text('{"model_type": "llama"}')
+    like = tmp_path / "like.json"
+    like.write_text('{"quantization_config": {"quant_method": "zz_exit"}}')
+    proc = _cli(fake_site, "convert", str(src), str(tmp_path / "dst"), "--like", str(like), "--no-progress")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "'zz_exit_fn'" in lines[0] and "SystemExit" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["like.json", "site", "src"]  # no DST, no temporary directory
+
+
+def test_a_hanging_predicate_is_stopped_by_ctrl_c_naming_rule_and_plugin(fake_site: FakeSite, tmp_path: Any) -> None:
+    """The documented policy (hookspecs.default_rule): no preemption; Ctrl-C names who hung."""
+    import signal
+    import time
+
+    fake_site.install(
+        "hanger",
+        fake_site.source(
+            conversions=["zz_hang_real"],
+            rules=[("zz_hang_real", 9, "hang-forever", "hang()")],
+            extra="import pathlib, time\ndef hang():\n"
+            f"    pathlib.Path({str(tmp_path / 'started')!r}).touch()\n    while True:\n        time.sleep(0.01)\n",
+        ),
+    )
+    config = tmp_path / "config.json"
+    config.write_text('{"quantization_config": {"quant_method": "zz_hang"}}')
+    proc = _cli(fake_site, "resolve", str(config))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "'hang-forever'" in err and "'hanger'" in err and "Traceback" not in err

@@ -27,9 +27,6 @@ HELPERS = {"formats"}
 NAMES_FORMATS = {
     # the kit's default error bounds and its independent e4m3 encoder (plugins' byte tests use it)
     f"{PACKAGE}.testing": "all",
-    # validation of the config keys the seed's HF rules share (weight_block_size, ignore lists):
-    # still in the core, see the closing note
-    f"{PACKAGE}.selection.config": "all",
 }
 #: Lines naming a file format's own dtype codes (safetensors), not a quantization format.
 SAFETENSORS_CODES = re.compile(r'"F8_E[45]M[23]": torch\.float8_e[45]m[23]')

@@ -13,6 +13,7 @@ import torch
 import conversion_core as cc
 from conversion_core.backend import use_triton
 from conversion_core.formats.checkpoints import compressed_tensors_fp8_config, scale_target
+from conversion_core.formats.config_keys import validate_compressed_tensors, validate_hf_fp8
 from conversion_core.formats.fp8 import (
     E4M3,
     check_fp8_dequantize_args,
@@ -128,13 +129,26 @@ def register_conversion() -> cc.Conversion:
 @cc.hookimpl
 def default_rule() -> list[cc.Rule]:
     return [
-        cc.Rule(conversion=NAME, predicate=is_fp8_cutlass_format, priority=100, name="fp8-quant-format-cutlass"),
-        cc.Rule(conversion=NAME, predicate=is_fp8_dynamic_without_blocks, priority=100, name="fp8-dynamic-no-blocks"),
+        cc.Rule(
+            conversion=NAME,
+            predicate=is_fp8_cutlass_format,
+            priority=100,
+            name="fp8-quant-format-cutlass",
+            validate=validate_hf_fp8,
+        ),
+        cc.Rule(
+            conversion=NAME,
+            predicate=is_fp8_dynamic_without_blocks,
+            priority=100,
+            name="fp8-dynamic-no-blocks",
+            validate=validate_hf_fp8,
+        ),
         cc.Rule(
             conversion=NAME,
             predicate=is_compressed_tensors_channel,
             priority=100,
             name="compressed-tensors-fp8-channel",
+            validate=validate_compressed_tensors,
         ),
-        cc.Rule(conversion=NAME, predicate=is_fbgemm_fp8, priority=100, name="fbgemm-fp8"),
+        cc.Rule(conversion=NAME, predicate=is_fbgemm_fp8, priority=100, name="fbgemm-fp8", validate=validate_hf_fp8),
     ]

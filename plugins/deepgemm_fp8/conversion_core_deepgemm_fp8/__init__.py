@@ -17,6 +17,7 @@ import torch
 import conversion_core as cc
 from conversion_core.backend import use_triton
 from conversion_core.formats.checkpoints import fp8_block_config, scale_target
+from conversion_core.formats.config_keys import validate_compressed_tensors, validate_hf_fp8
 from conversion_core.formats.fp8 import (
     E4M3,
     check_fp8_dequantize_args,
@@ -118,11 +119,18 @@ def register_conversion() -> cc.Conversion:
 @cc.hookimpl
 def default_rule() -> list[cc.Rule]:
     return [
-        cc.Rule(conversion=NAME, predicate=is_fp8_block_128, priority=200, name="fp8-block-128x128"),
+        cc.Rule(
+            conversion=NAME,
+            predicate=is_fp8_block_128,
+            priority=200,
+            name="fp8-block-128x128",
+            validate=validate_hf_fp8,
+        ),
         cc.Rule(
             conversion=NAME,
             predicate=is_compressed_tensors_block_128,
             priority=200,
             name="compressed-tensors-fp8-block-128x128",
+            validate=validate_compressed_tensors,
         ),
     ]

@@ -56,6 +56,7 @@ import torch
 import conversion_core as cc
 from conversion_core.backend import use_triton
 from conversion_core.formats.checkpoints import fp8_block_config, scale_target
+from conversion_core.formats.config_keys import validate_hf_fp8
 from conversion_core.formats.fp8 import E4M3, E4M3_MAX, is_dynamic_e4m3_fp8
 
 from . import BLOCK, dequantize_blocks, scale_shape, statistic_block, torch_path
@@ -204,4 +205,12 @@ def register_conversion() -> cc.Conversion:
 
 @cc.hookimpl
 def default_rule() -> list[cc.Rule]:
-    return [cc.Rule(conversion=NAME, predicate=is_fp8_block_128_ue8m0, priority=200, name="fp8-block-128x128-ue8m0")]
+    return [
+        cc.Rule(
+            conversion=NAME,
+            predicate=is_fp8_block_128_ue8m0,
+            priority=200,
+            name="fp8-block-128x128-ue8m0",
+            validate=validate_hf_fp8,
+        )
+    ]
