@@ -362,7 +362,7 @@ class Conversion:
         On any error the buffers' contents are unspecified.
         """
         check = self.fn.__cc_check__  # type: ignore[attr-defined]
-        calls: list[tuple[Any, ...]] = []
+        calls: list[tuple[int, tuple[Any, ...]]] = []  # (index in items, (src, *buffers))
         for i, item in enumerate(items):
             src, *buffers = item
             if not self.declares_outputs and len(buffers) == 1:
@@ -374,30 +374,30 @@ class Conversion:
                 check(src, buffers)
             except ConversionCoreError as exc:
                 raise type(exc)(f"convert_many item {i}: {exc}") from exc
-            calls.append((src, *buffers))
+            calls.append((i, (src, *buffers)))
         if not calls:
             return
-        device = calls[0][0].device
-        if self.launch is None or not use_triton(calls[0][0]) or any(c[0].device != device for c in calls):
-            for i, call in enumerate(calls):
+        first = calls[0][1][0]
+        if self.launch is None or not use_triton(first) or any(c[0].device != first.device for _, c in calls):
+            for i, call in calls:
                 self._run_named(i, call)
             return
-        launched = [c for c in calls if c[0].numel()]
-        for i, call in enumerate(calls):
+        launched = [(i, c) for i, c in calls if c[0].numel()]
+        for i, call in calls:
             if not call[0].numel():
                 self._run_named(i, call)
-        flag = flags.device_flag(device)
+        flag = flags.device_flag(first.device)
         try:
             if self.launch_group is not None:
-                self.launch_group(launched, flag)
+                self.launch_group([c for _, c in launched], flag)
             else:
-                for call in launched:
+                for _, call in launched:
                     self.launch(*call, flag)
         except BaseException:
             flags.reset(flag)
             raise
         if flags.flagged(flag):
-            for i, call in enumerate(launched):
+            for i, call in launched:
                 self._run_named(i, call)
             raise ConversionCoreError(
                 f"conversion {self.name!r}: a NaN/Inf was flagged in convert_many but no item failed when re-run"

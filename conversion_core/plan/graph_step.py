@@ -35,8 +35,10 @@ _LAYOUT: tuple[Callable[[torch.Tensor], Any], ...] = (
     operator.attrgetter("shape"),
     torch.Tensor.stride,
 )
-#: Queues the launches of a range of calls, round-robin over the given streams (none: current).
-Queue = Callable[[slice, Sequence[Any]], None]
+#: Queues the launches of a range of calls: ``()`` eagerly (grouped launches where a conversion has
+#: them), streams: one launch per call round-robin over them (capture), None: one launch per call
+#: on the current stream (a capture's warm-up: compiles what the capture records).
+Queue = Callable[[slice, Sequence[Any] | None], None]
 
 
 def layout(tensors: Sequence[torch.Tensor]) -> list[list[Any]]:
@@ -182,7 +184,7 @@ class CapturedStep:
         warm.wait_stream(main)
         try:
             with torch.cuda.stream(warm):
-                queue(calls, ())
+                queue(calls, None)
         finally:  # even when a launch raised: what was queued ends before main reuses memory
             main.wait_stream(warm)
         graph = torch.cuda.CUDAGraph()
