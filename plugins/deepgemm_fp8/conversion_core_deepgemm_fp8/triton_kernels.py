@@ -330,8 +330,9 @@ def launch_blocks(
     tiles = e * nb * kb
     on_gpu = src.device.type == "cuda"
     programs = tiles
-    if cfg.programs_per_sm > 0 and on_gpu:
-        programs = min(tiles, cfg.programs_per_sm * _sm_count(src.device.index or 0))
+    if cfg.programs_per_sm > 0:  # under the interpreter one "SM": each program loops over many tiles
+        sms = _sm_count(src.device.index or 0) if on_gpu else 1
+        programs = min(tiles, cfg.programs_per_sm * sms)
     _quantize_tile_kernel[(programs,)](
         x,
         out,
