@@ -147,7 +147,9 @@ def row_variants(shape: Sequence[int], quick: bool) -> list[Any]:
 def launch_variant(name: str, variant: Any, src: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, flag):
     if name == CHANNEL:
         return lambda: _row_kernels().launch_rows(src, out, scale, flag, variant)
-    return lambda: _block_kernels().launch_blocks(src, out, scale, flag, (128, 128), ue8m0=name == UE8M0, config=variant)
+    return lambda: _block_kernels().launch_blocks(
+        src, out, scale, flag, (128, 128), ue8m0=name == UE8M0, config=variant
+    )
 
 
 def cpu_path(conversion: Any, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +240,7 @@ def check_section(report: Report, args: argparse.Namespace, device: torch.device
         # grouped: per-expert views of one stack, mixed shapes and layouts in one launch_group
         members = [src[j] for j in range(3) for _, src in sources[2:3]] + [src for _, src in sources]
 
-        def grouped(conversion: Any = conversion) -> bool:
+        def grouped(conversion: Any = conversion, members: list[torch.Tensor] = members) -> bool:
             items = []
             for src in members:
                 out, scale = conversion.allocate(src.shape, device)
@@ -311,18 +313,20 @@ def quant_section(report: Report, args: argparse.Namespace, device: torch.device
         if src is None:
             continue
         numel = src.numel()
-        dst = torch.empty_like(src)
-        copy_ms = _bench(lambda: dst.copy_(src), dry)  # noqa: B023
-        del dst
+        copy_ms = _copy_ms(src, dry)
         copy_gbps = _gbps(4 * numel, copy_ms)
         print(f"\n{label} {tuple(shape)}: copy {_fmt(copy_gbps)} GB/s", flush=True)
         for name in (BLOCK, UE8M0, CHANNEL):
             if name not in registry.names():
                 continue
             report.guard(f"quant {label} {name}", lambda: _quant_one(report, args, device, label, name, src, copy_gbps))  # noqa: B023
-        del src
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _copy_ms(src: torch.Tensor, dry: bool) -> float:
+    dst = torch.empty_like(src)
+    return _bench(lambda: dst.copy_(src), dry)
 
 
 def _quant_one(
@@ -365,7 +369,9 @@ def _quant_one(
             sweep.append(result)
             report.mismatches += not result["same_bytes"]
     best = min((s for s in sweep if s["same_bytes"]), key=lambda s: s["ms"], default=None)
-    row["best_variant"], row["best_ratio"] = (best["variant"], best["ratio"]) if best else (str(variants[0]), row["kernel_ratio"])
+    row["best_variant"], row["best_ratio"] = (
+        (best["variant"], best["ratio"]) if best else (str(variants[0]), row["kernel_ratio"])
+    )
     row["sweep"] = sweep
     row["fn_ms"] = report.guard(f"quant {label} {name} fn", lambda: _bench(lambda: conversion.fn(src, out, scale), dry))
     row["fn_ratio"] = ratio(row["fn_ms"])
@@ -384,8 +390,14 @@ def _quant_one(
         row[f"{peer}_ms"] = report.guard(f"quant {label} {peer}", lambda fn=fn: _bench(lambda: fn(src), dry))
         row[f"{peer}_ratio"] = ratio(row[f"{peer}_ms"])
     report.data["quant"].append(row)
-    peer_text = "  ".join(f"{p} {_fmt(row.get(f'{p}_ratio'), '.3f')}" for p in ("torchao", "fbgemm") if f"{p}_ms" in row)
-    many = f"  convert_many {_fmt(row.get('many_ratio'), '.3f')} fn-loop {_fmt(row.get('fn_loop_ratio'), '.3f')}" if "many_ms" in row else ""
+    peer_text = "  ".join(
+        f"{p} {_fmt(row.get(f'{p}_ratio'), '.3f')}" for p in ("torchao", "fbgemm") if f"{p}_ms" in row
+    )
+    many = (
+        f"  convert_many {_fmt(row.get('many_ratio'), '.3f')} fn-loop {_fmt(row.get('fn_loop_ratio'), '.3f')}"
+        if "many_ms" in row
+        else ""
+    )
     print(
         f"  {name:<30} kernel {_fmt(_gbps(3 * numel, row['kernel_ms']))} GB/s ratio {_fmt(row['kernel_ratio'], '.3f')}"
         f"  best {_fmt(row['best_ratio'], '.3f')} [{row['best_variant']}]  fn {_fmt(row['fn_ratio'], '.3f')}"
@@ -413,13 +425,13 @@ def model_section(report: Report, args: argparse.Namespace, device: torch.device
                                    moving=moving, check=True)  # fmt: skip
         for layout in ("per_expert", "fused"):
 
-            def one(layout: str = layout, moving: bool = moving, model: Any = model) -> None:
+            def one(layout: str = layout, model: Any = model, margs: argparse.Namespace = margs) -> None:
                 sd = bm.build_state_dict(model, layout == "fused", device)
                 total = sum(t.numel() * t.element_size() for t in sd.values())
                 gbps = bm.copy_gbps(device, min(total, 8 << 30) if device.type == "cuda" else total, margs.reps)
                 for fmt in bm.FORMATS:
 
-                    def step(fmt: str = fmt) -> None:
+                    def step(fmt: str = fmt, sd: dict[str, torch.Tensor] = sd) -> None:
                         row = bm.bench_one(model, layout, fmt, 8, bm.GRAPH_FIRST_SEGMENT, sd, margs)
                         row["layers"], row["copy_gbps"] = model.layers, gbps
                         row["floor_ms"] = row["bytes"] / (gbps * 1e6)
@@ -437,10 +449,10 @@ def model_section(report: Report, args: argparse.Namespace, device: torch.device
                             flush=True,
                         )
 
-                    report.guard(f"model {layout} {fmt} layers={model.layers} moving={moving}", step)
+                    report.guard(f"model {layout} {fmt} layers={model.layers} moving={margs.moving}", step)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                del sd
+                sd.clear()  # the sources, freed before the next layout's
 
             report.guard(f"model {layout} layers={model.layers}", one)
             if device.type == "cuda":

@@ -79,10 +79,7 @@ def _group(calls: Sequence[tuple[Any, ...]]) -> Group:
     if bool((delta % sizes).any()):  # only a misaligned view (frombuffer at an odd address) does this
         raise ValueError("grouped launch: a tensor's address is not a multiple of its element size")
     table[:, :width] = delta // sizes
-    aligned = (
-        bool((table[:, : width + 2] % ALIGN_ELEMENTS == 0).all())
-        and all(p % 16 == 0 for p in base_ptrs.tolist())
-    )
+    aligned = bool((table[:, : width + 2] % ALIGN_ELEMENTS == 0).all()) and all(p % 16 == 0 for p in base_ptrs.tolist())
     src = first[0]
     shape3 = tuple(src.shape) if src.dim() == 3 else (1, *src.shape)
     device_table = table.to(src.device, non_blocking=True) if src.device.type != "cpu" else table

@@ -102,6 +102,7 @@ def config_for(device: torch.device) -> BlockConfig:
             return config
     return DEFAULT_CONFIG
 
+
 #: The UE8M0 amax floor (``ue8m0.MIN_AMAX``: the float32 nearest 1e-4, so no conversion rounds it).
 UE8M0_AMAX_FLOOR = tl.constexpr(9.999999747378752e-05)
 #: ``ue8m0.SATURATE`` = 15 * 2^124: with a power-of-two scale, ``|q| <= SATURATE / scale`` keeps ``q * scale`` finite.
