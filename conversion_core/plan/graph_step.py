@@ -12,7 +12,8 @@ Segments grow geometrically (``first`` tensors, then four times the one before):
 after a few dozen checks, and a model of n tensors has about log4(n / first) graph boundaries.
 
 A segment is captured once its sources were found at the same addresses in two steps running;
-until then, and whenever they move, it is launched eagerly (the same kernels, queued one by one):
+until then, and whenever they move, it is launched eagerly (grouped: one launch per run of
+same-shaped tensors where the conversion has a ``launch_group``, else one launch per tensor):
 capturing ~10k launches costs about a second (three eager steps, sixty replayed ones), which a
 trainer handing over tensors at new addresses every step would otherwise pay every step. Each
 segment is captured and dropped on its own; the others keep their graphs.
