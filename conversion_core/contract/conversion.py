@@ -18,14 +18,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
 import torch
 
+from ..backend import use_triton
 from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError, PluginError
+from . import flags
 from .outputs import (
     ELEMENTWISE,
     PER_BLOCK,
@@ -44,6 +46,11 @@ ConvertFn = Callable[..., None]
 #: ``launch(src, *buffers, flag)``: queue the conversion on the current CUDA stream, OR a
 #: non-finite source into the int32 device ``flag``; no host sync, no allocation.
 LaunchFn = Callable[..., None]
+#: ``launch_group(items, flag)``: ``launch`` for a whole run of calls at once: ``items`` is a
+#: sequence of ``(src, *buffers)`` (checked, non-empty, one device, any shapes and strides); queue
+#: them all in a few kernel launches (a small device table of pointers, shapes and strides), OR
+#: any non-finite source into ``flag``; no host sync, no graph capture.
+GroupLaunchFn = Callable[[Sequence[tuple[Any, ...]], torch.Tensor], None]
 
 #: Source dtypes every conversion accepts unless it says otherwise.
 FLOAT_SOURCE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
@@ -135,6 +142,9 @@ class Conversion:
     #: Unchecked, sync-free twin of ``fn`` (see :data:`LaunchFn`); lets the whole-model plan queue a
     #: step's kernels (and capture them in a CUDA graph) with one NaN/Inf check at the end.
     launch: LaunchFn | None = None
+    #: Grouped twin of ``launch`` (see :data:`GroupLaunchFn`): one launch converts a whole run of
+    #: tensors, so sources at new addresses every step cost a table update, not a launch each.
+    launch_group: GroupLaunchFn | None = None
     #: Every tensor written per source, in ``fn``'s order; empty: the one-scale fields above.
     outputs: Sequence[Output] = ()
     #: How the checkpoint convention a ``quantization_config`` names stores the outputs.
@@ -152,12 +162,14 @@ class Conversion:
         where = f"Conversion {self.name!r}"
         if not callable(self.fn):
             raise ConversionTypeError(f"{where}: fn must be callable, got {type(self.fn).__name__}")
-        for attr in ("launch", "dequantize", "target_format"):
+        for attr in ("launch", "launch_group", "dequantize", "target_format"):
             value = getattr(self, attr)
             if value is not None and not callable(value):
                 raise ConversionTypeError(f"{where}: {attr} must be callable")
         if not isinstance(self.requires_scale, bool):
             raise ConversionTypeError(f"{where}: requires_scale must be a bool")
+        if self.launch_group is not None and self.launch is None:
+            raise ConversionTypeError(f"{where}: launch_group needs launch too (the plan captures single launches)")
         if self.sharded is not None and not isinstance(self.sharded, BlockAmax):
             raise ConversionTypeError(f"{where}: sharded must be a conversion_core.BlockAmax or None")
         if self.shared_amax is not None and not isinstance(self.shared_amax, SharedAmax):
@@ -360,6 +372,65 @@ class Conversion:
         self.fn(src, *buffers)
         return buffers
 
+    def convert_many(self, items: Iterable[Sequence[Any]]) -> None:
+        """Convert every ``(src, *buffers)`` of ``items`` into its own buffers, as ``fn`` would.
+
+        For a trainer with its own loop over tensors: each item is checked as ``fn`` checks it
+        (nothing to recompute for shapes seen before), then, when the conversion has a ``launch``
+        and the backend picks Triton, every kernel is queued without a host sync (in one grouped
+        launch per run of same-shaped tensors with ``launch_group``) and one NaN/Inf flag is read
+        at the end; on a flag each item is re-run through ``fn`` to name the culprit. Otherwise
+        the items run one by one through the plugin's function. An error names the item's index.
+        On any error the buffers' contents are unspecified.
+        """
+        check = self.fn.__cc_check__  # type: ignore[attr-defined]
+        calls: list[tuple[int, tuple[Any, ...]]] = []  # (index in items, (src, *buffers))
+        for i, item in enumerate(items):
+            src, *buffers = item
+            if not self.declares_outputs and len(buffers) == 1:
+                buffers.append(None)
+            try:
+                if type(src) is not torch.Tensor and is_dtensor(src):
+                    self.fn(src, *buffers)
+                    continue
+                check(src, buffers)
+            except ConversionCoreError as exc:
+                raise type(exc)(f"convert_many item {i}: {exc}") from exc
+            calls.append((i, (src, *buffers)))
+        if not calls:
+            return
+        first = calls[0][1][0]
+        if self.launch is None or not use_triton(first) or any(c[0].device != first.device for _, c in calls):
+            for i, call in calls:
+                self._run_named(i, call)
+            return
+        launched = [(i, c) for i, c in calls if c[0].numel()]
+        for i, call in calls:
+            if not call[0].numel():
+                self._run_named(i, call)
+        flag = flags.device_flag(first.device)
+        try:
+            if self.launch_group is not None:
+                self.launch_group([c for _, c in launched], flag)
+            else:
+                for _, call in launched:
+                    self.launch(*call, flag)
+        except BaseException:
+            flags.reset(flag)
+            raise
+        if flags.flagged(flag):
+            for i, call in launched:
+                self._run_named(i, call)
+            raise ConversionCoreError(
+                f"conversion {self.name!r}: a NaN/Inf was flagged in convert_many but no item failed when re-run"
+            )
+
+    def _run_named(self, index: int, call: tuple[Any, ...]) -> None:
+        try:
+            self.fn(*call)
+        except ConversionCoreError as exc:
+            raise type(exc)(f"convert_many item {index}: {exc}") from exc
+
     def replace(self, **changes: Any) -> Conversion:
         """A copy with some fields changed (the checks are re-bound to the copy)."""
         if self.declares_outputs:  # the one-scale fields were derived from the outputs
@@ -381,20 +452,56 @@ def check_buffer(where: str, what: str, buf: Any, shape: Shape, dtype: torch.dty
         raise ConversionInputError(f"{where}: {what} is not contiguous; {expected}")
 
 
-def _storage_of(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    return t.data_ptr(), tuple(t.shape), t.stride()
+def _storages(buffers: Sequence[Any]) -> list[tuple[int, torch.Size, tuple[int, ...]]]:
+    """Address, shape and strides of every buffer: what a ``set_`` or ``resize_`` would change."""
+    return [(b.data_ptr(), b.shape, b.stride()) for b in buffers if b is not None]
+
+
+#: Argument signatures a checked ``fn`` remembers as valid, per conversion (then cleared).
+SEEN_SIGNATURES = 256
+
+
+def _signature(src: torch.Tensor, buffers: Sequence[Any]) -> tuple[Any, ...] | None:
+    """Everything ``check_buffers`` reads: equal signatures pass or fail the checks alike.
+
+    None when an argument is not a tensor (the full check then explains what is wrong)."""
+    key: list[Any] = [src.shape, src.dtype, src.device]
+    for b in buffers:
+        if b is None:
+            key.append(None)
+        elif isinstance(b, torch.Tensor):
+            key += (b.shape, b.dtype, b.device, b.is_contiguous())
+        else:
+            return None
+    return tuple(key)
 
 
 def _checked(conversion: Conversion, raw: ConvertFn) -> ConvertFn:
+    """The checked ``fn``: full checks the first time a signature is seen, a lookup afterwards."""
+    seen: set[tuple[Any, ...]] = set()
+    last: list[Any] = [None]  # the last valid signature: compared before hashing into ``seen``
+
+    def check(src: Any, buffers: Sequence[Any]) -> None:
+        key = _signature(src, buffers) if isinstance(src, torch.Tensor) else None
+        if key is not None and (key == last[0] or key in seen):
+            last[0] = key
+            return
+        conversion.check_buffers(src, *buffers)
+        if key is not None:
+            if len(seen) >= SEEN_SIGNATURES:
+                seen.clear()
+            seen.add(key)
+            last[0] = key
+
     @functools.wraps(raw)
     def fn(src: torch.Tensor, *buffers: Any) -> None:
-        if is_dtensor(src):
+        if type(src) is not torch.Tensor and is_dtensor(src):
             sharded_executor().convert_into(conversion, src, *buffers)
             return None
         if not conversion.declares_outputs and len(buffers) == 1:
             buffers = (buffers[0], None)  # fn(src, out) for a scale-less short form
-        conversion.check_buffers(src, *buffers)
-        before = [_storage_of(b) for b in buffers if b is not None]
+        check(src, buffers)
+        before = _storages(buffers)
         try:
             # a trainer's requires_grad weight: bytes out, never an autograd graph (detached, since
             # no_grad is per thread and a plugin may convert on worker threads)
@@ -415,7 +522,7 @@ def _checked(conversion: Conversion, raw: ConvertFn) -> ConvertFn:
                 f"conversion {conversion.name!r}: fn returned a {type(result).__name__}; it must write into the "
                 "buffers it is given and return None (a returned tensor would be lost)"
             )
-        after = [_storage_of(b) for b in buffers if b is not None]
+        after = _storages(buffers)
         if after != before:
             raise ConversionTypeError(
                 f"conversion {conversion.name!r}: fn moved or resized a buffer's storage (set_, resize_, ...); "
@@ -423,6 +530,7 @@ def _checked(conversion: Conversion, raw: ConvertFn) -> ConvertFn:
             )
 
     fn.__cc_raw__ = raw  # type: ignore[attr-defined]
+    fn.__cc_check__ = check  # type: ignore[attr-defined]
     return fn
 
 
@@ -432,6 +540,7 @@ __all__ = [
     "RAW_TARGET",
     "Conversion",
     "ConvertFn",
+    "GroupLaunchFn",
     "LaunchFn",
     "check_buffer",
     "is_dtensor",

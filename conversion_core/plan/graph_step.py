@@ -12,7 +12,8 @@ Segments grow geometrically (``first`` tensors, then four times the one before):
 after a few dozen checks, and a model of n tensors has about log4(n / first) graph boundaries.
 
 A segment is captured once its sources were found at the same addresses in two steps running;
-until then, and whenever they move, it is launched eagerly (the same kernels, queued one by one):
+until then, and whenever they move, it is launched eagerly (grouped: one launch per run of
+same-shaped tensors where the conversion has a ``launch_group``, else one launch per tensor):
 capturing ~10k launches costs about a second (three eager steps, sixty replayed ones), which a
 trainer handing over tensors at new addresses every step would otherwise pay every step. Each
 segment is captured and dropped on its own; the others keep their graphs.
@@ -35,8 +36,10 @@ _LAYOUT: tuple[Callable[[torch.Tensor], Any], ...] = (
     operator.attrgetter("shape"),
     torch.Tensor.stride,
 )
-#: Queues the launches of a range of calls, round-robin over the given streams (none: current).
-Queue = Callable[[slice, Sequence[Any]], None]
+#: Queues the launches of a range of calls: ``()`` eagerly (grouped launches where a conversion has
+#: them), streams: one launch per call round-robin over them (capture), None: one launch per call
+#: on the current stream (a capture's warm-up: compiles what the capture records).
+Queue = Callable[[slice, Sequence[Any] | None], None]
 
 
 def layout(tensors: Sequence[torch.Tensor]) -> list[list[Any]]:
@@ -182,7 +185,7 @@ class CapturedStep:
         warm.wait_stream(main)
         try:
             with torch.cuda.stream(warm):
-                queue(calls, ())
+                queue(calls, None)
         finally:  # even when a launch raised: what was queued ends before main reuses memory
             main.wait_stream(warm)
         graph = torch.cuda.CUDAGraph()

@@ -273,20 +273,30 @@ class Plan:
         assert self.arena is not None
         return self._all_launch and use_triton(self.arena)
 
-    def _queue(self, state_dict: Mapping[str, Any], calls: slice, streams: Sequence[Any] = ()) -> None:
-        """Queue a range of calls, no host sync; round-robin over ``streams`` when given (graph capture).
+    def _queue(self, state_dict: Mapping[str, Any], calls: slice, streams: Sequence[Any] | None = ()) -> None:
+        """Queue a range of calls, no host sync.
 
-        A copy or cast (no ``launch``) ORs a NaN/Inf in its source into the flag as well."""
+        ``streams`` empty: eagerly, and a conversion with ``launch_group`` gets all its calls of the
+        range in one grouped launch (sources at new addresses: a table update and a few launches,
+        not one launch per tensor). Non-empty: one launch per call, round-robin over the streams
+        (graph capture). None: one launch per call on the current stream (a capture's warm-up,
+        which compiles the kernels the capture records). A copy or cast (no ``launch``) ORs a
+        NaN/Inf in its source into the flag as well."""
         assert self._flag is not None
         chosen = self._calls[calls]
         amaxes = {}
         if self._shares:  # the sets' statistics first (sync-free: a NaN reaches the flag through launch)
             entries = [self._by_name[n] for n in dict.fromkeys(call.name for call in chosen)]
             amaxes = shared.set_amaxes(entries, state_dict, self._given_amax, check=False)
+        grouped: dict[int, tuple[Conversion, list[tuple[Any, ...]]]] = {}
         for i, call in enumerate(chosen):
             src = state_dict[call.name]
             src = src[call.index] if call.index else src
             conversion = self._by_name[call.name].conversion
+            if call.name not in amaxes and streams is not None and not streams and conversion.launch_group is not None:
+                if src.numel():
+                    grouped.setdefault(id(conversion), (conversion, []))[1].append((src, *call.buffers))
+                continue
             ctx = torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext()
             with ctx:
                 if call.name in amaxes:
@@ -298,6 +308,9 @@ class Plan:
                     if src.dtype.is_floating_point:
                         self._flag.add_(torch.isfinite(src).all().logical_not())
                     conversion.raw_fn(src, *call.buffers)
+        for conversion, items in grouped.values():
+            assert conversion.launch_group is not None
+            conversion.launch_group(items, self._flag)
 
     def _run_launched(self, state_dict: Mapping[str, Any]) -> None:
         """The fast step: every kernel queued (CUDA: graph replays), then one flag read.

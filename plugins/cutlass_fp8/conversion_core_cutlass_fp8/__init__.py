@@ -6,6 +6,7 @@ Weights ``(N, K)`` or stacked experts ``(E, N, K)``; one float32 dequantization 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -51,6 +52,13 @@ def launch(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None,
         triton_kernels.launch_rows(src, out, scale_out, flag)
 
 
+def launch_group(calls: Sequence[tuple[Any, ...]], flag: torch.Tensor) -> None:
+    """``launch`` for a run of calls: one Triton launch per group of same-shaped sources."""
+    from . import triton_kernels
+
+    triton_kernels.launch_row_group(calls, flag)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """float32 ``q * scale[..., None]``."""
     scale = check_fp8_dequantize_args(q, scale, NAME)
@@ -88,6 +96,7 @@ CUTLASS_FP8_PER_CHANNEL = cc.Conversion(
     dequantize=dequantize,
     src_ndims=(2, 3),
     launch=launch,
+    launch_group=launch_group,
     target_format=target_format,
     sharded=cc.BlockAmax(block=statistic_block, apply=quantize_with_amax),
 )

@@ -17,12 +17,16 @@ unspecified (the torch path checks before writing; a one-pass kernel cannot).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from conversion_core.contract import flags
+from conversion_core.formats import group_table
 from conversion_core.formats.fp8 import non_finite_error
 from conversion_core.formats.fp8_triton import (
     AMAX_FLOOR,
@@ -71,6 +75,82 @@ def _sm_count(index: int) -> int:
 
 
 @triton.jit
+def _quantize_row_block(
+    src_ptr,
+    out_ptr,
+    scale_ptr,
+    flag_ptr,
+    rb,
+    R,
+    N,
+    K,
+    stride_e,
+    stride_n,
+    stride_k,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SINGLE: tl.constexpr,
+    EVEN: tl.constexpr,
+    FAST_DIV: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    CONTIGUOUS_K: tl.constexpr,
+):
+    """Rows ``rb * ROWS ..`` of one tensor: amax, scale, e4m3 bytes (read once when SINGLE)."""
+    rows = tl.arange(0, ROWS).to(tl.int64) + rb * ROWS  # R (rows, not elements) fits int32
+    row_ok = rows < R
+    e = rows // N
+    src_row = src_ptr + (e * stride_e + (rows - e * N) * stride_n)[:, None]
+    out_row = out_ptr + (rows * K)[:, None]
+    if CONTIGUOUS_K:  # a grouped launch reads strides from its table: say what it cannot know
+        stride_k = 1
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
+        if EVEN:  # K == BLOCK_K and every row block full: no masks to compute
+            x = tl.load(src_row + cols * stride_k, eviction_policy="evict_first").to(tl.float32)
+        else:
+            mask = row_ok[:, None] & (cols < K)
+            x = tl.load(src_row + cols * stride_k, mask=mask, other=0.0, eviction_policy="evict_first")
+            x = x.to(tl.float32)
+        amax = _row_amax(x, INTERPRET)
+        scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), Q_MAX)
+        recip = tl.math.div_rn(1.0, scale)
+        q = _to_e4m3(_div_exact(x, scale[:, None], recip[:, None], FAST_DIV), SOFT_ROUND)
+        if EVEN:
+            tl.store(out_row + cols, q, eviction_policy="evict_first")
+        else:
+            tl.store(out_row + cols, q, mask=mask, eviction_policy="evict_first")
+    else:
+        # pass 1: the row's amax; its lines stay in L2 for pass 2
+        amax = tl.zeros([ROWS], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = (k0 + tl.arange(0, BLOCK_K).to(tl.int64))[None, :]
+            if EVEN:
+                x = tl.load(src_row + cols * stride_k, eviction_policy="evict_last")
+            else:
+                mask = row_ok[:, None] & (cols < K)
+                x = tl.load(src_row + cols * stride_k, mask=mask, other=0.0, eviction_policy="evict_last")
+            amax = _max_keep_nan(amax, _row_amax(x.to(tl.float32), INTERPRET))
+        scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), Q_MAX)
+        recip = tl.math.div_rn(1.0, scale)
+        # pass 2: quantize, reading the row back from L2
+        for k0 in range(0, K, BLOCK_K):
+            cols = (k0 + tl.arange(0, BLOCK_K).to(tl.int64))[None, :]
+            if EVEN:
+                x = tl.load(src_row + cols * stride_k, eviction_policy="evict_first").to(tl.float32)
+                q = _to_e4m3(_div_exact(x, scale[:, None], recip[:, None], FAST_DIV), SOFT_ROUND)
+                tl.store(out_row + cols, q, eviction_policy="evict_first")
+            else:
+                mask = row_ok[:, None] & (cols < K)
+                x = tl.load(src_row + cols * stride_k, mask=mask, other=0.0, eviction_policy="evict_first")
+                q = _to_e4m3(_div_exact(x.to(tl.float32), scale[:, None], recip[:, None], FAST_DIV), SOFT_ROUND)
+                tl.store(out_row + cols, q, mask=mask, eviction_policy="evict_first")
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    if tl.max(_non_finite(amax).to(tl.int32)) > 0:
+        tl.store(flag_ptr, 1)
+
+
+@triton.jit
 def _quantize_rows_kernel(
     src_ptr,
     out_ptr,
@@ -94,55 +174,54 @@ def _quantize_rows_kernel(
     n_programs = tl.num_programs(0)
     n_row_blocks = tl.cdiv(R, ROWS)
     for rb in range(pid, n_row_blocks, n_programs):
-        rows = tl.arange(0, ROWS).to(tl.int64) + rb * ROWS  # R (rows, not elements) fits int32
-        row_ok = rows < R
-        e = rows // N
-        src_row = src_ptr + (e * stride_e + (rows - e * N) * stride_n)[:, None]
-        out_row = out_ptr + (rows * K)[:, None]
-        if SINGLE:
-            cols = tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
-            if EVEN:  # K == BLOCK_K and every row block full: no masks to compute
-                x = tl.load(src_row + cols * stride_k, eviction_policy="evict_first").to(tl.float32)
-            else:
-                mask = row_ok[:, None] & (cols < K)
-                x = tl.load(src_row + cols * stride_k, mask=mask, other=0.0, eviction_policy="evict_first")
-                x = x.to(tl.float32)
-            amax = _row_amax(x, INTERPRET)
-            scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), Q_MAX)
-            recip = tl.math.div_rn(1.0, scale)
-            q = _to_e4m3(_div_exact(x, scale[:, None], recip[:, None], FAST_DIV), SOFT_ROUND)
-            if EVEN:
-                tl.store(out_row + cols, q, eviction_policy="evict_first")
-            else:
-                tl.store(out_row + cols, q, mask=mask, eviction_policy="evict_first")
-        else:
-            # pass 1: the row's amax; its lines stay in L2 for pass 2
-            amax = tl.zeros([ROWS], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = (k0 + tl.arange(0, BLOCK_K).to(tl.int64))[None, :]
-                if EVEN:
-                    x = tl.load(src_row + cols * stride_k, eviction_policy="evict_last")
-                else:
-                    mask = row_ok[:, None] & (cols < K)
-                    x = tl.load(src_row + cols * stride_k, mask=mask, other=0.0, eviction_policy="evict_last")
-                amax = _max_keep_nan(amax, _row_amax(x.to(tl.float32), INTERPRET))
-            scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), Q_MAX)
-            recip = tl.math.div_rn(1.0, scale)
-            # pass 2: quantize, reading the row back from L2
-            for k0 in range(0, K, BLOCK_K):
-                cols = (k0 + tl.arange(0, BLOCK_K).to(tl.int64))[None, :]
-                if EVEN:
-                    x = tl.load(src_row + cols * stride_k, eviction_policy="evict_first").to(tl.float32)
-                    q = _to_e4m3(_div_exact(x, scale[:, None], recip[:, None], FAST_DIV), SOFT_ROUND)
-                    tl.store(out_row + cols, q, eviction_policy="evict_first")
-                else:
-                    mask = row_ok[:, None] & (cols < K)
-                    x = tl.load(src_row + cols * stride_k, mask=mask, other=0.0, eviction_policy="evict_first")
-                    q = _to_e4m3(_div_exact(x.to(tl.float32), scale[:, None], recip[:, None], FAST_DIV), SOFT_ROUND)
-                    tl.store(out_row + cols, q, mask=mask, eviction_policy="evict_first")
-        tl.store(scale_ptr + rows, scale, mask=row_ok)
-        if tl.max(_non_finite(amax).to(tl.int32)) > 0:
-            tl.store(flag_ptr, 1)
+        _quantize_row_block(
+            src_ptr, out_ptr, scale_ptr, flag_ptr, rb, R, N, K, stride_e, stride_n, stride_k,
+            ROWS, BLOCK_K, SINGLE, EVEN, FAST_DIV, SOFT_ROUND, INTERPRET, False,
+        )  # fmt: skip
+
+
+@triton.jit
+def _quantize_rows_group_kernel(
+    src_base,
+    out_base,
+    scale_base,
+    table_ptr,
+    flag_ptr,
+    R,
+    N,
+    K,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SINGLE: tl.constexpr,
+    EVEN: tl.constexpr,
+    FAST_DIV: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    CONTIGUOUS_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """Grouped launch: program (row block, t) converts that row block of the group's tensor ``t``.
+
+    Row ``t`` of the int64 table holds element offsets of that tensor's source, e4m3 and scale
+    buffers from the bases, then its source strides (see ``conversion_core.formats.group_table``).
+    """
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 6
+    src_off = tl.load(row)
+    out_off = tl.load(row + 1)
+    scale_off = tl.load(row + 2)
+    stride_e = tl.load(row + 3)
+    stride_n = tl.load(row + 4)
+    stride_k = tl.load(row + 5)
+    if ALIGNED:  # every offset and stride a multiple of 16 elements: vectorised loads and stores
+        src_off = tl.multiple_of(src_off, 16)
+        out_off = tl.multiple_of(out_off, 16)
+        stride_e = tl.multiple_of(stride_e, 16)
+        stride_n = tl.multiple_of(stride_n, 16)
+    _quantize_row_block(
+        src_base + src_off, out_base + out_off, scale_base + scale_off, flag_ptr, tl.program_id(0),
+        R, N, K, stride_e, stride_n, stride_k,
+        ROWS, BLOCK_K, SINGLE, EVEN, FAST_DIV, SOFT_ROUND, INTERPRET, CONTIGUOUS_K,
+    )  # fmt: skip
 
 
 def launch_rows(
@@ -175,7 +254,7 @@ def launch_rows(
         ROWS=cfg.rows,
         BLOCK_K=cfg.block_k,
         SINGLE=cfg.single,
-        EVEN=rows_total % cfg.rows == 0 and (k == cfg.block_k if cfg.single else k % cfg.block_k == 0),
+        EVEN=_even(rows_total, k, cfg),
         FAST_DIV=cfg.fast_div,
         SOFT_ROUND=cfg.soft_round or src.device.type != "cuda",
         INTERPRET=src.device.type != "cuda",
@@ -183,14 +262,62 @@ def launch_rows(
     )
 
 
+def _even(rows_total: int, k: int, cfg: RowConfig) -> bool:
+    return rows_total % cfg.rows == 0 and (k == cfg.block_k if cfg.single else k % cfg.block_k == 0)
+
+
+def launch_row_group(calls: Sequence[tuple[Any, ...]], flag: torch.Tensor) -> None:
+    """``launch_rows`` for many ``(src, out, scale_out)`` at once: one launch per run of same-shaped sources.
+
+    The bytes are those of one ``launch_rows`` per call (the same row function and launch shape,
+    :func:`pick_config` of K); only where each program finds its tensor differs.
+    """
+    if not calls:
+        return
+    on_gpu = calls[0][0].device.type == "cuda"
+    for group in group_table.groups(calls):
+        e, n, k = group.shape
+        cfg = pick_config(k)
+        rows_total = e * n
+        src, out, scale_out = group.bases
+        _quantize_rows_group_kernel[(-(-rows_total // cfg.rows), len(group.calls))](
+            src,
+            out,
+            scale_out,
+            group.table,
+            flag,
+            rows_total,
+            n,
+            k,
+            ROWS=cfg.rows,
+            BLOCK_K=cfg.block_k,
+            SINGLE=cfg.single,
+            EVEN=_even(rows_total, k, cfg),
+            FAST_DIV=cfg.fast_div,
+            SOFT_ROUND=cfg.soft_round or not on_gpu,
+            INTERPRET=not on_gpu,
+            CONTIGUOUS_K=group.contiguous_k,
+            ALIGNED=group.aligned,
+            num_warps=cfg.num_warps,
+        )
+
+
 def quantize_rows(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor, name: str) -> None:
-    """Triton twin of ``torch_path.quantize_rows`` (same arguments, same bytes)."""
+    """Triton twin of ``torch_path.quantize_rows`` (same arguments, same bytes).
+
+    The NaN/Inf flag is this thread's reused one (no allocation, no memset per call); reading it
+    is the call's one sync.
+    """
     if src.numel() == 0:
         from . import torch_path
 
         torch_path.quantize_rows(src, out, scale_out, name)
         return
-    flag = torch.zeros(1, dtype=torch.int32, device=src.device)
-    launch_rows(src, out, scale_out, flag)
-    if int(flag.item()):  # the one host sync of the call
+    flag = flags.device_flag(src.device)
+    try:
+        launch_rows(src, out, scale_out, flag)
+    except BaseException:
+        flags.reset(flag)
+        raise
+    if flags.flagged(flag):
         raise non_finite_error(name, src.shape)

@@ -10,6 +10,7 @@ same blocks with power-of-two scales, ``fp8_128x128_ue8m0``, for ``"scale_fmt": 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -56,6 +57,13 @@ def launch(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None,
         triton_kernels.launch_blocks(src, out, scale_out, flag, BLOCK)
 
 
+def launch_group(calls: Sequence[tuple[Any, ...]], flag: torch.Tensor) -> None:
+    """``launch`` for a run of calls: one Triton launch per group of same-shaped sources."""
+    from . import triton_kernels
+
+    triton_kernels.launch_block_group(calls, flag, BLOCK)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """float32 ``q * scale`` with each block's scale broadcast over its 128x128 elements."""
     return dequantize_blocks(q, scale, NAME)
@@ -91,6 +99,7 @@ FP8_128X128 = cc.Conversion(
     dequantize=dequantize,
     src_ndims=(2, 3),
     launch=launch,
+    launch_group=launch_group,
     target_format=target_format,
     sharded=cc.BlockAmax(block=statistic_block, apply=quantize_with_amax),
 )

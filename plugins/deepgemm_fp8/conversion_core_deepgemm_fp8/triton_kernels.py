@@ -19,12 +19,17 @@ The constexpr ``UE8M0`` switches the scale step to the power-of-two scales of
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from conversion_core.contract import flags
+from conversion_core.formats import group_table
 from conversion_core.formats.fp8 import non_finite_error
 from conversion_core.formats.fp8_triton import (
     AMAX_FLOOR,
@@ -42,6 +47,61 @@ BLOCK_NUM_WARPS = 16
 BLOCK_FAST_DIV = True
 #: Round to the e4m3 grid in software on a GPU too (always under the interpreter).
 GPU_SOFT_ROUND = False
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Launch shape of the tile kernel; every choice leaves the bytes unchanged.
+
+    What can hold a one-pass tile kernel below copy speed on a wider memory system (H200): too
+    few bytes in flight per SM (a 16-warp program holds one 32 KB tile and cannot issue the next
+    load until its stores are done; more, smaller programs or a persistent loop whose next tile
+    Triton prefetches while this one is computed keep more loads in flight), the division
+    (``fast_div``: reciprocal + one FMA correction instead of ``div_rn``), and cache policy on
+    streams that are read or written once (``evict_first``).
+    """
+
+    num_warps: int = BLOCK_NUM_WARPS
+    fast_div: bool = BLOCK_FAST_DIV
+    soft_round: bool = GPU_SOFT_ROUND  # on a GPU; always on under the interpreter
+    #: >0: a persistent grid of that many programs per SM, each looping over tiles.
+    programs_per_sm: int = 0
+    #: Software-pipelining depth of the persistent loop (loads of later tiles in flight).
+    num_stages: int = 1
+    #: ``evict_first`` on the source loads and the e4m3 stores (read / written once).
+    evict_first: bool = True
+
+
+#: The default launch shape (the H100 sweep's pick).
+DEFAULT_CONFIG = BlockConfig()
+#: Per-device launch shapes, by a substring of ``torch.cuda.get_device_name``; first match wins.
+#: Fill from ``benchmarks/gpu_grouped.py``'s sweep (its "best" column) on each card; a card not
+#: listed runs :data:`DEFAULT_CONFIG`.
+DEVICE_CONFIGS: dict[str, BlockConfig] = {
+    "H100": DEFAULT_CONFIG,
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _device_name(index: int) -> str:
+    return str(torch.cuda.get_device_name(index))
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def config_for(device: torch.device) -> BlockConfig:
+    """The launch shape for ``device``: its :data:`DEVICE_CONFIGS` entry, else the default."""
+    if device.type != "cuda":
+        return DEFAULT_CONFIG
+    name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    for key, config in DEVICE_CONFIGS.items():
+        if key in name:
+            return config
+    return DEFAULT_CONFIG
+
 
 #: The UE8M0 amax floor (``ue8m0.MIN_AMAX``: the float32 nearest 1e-4, so no conversion rounds it).
 UE8M0_AMAX_FLOOR = tl.constexpr(9.999999747378752e-05)
@@ -64,11 +124,12 @@ def _ceil_pow2(s):
 
 
 @triton.jit
-def _quantize_tile_kernel(
+def _quantize_tile(
     src_ptr,
     out_ptr,
     scale_ptr,
     flag_ptr,
+    tile,
     N,
     K,
     NB,
@@ -83,21 +144,32 @@ def _quantize_tile_kernel(
     SOFT_ROUND: tl.constexpr,
     INTERPRET: tl.constexpr,
     UE8M0: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
+    CONTIGUOUS_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bk = pid % KB
-    rest = pid // KB
+    """One (expert, block-row, block-column) tile ``tile``: load once, amax, scale, e4m3 bytes."""
+    bk = tile % KB
+    rest = tile // KB
     bn = rest % NB
     e = (rest // NB).to(tl.int64)
     rows = bn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     cols = bk.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    src = src_ptr + (e * stride_e + rows[:, None] * stride_n + cols[None, :] * stride_k)
+    if CONTIGUOUS_K:  # a grouped launch reads strides from its table: say what it cannot know
+        src = src_ptr + (e * stride_e + rows[:, None] * stride_n + cols[None, :])
+    else:
+        src = src_ptr + (e * stride_e + rows[:, None] * stride_n + cols[None, :] * stride_k)
     out = out_ptr + ((e * N + rows[:, None]) * K + cols[None, :])
     if EVEN:  # every tile full: no masks to compute
-        x = tl.load(src, eviction_policy="evict_first").to(tl.float32)
+        if EVICT_FIRST:
+            x = tl.load(src, eviction_policy="evict_first").to(tl.float32)
+        else:
+            x = tl.load(src).to(tl.float32)
     else:
         mask = (rows[:, None] < N) & (cols[None, :] < K)
-        x = tl.load(src, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        if EVICT_FIRST:
+            x = tl.load(src, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        else:
+            x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     amax = tl.reduce(_row_amax(x, INTERPRET), 0, _max_keep_nan)
     if UE8M0:  # a power of two: the division below (and the reciprocal) is then exact
         scale = _ceil_pow2(tl.math.div_rn(tl.maximum(amax, UE8M0_AMAX_FLOOR), Q_MAX))
@@ -111,12 +183,126 @@ def _quantize_tile_kernel(
         q = tl.minimum(tl.maximum(q, -limit), limit)
     q = _to_e4m3(q, SOFT_ROUND)
     if EVEN:
-        tl.store(out, q, eviction_policy="evict_first")
+        if EVICT_FIRST:
+            tl.store(out, q, eviction_policy="evict_first")
+        else:
+            tl.store(out, q)
     else:
-        tl.store(out, q, mask=mask, eviction_policy="evict_first")
-    tl.store(scale_ptr + pid, scale)  # scale_out is contiguous (E, NB, KB): its flat index is pid
+        if EVICT_FIRST:
+            tl.store(out, q, mask=mask, eviction_policy="evict_first")
+        else:
+            tl.store(out, q, mask=mask)
+    tl.store(scale_ptr + tile, scale)  # scale_out is contiguous (E, NB, KB): its flat index is the tile's
     if _non_finite(amax):
         tl.store(flag_ptr, 1)
+
+
+@triton.jit
+def _quantize_tile_kernel(
+    src_ptr,
+    out_ptr,
+    scale_ptr,
+    flag_ptr,
+    N,
+    K,
+    NB,
+    KB,
+    stride_e,
+    stride_n,
+    stride_k,
+    TILES,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,
+    FAST_DIV: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    UE8M0: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """One tile per program, or (PERSISTENT) a grid of a few programs per SM looping over tiles."""
+    pid = tl.program_id(0)
+    if PERSISTENT:
+        for tile in tl.range(pid, TILES, tl.num_programs(0), num_stages=STAGES):
+            _quantize_tile(
+                src_ptr, out_ptr, scale_ptr, flag_ptr, tile, N, K, NB, KB, stride_e, stride_n, stride_k,
+                BLOCK_N, BLOCK_K, EVEN, FAST_DIV, SOFT_ROUND, INTERPRET, UE8M0, EVICT_FIRST, False,
+            )  # fmt: skip
+    else:
+        _quantize_tile(
+            src_ptr, out_ptr, scale_ptr, flag_ptr, pid, N, K, NB, KB, stride_e, stride_n, stride_k,
+            BLOCK_N, BLOCK_K, EVEN, FAST_DIV, SOFT_ROUND, INTERPRET, UE8M0, EVICT_FIRST, False,
+        )  # fmt: skip
+
+
+@triton.jit
+def _quantize_tile_group_kernel(
+    src_base,
+    out_base,
+    scale_base,
+    table_ptr,
+    flag_ptr,
+    N,
+    K,
+    NB,
+    KB,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,
+    FAST_DIV: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    UE8M0: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
+    CONTIGUOUS_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """Grouped launch: program (tile, t) converts tile ``tile`` of the group's tensor ``t``.
+
+    Row ``t`` of the int64 table holds element offsets of that tensor's source, e4m3 and scale
+    buffers from the bases, then its source strides (see ``conversion_core.formats.group_table``).
+    """
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 6
+    src_off = tl.load(row)
+    out_off = tl.load(row + 1)
+    scale_off = tl.load(row + 2)
+    stride_e = tl.load(row + 3)
+    stride_n = tl.load(row + 4)
+    stride_k = tl.load(row + 5)
+    if ALIGNED:  # every offset and stride a multiple of 16 elements: vectorised loads and stores
+        src_off = tl.multiple_of(src_off, 16)
+        out_off = tl.multiple_of(out_off, 16)
+        stride_e = tl.multiple_of(stride_e, 16)
+        stride_n = tl.multiple_of(stride_n, 16)
+    _quantize_tile(
+        src_base + src_off, out_base + out_off, scale_base + scale_off, flag_ptr, tl.program_id(0),
+        N, K, NB, KB, stride_e, stride_n, stride_k,
+        BLOCK_N, BLOCK_K, EVEN, FAST_DIV, SOFT_ROUND, INTERPRET, UE8M0, EVICT_FIRST, CONTIGUOUS_K,
+    )  # fmt: skip
+
+
+def _legacy_config(
+    config: BlockConfig | None, num_warps: int | None, fast_div: bool | None, soft_round: bool | None
+) -> BlockConfig | None:
+    changes: dict[str, Any] = {}
+    if num_warps is not None:
+        changes["num_warps"] = num_warps
+    if fast_div is not None:
+        changes["fast_div"] = fast_div
+    if soft_round is not None:
+        changes["soft_round"] = soft_round
+    if not changes:
+        return config
+    return replace(config or DEFAULT_CONFIG, **changes)
+
+
+def _check_block(block: Sequence[int]) -> tuple[int, int]:
+    br, bc = int(block[0]), int(block[1])
+    if br & (br - 1) or bc & (bc - 1):
+        raise ValueError(f"Triton block quantizer needs power-of-two blocks, got {tuple(block)}")
+    return br, bc
 
 
 def launch_blocks(
@@ -129,19 +315,26 @@ def launch_blocks(
     fast_div: bool | None = None,
     soft_round: bool | None = None,
     ue8m0: bool = False,
+    config: BlockConfig | None = None,
 ) -> None:
     """Enqueue the kernel; sets ``flag[0]`` on NaN/Inf. No host sync (for grouped callers).
 
     ``ue8m0``: power-of-two scales (``fp8_128x128_ue8m0``) instead of ``max(amax, 1e-12) / 448``.
+    ``config``: the launch shape (default: :func:`config_for` the device); ``num_warps``,
+    ``fast_div`` and ``soft_round`` override single fields of it.
     """
-    br, bc = int(block[0]), int(block[1])
-    if br & (br - 1) or bc & (bc - 1):
-        raise ValueError(f"Triton block quantizer needs power-of-two blocks, got {tuple(block)}")
+    br, bc = _check_block(block)
+    cfg = _legacy_config(config, num_warps, fast_div, soft_round) or config_for(src.device)
     x = src if src.dim() == 3 else src.unsqueeze(0)
     e, n, k = x.shape
     nb, kb = -(-n // br), -(-k // bc)
-    grid = (e * nb * kb,)
-    _quantize_tile_kernel[grid](
+    tiles = e * nb * kb
+    on_gpu = src.device.type == "cuda"
+    programs = tiles
+    if cfg.programs_per_sm > 0:  # under the interpreter one "SM": each program loops over many tiles
+        sms = _sm_count(src.device.index or 0) if on_gpu else 1
+        programs = min(tiles, cfg.programs_per_sm * sms)
+    _quantize_tile_kernel[(programs,)](
         x,
         out,
         scale_out,
@@ -153,15 +346,65 @@ def launch_blocks(
         x.stride(0),
         x.stride(1),
         x.stride(2),
+        tiles,
         BLOCK_N=br,
         BLOCK_K=bc,
         EVEN=n % br == 0 and k % bc == 0,
-        FAST_DIV=BLOCK_FAST_DIV if fast_div is None else fast_div,
-        SOFT_ROUND=(GPU_SOFT_ROUND if soft_round is None else soft_round) or src.device.type != "cuda",
-        INTERPRET=src.device.type != "cuda",
+        FAST_DIV=cfg.fast_div,
+        SOFT_ROUND=cfg.soft_round or not on_gpu,
+        INTERPRET=not on_gpu,
         UE8M0=bool(ue8m0),
-        num_warps=num_warps or BLOCK_NUM_WARPS,
+        EVICT_FIRST=cfg.evict_first,
+        PERSISTENT=cfg.programs_per_sm > 0,
+        STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
     )
+
+
+def launch_block_group(
+    calls: Sequence[tuple[Any, ...]],
+    flag: torch.Tensor,
+    block: Sequence[int],
+    ue8m0: bool = False,
+    config: BlockConfig | None = None,
+) -> None:
+    """``launch_blocks`` for many ``(src, out, scale_out)`` at once: one launch per run of same-shaped sources.
+
+    The bytes are those of one ``launch_blocks`` per call (the same tile function, the same
+    constexprs); only where each program finds its tensor differs.
+    """
+    br, bc = _check_block(block)
+    if not calls:
+        return
+    device = calls[0][0].device
+    cfg = config or config_for(device)
+    on_gpu = device.type == "cuda"
+    for group in group_table.groups(calls):
+        e, n, k = group.shape
+        nb, kb = -(-n // br), -(-k // bc)
+        src, out, scale_out = group.bases
+        _quantize_tile_group_kernel[(e * nb * kb, len(group.calls))](
+            src,
+            out,
+            scale_out,
+            group.table,
+            flag,
+            n,
+            k,
+            nb,
+            kb,
+            BLOCK_N=br,
+            BLOCK_K=bc,
+            EVEN=n % br == 0 and k % bc == 0,
+            FAST_DIV=cfg.fast_div,
+            SOFT_ROUND=cfg.soft_round or not on_gpu,
+            INTERPRET=not on_gpu,
+            UE8M0=bool(ue8m0),
+            EVICT_FIRST=cfg.evict_first,
+            CONTIGUOUS_K=group.contiguous_k,
+            ALIGNED=group.aligned,
+            num_warps=cfg.num_warps,
+        )
 
 
 def quantize_blocks(
@@ -174,7 +417,8 @@ def quantize_blocks(
 ) -> None:
     """Triton twin of ``torch_path.quantize_blocks`` (same arguments, same bytes).
 
-    ``ue8m0`` stands for the torch path's ``scale_fn=ue8m0.scale_from_amax``.
+    ``ue8m0`` stands for the torch path's ``scale_fn=ue8m0.scale_from_amax``. The NaN/Inf flag is
+    this thread's reused one (no allocation, no memset per call); reading it is the call's one sync.
     """
     if src.numel() == 0:
         from . import torch_path
@@ -186,7 +430,11 @@ def quantize_blocks(
             kwargs["scale_fn"] = scale_from_amax
         torch_path.quantize_blocks(src, out, scale_out, (int(block[0]), int(block[1])), name, **kwargs)
         return
-    flag = torch.zeros(1, dtype=torch.int32, device=src.device)
-    launch_blocks(src, out, scale_out, flag, block, ue8m0=ue8m0)
-    if int(flag.item()):  # the one host sync of the call
+    flag = flags.device_flag(src.device)
+    try:
+        launch_blocks(src, out, scale_out, flag, block, ue8m0=ue8m0)
+    except BaseException:
+        flags.reset(flag)
+        raise
+    if flags.flagged(flag):
         raise non_finite_error(name, src.shape)

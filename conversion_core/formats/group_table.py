@@ -1,0 +1,96 @@
+"""Device tables for grouped launches: one kernel launch converts a run of same-shaped tensors.
+
+A step whose sources sit at new addresses every step (after an FSDP all-gather) cannot replay a
+CUDA graph, and one launch per tensor costs ~35 µs of host time each: thousands per step. A
+grouped kernel instead reads, per program, which tensor it works on from a small int64 table:
+element offsets of the source and of every buffer from the group's first item (so the kernel
+does plain pointer arithmetic on typed pointers, no integer-to-pointer casts), and the source's
+strides. Tensors are grouped by source shape, dtype and whether K is contiguous, so every
+program of a launch sees one geometry and the kernels keep their compile-time specialisations.
+
+Format-free: the FP8 plugins' kernels use it, and any plugin's ``launch_group`` may.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: The most tensors one launch takes (a CUDA grid's second dimension holds 65535 programs).
+MAX_GROUP = 65535
+#: Alignment, in elements, that lets a kernel promise vectorised loads and stores
+#: (``tl.multiple_of``): every offset and every source stride but the last a multiple of it.
+ALIGN_ELEMENTS = 16
+
+
+@dataclass(frozen=True)
+class Group:
+    """Same-shaped calls converted by one launch.
+
+    ``bases``: the first call's source and buffers (the kernel's typed pointers); ``table``: int64
+    ``(len(calls), len(bases) + 3)`` on the calls' device, per call the element offsets of its
+    source and buffers from ``bases``, then the source's strides ``(stride_e, stride_n, stride_k)``
+    of its ``(E, N, K)`` view; ``aligned``: every offset and ``stride_e``/``stride_n`` a multiple
+    of :data:`ALIGN_ELEMENTS` and every base 16-byte aligned; ``contiguous_k``: ``stride_k == 1``.
+    """
+
+    shape: tuple[int, int, int]
+    calls: Sequence[tuple[Any, ...]]
+    bases: tuple[torch.Tensor, ...]
+    table: torch.Tensor
+    aligned: bool
+    contiguous_k: bool
+
+
+def _strides3(src: torch.Tensor) -> tuple[int, int, int]:
+    stride = src.stride()
+    return (0, *stride) if len(stride) == 2 else stride  # type: ignore[return-value]
+
+
+def groups(calls: Sequence[tuple[Any, ...]], max_group: int = MAX_GROUP) -> list[Group]:
+    """Split ``calls`` (``(src, *buffers)``, one device, no ``None`` buffer) into launchable groups."""
+    by_key: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
+    for call in calls:
+        src = call[0]
+        by_key.setdefault((src.shape, src.dtype, src.stride(-1) == 1), []).append(call)
+    out: list[Group] = []
+    for members in by_key.values():
+        for start in range(0, len(members), max_group):
+            out.append(_group(members[start : start + max_group]))
+    return out
+
+
+def _group(calls: Sequence[tuple[Any, ...]]) -> Group:
+    first = calls[0]
+    bases = tuple(first)
+    width = len(bases)
+    flat = array("q")
+    for call in calls:
+        flat.extend([t.data_ptr() for t in call])
+        flat.extend(_strides3(call[0]))
+    table = torch.frombuffer(flat, dtype=torch.int64).view(len(calls), width + 3).clone()
+    base_ptrs = torch.tensor([t.data_ptr() for t in bases], dtype=torch.int64)
+    sizes = torch.tensor([t.element_size() for t in bases], dtype=torch.int64)
+    delta = table[:, :width] - base_ptrs
+    if bool((delta % sizes).any()):  # only a misaligned view (frombuffer at an odd address) does this
+        raise ValueError("grouped launch: a tensor's address is not a multiple of its element size")
+    table[:, :width] = delta // sizes
+    aligned = bool((table[:, : width + 2] % ALIGN_ELEMENTS == 0).all()) and all(p % 16 == 0 for p in base_ptrs.tolist())
+    src = first[0]
+    shape3 = tuple(src.shape) if src.dim() == 3 else (1, *src.shape)
+    device_table = table.to(src.device, non_blocking=True) if src.device.type != "cpu" else table
+    return Group(
+        shape=shape3,  # type: ignore[arg-type]
+        calls=calls,
+        bases=bases,
+        table=device_table,
+        aligned=aligned,
+        contiguous_k=src.stride(-1) == 1,
+    )
+
+
+__all__ = ["ALIGN_ELEMENTS", "MAX_GROUP", "Group", "groups"]

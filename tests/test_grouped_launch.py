@@ -1,0 +1,209 @@
+"""Grouped launches write the bytes of one launch per tensor, under Triton's interpreter.
+
+``launch_group`` converts a whole run of calls in one kernel launch per group of same-shaped
+sources, each program finding its tensor in a small device table. These tests hold it to two
+independent expectations on awkward inputs (edges that are not multiples of the block, 3D expert
+stacks, one-row tensors, transposed / sliced / permuted views, per-expert views of one stack,
+offsets that break the alignment hint, mixed dtypes): the bytes of one ``launch`` per tensor and
+the torch path's bytes (the definition). ``convert_many`` and the plan's moving-source step are
+checked to use it. As in tests/test_triton_interpret.py, a normal pytest run re-runs this file in
+a child with ``TRITON_INTERPRET=1`` and ``CONVERSION_CORE_BACKEND=triton``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("CONVERSION_CORE_BACKEND") == "triton"
+NAMES = ["fp8_128x128", "fp8_128x128_ue8m0", "cutlass_fp8_e4m3_per_channel"]
+
+
+if not INTERPRETING:
+
+    def test_grouped_launches_under_interpreter() -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1", CONVERSION_CORE_BACKEND="triton")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+        assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+else:
+    import conversion_core as cc
+    from conversion_core.formats import group_table
+    from conversion_core.plan import build_plan
+
+    def _conversion(name: str) -> cc.Conversion:
+        registry = cc.load_registry()
+        if name not in registry.names():
+            pytest.skip(f"{name} is not installed")
+        return registry.get(name)
+
+    def _weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+        """Rows of very different magnitude (every e4m3 rounding regime) and a signed zero."""
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(shape, generator=g)
+        x *= torch.exp(torch.empty(shape[:-1] + (1,)).uniform_(-6, 6, generator=g))
+        x.view(-1)[min(3, x.numel() - 1)] = -0.0
+        return x.to(dtype)
+
+    def _sources() -> list[torch.Tensor]:
+        stack = _weights((3, 130, 257), torch.bfloat16, seed=1)
+        flat = _weights((1 + 64 * 160,), torch.bfloat16, seed=2)
+        return [
+            stack[0],  # per-expert views of one stack: one group, three table rows
+            stack[1],
+            stack[2],
+            _weights((200, 300), torch.float16, seed=3),
+            _weights((1, 1), torch.float32, seed=4),
+            _weights((1, 700), torch.bfloat16, seed=5),  # one row
+            _weights((2, 129, 136), torch.bfloat16, seed=6),  # a 3D stack, partial blocks
+            _weights((300, 140), torch.bfloat16, seed=7).t(),  # transposed
+            _weights((140, 600), torch.bfloat16, seed=8)[:, ::2],  # column slice
+            _weights((130, 3, 200), torch.bfloat16, seed=9).permute(1, 0, 2),  # experts permuted
+            flat[1:].view(64, 160),  # offset by one element: the alignment hint must be off
+            _weights((64, 160), torch.bfloat16, seed=10),  # same shape, aligned, other group row
+            _weights((6, 9000), torch.bfloat16, seed=11),  # long rows: the chunked row kernel
+        ]
+
+    def _allocated(conversion: cc.Conversion, sources: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        calls = []
+        for src in sources:
+            out, scale = conversion.allocate(src.shape)
+            out.view(torch.uint8).fill_(0x7F)  # NaN bytes wherever nothing is written
+            scale.fill_(float("nan"))
+            calls.append((src, out, scale))
+        return calls
+
+    def _torch_path(conversion: cc.Conversion, src: torch.Tensor, monkeypatch: pytest.MonkeyPatch):
+        monkeypatch.setenv("CONVERSION_CORE_BACKEND", "torch")
+        try:
+            return conversion.convert(src)
+        finally:
+            monkeypatch.setenv("CONVERSION_CORE_BACKEND", "triton")
+
+    def _count_kernel_launches(name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+        """Record the plugin's grouped launches (their sizes) and its single launches."""
+        if name == "cutlass_fp8_e4m3_per_channel":
+            from conversion_core_cutlass_fp8 import triton_kernels as tk
+
+            group_fn, single_fn = "launch_row_group", "launch_rows"
+        else:
+            from conversion_core_deepgemm_fp8 import triton_kernels as tk  # type: ignore[no-redef]
+
+            group_fn, single_fn = "launch_block_group", "launch_blocks"
+        groups: list[int] = []
+        singles: list[int] = []
+        original_group, original_single = getattr(tk, group_fn), getattr(tk, single_fn)
+
+        def grouped(calls, *args, **kwargs):
+            groups.append(len(calls))
+            return original_group(calls, *args, **kwargs)
+
+        def single(*args, **kwargs):
+            singles.append(1)
+            return original_single(*args, **kwargs)
+
+        monkeypatch.setattr(tk, group_fn, grouped)
+        monkeypatch.setattr(tk, single_fn, single)
+        return groups, singles
+
+    def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], what: str) -> None:
+        assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)), f"{what}: e4m3 bytes differ"
+        assert torch.equal(a[1].view(torch.int32), b[1].view(torch.int32)), f"{what}: scales differ"
+
+    @pytest.mark.parametrize("name", NAMES)
+    def test_grouped_bytes_equal_one_launch_per_tensor_and_the_torch_path(name, monkeypatch) -> None:
+        conversion = _conversion(name)
+        assert conversion.launch_group is not None and conversion.launch is not None
+        sources = _sources()
+        grouped = _allocated(conversion, sources)
+        single = _allocated(conversion, sources)
+        flag = torch.zeros(1, dtype=torch.int32)
+        conversion.launch_group(grouped, flag)
+        for call in single:
+            conversion.launch(*call, flag)
+        assert int(flag) == 0
+        for g, s in zip(grouped, single, strict=True):
+            what = f"{name} {tuple(g[0].shape)} stride {g[0].stride()}"
+            _same(g[1:], s[1:], what + " grouped vs single")
+            _same(g[1:], _torch_path(conversion, g[0], monkeypatch), what + " grouped vs torch path")
+
+    def test_groups_split_by_shape_dtype_and_layout() -> None:
+        conversion = _conversion("fp8_128x128")
+        calls = _allocated(conversion, _sources())
+        groups = group_table.groups(calls)
+        assert sum(len(g.calls) for g in groups) == len(calls)
+        by_shape = {(g.shape, g.calls[0][0].dtype, g.contiguous_k): g for g in groups}
+        assert len(by_shape[((1, 130, 257), torch.bfloat16, True)].calls) == 3
+        offset = by_shape[((1, 64, 160), torch.bfloat16, True)]
+        assert len(offset.calls) == 2 and not offset.aligned  # one source starts one element in
+        assert not by_shape[((1, 140, 300), torch.bfloat16, False)].contiguous_k
+        assert all(g.table.dtype == torch.int64 and g.table.shape == (len(g.calls), 6) for g in groups)
+
+    @pytest.mark.parametrize("name", NAMES)
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+    def test_non_finite_in_one_member_is_flagged_and_named(name, bad) -> None:
+        conversion = _conversion(name)
+        sources = [_weights((130, 257), torch.bfloat16, seed=s) for s in range(3)]
+        sources[1].view(-1)[-5] = bad  # in the last, partial block / row of the middle member
+        flag = torch.zeros(1, dtype=torch.int32)
+        conversion.launch_group(_allocated(conversion, sources), flag)
+        assert int(flag) == 1
+        with pytest.raises(cc.ConversionInputError, match=r"convert_many item 1: .*NaN or Inf") as info:
+            conversion.convert_many(_allocated(conversion, sources))
+        assert "(130, 257)" in str(info.value)
+        ok = _allocated(conversion, [sources[0]])
+        conversion.convert_many(ok)  # the reused flag was cleared: the next call is clean
+        assert not torch.isnan(ok[0][2]).any()
+
+    @pytest.mark.parametrize("name", NAMES)
+    def test_convert_many_matches_fn_and_launches_grouped(name, monkeypatch) -> None:
+        conversion = _conversion(name)
+        sources = _sources()[:7]
+        seen, singles = _count_kernel_launches(name, monkeypatch)
+        calls = _allocated(conversion, sources)
+        conversion.convert_many(calls)
+        assert seen == [len(sources)] and not singles
+        for src, out, scale in calls:
+            _same((out, scale), conversion.convert(src), f"{name} {tuple(src.shape)} convert_many vs fn")
+
+    def test_convert_many_checks_every_item_before_writing_any() -> None:
+        conversion = _conversion("fp8_128x128")
+        calls = _allocated(conversion, [_weights((130, 257), torch.bfloat16, seed=s) for s in range(3)])
+        src, out, _ = calls[2]
+        calls[2] = (src, out, torch.empty(9, dtype=torch.float32))
+        with pytest.raises(cc.ConversionInputError, match=r"convert_many item 2: .*scale_out"):
+            conversion.convert_many(calls)
+        assert bool((calls[0][1].view(torch.uint8) == 0x7F).all()), "item 0 was written before item 2 was checked"
+
+    @pytest.mark.parametrize("name", ["fp8_128x128", "cutlass_fp8_e4m3_per_channel"])
+    def test_plan_step_with_moving_sources_uses_grouped_launches(name, monkeypatch) -> None:
+        conversion = _conversion(name)
+        experts = 4
+
+        def state(seed: int) -> dict[str, torch.Tensor]:
+            stack = _weights((experts, 2, 130, 136), torch.bfloat16, seed=seed)
+            sd = {"model.layers.0.input_layernorm.weight": _weights((136,), torch.bfloat16, seed=seed + 1)}
+            for j in range(experts):
+                sd[f"model.layers.0.mlp.experts.{j}.gate_proj.weight"] = stack[j, 0]
+                sd[f"model.layers.0.mlp.experts.{j}.down_proj.weight"] = stack[j, 1].t()
+            return sd
+
+        plan = build_plan(state(0), conversion=name)
+        plan.allocate("cpu")
+        groups, singles = _count_kernel_launches(name, monkeypatch)
+        for seed in (10, 20):  # new tensors, new addresses, every step
+            sd = state(seed)
+            plan.run(sd)
+            assert not singles
+            for e in plan.quantized:
+                want = _torch_path(conversion, sd[e.name], monkeypatch)
+                _same((plan.outputs[e.name], plan.outputs[e.scale_name]), want, e.name)
+        assert groups == [2 * experts, 2 * experts]
