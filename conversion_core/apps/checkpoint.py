@@ -32,6 +32,8 @@ from ..loading.registry import Registry, load_registry
 from ..plan import TensorSpec, build_plan, resolve_conversion, target_of
 from ..selection.config import quantization_config_of
 from . import publish
+from .pipeline import run_pipeline
+from .shard_files import dtype_from_safetensors
 
 #: ``[(shard file name, tensor names)]``
 Shards = list[tuple[str, list[str]]]
@@ -103,33 +105,6 @@ def written_quantization_config(target: TargetFormat, like: dict[str, Any], kept
             f"a target format's quantization_config returned {type(qc).__name__}; expected a dict or None"
         )
     return qc
-
-
-#: safetensors header dtype codes.
-SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
-
-def dtype_from_safetensors(code: str) -> torch.dtype:
-    """torch dtype of a safetensors header dtype code (``BF16``, ``F32``, ...)."""
-    try:
-        return SAFETENSORS_DTYPES[code]
-    except KeyError:
-        raise ConversionInputError(
-            f"safetensors dtype {code!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
-        ) from None
 
 
 # ---- reading SRC ------------------------------------------------------------------------------
@@ -240,8 +215,6 @@ def convert_checkpoint(
     fused_shards: Mapping[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert the safetensors checkpoint in ``src`` into ``dst`` (see the module docstring)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from ..selection.resolver import select_default_conversion
@@ -279,27 +252,22 @@ def convert_checkpoint(
             f"a checkpoint that loads as another format (quantization_config: {json.dumps(out_qc)})"
         )
 
-    weight_map: dict[str, str] = {}
-    bytes_in = bytes_out = 0
     pub = publish.Publication(dst_path.resolve(), force)
     try:
         tmp = pub.open()  # claims DST (lock), recovers a dead run's leftovers, re-checks DST
         total = sum(_nbytes(s.shape, s.dtype) for s in specs.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress, file=sys.stderr) as bar:
-            for file, names in shards:
-                shard_plan = plan.subset(names)
-                outputs = shard_plan.allocate(device)
-                with safe_open(str(src_path / file), framework="pt", device=str(device)) as f:
-                    state = {name: f.get_tensor(name) for name in names}
-                shard_plan.run(state)
-                save_file(outputs, str(tmp / file), metadata={"format": "pt"})
-                publish.step("shard-written")
-                shard_in = sum(t.numel() * t.element_size() for t in state.values())
-                bytes_in += shard_in
-                bytes_out += sum(t.numel() * t.element_size() for t in outputs.values())
-                weight_map.update({name: file for name in outputs})
-                del state, outputs, shard_plan
-                bar.update(shard_in)
+            done = run_pipeline(
+                plan,
+                src_path,
+                tmp,
+                shards,
+                device=device,
+                on_tensor=bar.update,
+                on_shard_written=lambda file: publish.step("shard-written"),
+            )
+        weight_map: dict[str, str] = done["weight_map"]
+        bytes_in, bytes_out = done["bytes_in"], done["bytes_out"]
         if (src_path / INDEX_NAME).is_file():
             index = {"metadata": {"total_size": bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
