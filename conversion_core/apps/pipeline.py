@@ -80,14 +80,15 @@ def run_pipeline(
     device: str | torch.device = "cpu",
     on_tensor: Callable[[int], None] = lambda nbytes: None,
     on_shard_written: Callable[[str], None] = lambda file: None,
-    in_flight_bytes: int = IN_FLIGHT_BYTES,
+    in_flight_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Convert every shard of ``src_dir`` into the same file name in ``dst_dir``.
 
     Returns ``{"weight_map": {output -> file}, "bytes_in": int, "bytes_out": int}``.
+    ``in_flight_bytes``: default :data:`IN_FLIGHT_BYTES`.
     """
     device = torch.device(device)
-    budget = _Budget(in_flight_bytes)
+    budget = _Budget(IN_FLIGHT_BYTES if in_flight_bytes is None else in_flight_bytes)
     writer = ThreadPoolExecutor(1, thread_name_prefix="conversion-core-writer")
     pending: list[tuple[str, Future[None]]] = []  # (file, its finish) in shard order
     jobs: list[Future[None]] = []
