@@ -33,7 +33,9 @@ PLUGINS = sorted(p.parent.name for p in (ROOT / "plugins").glob("*/pyproject.tom
 JUDGES = ("llmcompressor==0.14.0.1",)
 #: Tests that need the judges live in ``tests/judges/`` of the repo or of a plugin; only the judges
 #: session runs them.
-JUDGE_DIRS = sorted(str(p.relative_to(ROOT)) for p in [ROOT / "tests" / "judges", *ROOT.glob("plugins/*/tests/judges")] if p.is_dir())
+JUDGE_DIRS = sorted(
+    str(p.relative_to(ROOT)) for p in [ROOT / "tests" / "judges", *ROOT.glob("plugins/*/tests/judges")] if p.is_dir()
+)
 NO_JUDGES = ("--ignore-glob=*/judges/*",)
 
 nox.options.sessions = ["lint", "types", "core", *(f"plugin-{name}" for name in PLUGINS), "all", "judges", "demo"]

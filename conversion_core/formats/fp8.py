@@ -28,10 +28,12 @@ ABS_BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """float32 dequantization scale for a float32 ``amax`` (any shape).
 
-    Divides by a tensor, not a Python number: on CUDA torch turns ``t / number`` into
-    ``t * (1 / number)``, which is not the IEEE quotient the CPU (and the Triton kernels) give.
+    Divides by a tensor, not a Python number: on CUDA torch turns ``t / number`` (and ``t / cpu
+    scalar tensor``) into ``t * (1 / number)``, which is not the IEEE quotient the CPU (and the
+    Triton kernels) give. The divisor is made on ``amax``'s device by a fill, not copied from the
+    host, so the function can be captured in a CUDA graph (a plugin's torch-only ``launch``).
     """
-    return amax.clamp_min(MIN_AMAX).div_(torch.tensor(E4M3_MAX, dtype=amax.dtype, device=amax.device))
+    return amax.clamp_min(MIN_AMAX).div_(amax.new_full((), E4M3_MAX))
 
 
 def abs_bits_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

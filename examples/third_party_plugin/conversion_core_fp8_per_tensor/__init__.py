@@ -50,6 +50,23 @@ def quantize(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | Non
     scale_out.copy_(scale)
 
 
+def launch(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None, flag: torch.Tensor) -> None:
+    """The sync-free twin of :func:`quantize` for the whole-model step (and its CUDA graphs).
+
+    The same torch ops and bytes, but no host read: a NaN/Inf source adds to the int32 device
+    ``flag`` instead of raising, and the plan, reading the flag once per step, names the tensor.
+    Nothing here copies from the host, so the step can be captured in a CUDA graph: a plugin
+    needs no kernel of its own for that.
+    """
+    assert scale_out is not None
+    x = src.float()
+    amax = x.abs().amax().reshape(SCALE_SHAPE)  # NaN and Inf propagate into amax
+    flag.add_(torch.isfinite(amax).all().logical_not())
+    scale = scale_from_amax(amax)
+    quantize_into(x, scale, out)
+    scale_out.copy_(scale)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """float32 ``q * scale`` (the one scale broadcasts over every element)."""
     scale = check_fp8_dequantize_args(q, scale, NAME)
@@ -81,6 +98,7 @@ FP8_PER_TENSOR = cc.Conversion(
     src_ndims=(2, 3),
     target_format=target_format,
     sharded=cc.BlockAmax(block=statistic_block, apply=quantize_with_amax),
+    launch=launch,
 )
 
 

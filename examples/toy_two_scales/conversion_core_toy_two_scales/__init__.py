@@ -37,9 +37,7 @@ NAME = "toy_two_scales"
 QUANT_METHOD = "toy_two_scales"
 COMPILE_TARGET = "toy_two_scales_int8"
 QMAX = 127.0
-#: float32 constants, so every step below is one float32 operation.
-_QMAX = torch.tensor(QMAX, dtype=torch.float32)
-_FLOOR = torch.tensor(1e-12, dtype=torch.float32)
+FLOOR = 1e-12
 
 COMPILE_METADATA: dict[str, Any] = {
     "dtype": "int8",
@@ -68,8 +66,14 @@ def non_finite_error(shape: tuple[int, ...] | torch.Size) -> cc.ConversionInputE
 
 
 def row_scale(amax: torch.Tensor) -> torch.Tensor:
-    """``s = max(amax, 1e-12) / 127`` in float32."""
-    return torch.maximum(amax.float(), _FLOOR.to(amax.device)) / _QMAX.to(amax.device)
+    """``s = max(amax, 1e-12) / 127`` in float32.
+
+    The constants are float32 tensors filled on ``amax``'s device (a Python number, or a CPU
+    scalar, would let CUDA multiply by ``1/127`` instead of dividing; a host copy could not be
+    captured in a CUDA graph).
+    """
+    amax = amax.float()
+    return torch.maximum(amax, amax.new_full((), FLOOR)) / amax.new_full((), QMAX)
 
 
 def _write(
@@ -82,15 +86,28 @@ def _write(
     q.copy_(torch.round(x / s_elems).clamp_(-QMAX, QMAX))
 
 
+def _row_amax(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] == 0:
+        return torch.zeros(x.shape[:-1], dtype=torch.float32, device=x.device)
+    return x.abs().amax(dim=-1)  # amax propagates NaN and Inf
+
+
 def quantize(src: torch.Tensor, q: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> None:
     """Write ``weight_q``, ``weight_scale``, ``weight_shift`` (the core checked the buffers)."""
     x = src.float()
-    if x.shape[-1] == 0:
-        amax = torch.zeros(x.shape[:-1], dtype=torch.float32, device=x.device)
-    else:
-        amax = x.abs().amax(dim=-1)  # amax propagates NaN and Inf
+    amax = _row_amax(x)
     if not bool(torch.isfinite(amax).all()):
         raise non_finite_error(src.shape)
+    s = row_scale(amax)
+    _write(x, s, s.unsqueeze(-1), q, m, e)
+
+
+def launch(src: torch.Tensor, q: torch.Tensor, m: torch.Tensor, e: torch.Tensor, flag: torch.Tensor) -> None:
+    """The sync-free twin of :func:`quantize` (the whole-model step and its CUDA graphs): the same
+    ops and bytes, a NaN/Inf source adds to the int32 device ``flag`` instead of raising."""
+    x = src.float()
+    amax = _row_amax(x)
+    flag.add_(torch.isfinite(amax).all().logical_not())
     s = row_scale(amax)
     _write(x, s, s.unsqueeze(-1), q, m, e)
 
@@ -171,6 +188,7 @@ TOY_TWO_SCALES = cc.Conversion(
     src_ndims=(2, 3),
     target_format=target_format,
     sharded=cc.BlockAmax(block=statistic_block, apply=apply_sharded),
+    launch=launch,
 )
 
 

@@ -171,7 +171,7 @@ def test_declared_format(registry: cc.Registry, conversion: cc.Conversion) -> No
     ]
     assert conversion.output_shapes((3, 4, 5)) == ((3, 4, 5), (3, 4), (3, 4))
     assert conversion.declares_outputs and conversion.requires_scale and conversion.quantizes
-    assert conversion.launch is None  # no sync-free kernel: the plan runs it through the checked fn
+    assert conversion.launch is not None  # torch-only, sync-free: the plan's launched (CUDA-graph) step
     assert conversion.sharded is not None
     assert registry.provider(NAME) == PLUGIN
     (info,) = [p for p in registry.plugins() if p.name == PLUGIN]
@@ -443,3 +443,19 @@ def test_py_typed_is_installed() -> None:
     import importlib.resources
 
     assert importlib.resources.files("conversion_core_toy_two_scales").joinpath("py.typed").is_file()
+
+
+def test_launch_writes_the_bytes_of_fn_and_flags_non_finite(conversion: cc.Conversion) -> None:
+    """``launch`` (the whole-model step's sync-free twin) writes ``fn``'s bytes and, instead of
+    raising, adds a NaN/Inf source to the device flag."""
+    src = (torch.randn(2, 33, 70, generator=torch.Generator().manual_seed(5)) * 4).bfloat16()
+    want = conversion.convert(src)
+    got = conversion.allocate(tuple(src.shape), "cpu")
+    flag = torch.zeros(1, dtype=torch.int32)
+    conversion.launch(src, *got, flag)
+    assert flag.item() == 0
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.view(torch.uint8), w.view(torch.uint8))
+    src[1, 2, 3] = float("nan")
+    conversion.launch(src, *got, flag)
+    assert flag.item() == 1
