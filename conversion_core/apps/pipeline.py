@@ -5,7 +5,7 @@ Three things run at once:
 - **read**: the source shard is memory-mapped; before a tensor is converted the kernel is asked
   to read the next ones (``posix_fadvise(WILLNEED)``), so disk reads run while the CPU converts;
 - **convert**: on the calling thread, one tensor at a time, through the plan (each conversion's
-  checked ``fn``; the FP8 CPU paths spread their chunks over every core);
+  checked ``fn``; the plugins' CPU paths may spread their chunks over every core);
 - **write**: one writer thread puts each output at its offset in the output shard (whose header
   was written first from the plan), frees it, and makes each finished shard durable
   (``fdatasync``) while the next one is converted.
