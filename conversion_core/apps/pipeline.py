@@ -21,6 +21,7 @@ the writer and raises.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -132,7 +133,7 @@ def run_pipeline(
                 if passthrough(entry):
                     _finite(entry.name, src)
                     del src
-                    submit(lambda w=out_writer, s=shard, n=entry.name: w.copy(n, s, n), 0)
+                    submit(functools.partial(out_writer.copy, entry.name, shard, entry.name), 0)
                     bytes_out += nbytes
                 else:
                     one = sub.subset([entry.name])
@@ -142,7 +143,7 @@ def run_pipeline(
                     for name, out in outputs.items():
                         host = out.cpu()
                         size = host.numel() * host.element_size()
-                        submit(lambda w=out_writer, n=name, t=host: w.write(n, t), size)
+                        submit(functools.partial(out_writer.write, name, host), size)
                         bytes_out += size
                     del outputs
                 shard.release(entry.name)

@@ -23,6 +23,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -182,7 +183,8 @@ class MappedShard:
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:
-    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    array: Any = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return memoryview(array)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
