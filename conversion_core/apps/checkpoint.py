@@ -33,6 +33,8 @@ from ..plan import TensorSpec, build_plan, resolve_conversion, target_of
 from ..selection.prequantized import refuse_quantized_source
 from . import publish
 from .device import checked_device
+from .pipeline import run_pipeline
+from .shard_files import dtype_from_safetensors
 
 #: ``[(shard file name, tensor names)]``
 Shards = list[tuple[str, list[str]]]
@@ -104,33 +106,6 @@ def written_quantization_config(target: TargetFormat, like: dict[str, Any], kept
             f"a target format's quantization_config returned {type(qc).__name__}; expected a dict or None"
         )
     return qc
-
-
-#: safetensors header dtype codes.
-SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
-
-def dtype_from_safetensors(code: str, where: str = "") -> torch.dtype:
-    """torch dtype of a safetensors header dtype code (``BF16``, ``F32``, ...); ``where`` names the tensor."""
-    try:
-        return SAFETENSORS_DTYPES[code]
-    except KeyError:
-        raise ConversionInputError(
-            f"{where}safetensors dtype {code!r} is not one of {', '.join(SAFETENSORS_DTYPES)}"
-        ) from None
 
 
 # ---- reading SRC ------------------------------------------------------------------------------
@@ -242,8 +217,6 @@ def convert_checkpoint(
     fused_shards: Mapping[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert the safetensors checkpoint in ``src`` into ``dst`` (see the module docstring)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from ..selection.resolver import select_default_conversion
@@ -280,29 +253,23 @@ def convert_checkpoint(
             f"a checkpoint that loads as another format (quantization_config: {json.dumps(out_qc)})"
         )
 
-    weight_map: dict[str, str] = {}
-    bytes_in = bytes_out = 0
     pub = publish.Publication(dst_path.resolve(), force)
     try:
         tmp = pub.open()  # claims DST (lock), recovers a dead run's leftovers, re-checks DST
         total = sum(_nbytes(s.shape, s.dtype) for s in specs.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress, file=sys.stderr) as bar:
-            across = shared_across_shards(plan, shards, src_path, device)
-            for file, names in shards:
-                shard_plan = plan.subset(names)
-                outputs = shard_plan.allocate(device)
-                with safe_open(str(src_path / file), framework="pt", device=str(device)) as f:
-                    state = {name: f.get_tensor(name) for name in names}
-                given = {m: v for m, v in across.items() if m not in state}
-                shard_plan.run(state, shared_amax=given or None)
-                save_file(outputs, str(tmp / file), metadata={"format": "pt"})
-                publish.step("shard-written")
-                shard_in = sum(t.numel() * t.element_size() for t in state.values())
-                bytes_in += shard_in
-                bytes_out += sum(t.numel() * t.element_size() for t in outputs.values())
-                weight_map.update({name: file for name in outputs})
-                del state, outputs, shard_plan
-                bar.update(shard_in)
+            done = run_pipeline(
+                plan,
+                src_path,
+                tmp,
+                shards,
+                device=device,
+                on_tensor=bar.update,
+                on_shard_written=lambda file: publish.step("shard-written"),
+                shared_amax=shared_amaxes(plan, shards, src_path, device),
+            )
+        weight_map: dict[str, str] = done["weight_map"]
+        bytes_in, bytes_out = done["bytes_in"], done["bytes_out"]
         if (src_path / INDEX_NAME).is_file():
             index = {"metadata": {"total_size": bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
@@ -329,11 +296,12 @@ def convert_checkpoint(
     )
 
 
-def shared_across_shards(plan: Any, shards: Shards, src: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """``max |x|`` of every member of a shared-statistic set that spans shards (read once, up front).
+def shared_amaxes(plan: Any, shards: Shards, src: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """``max |x|`` of every member of a shared-statistic set (read once, up front).
 
-    A fused set (q/k/v sharing one global scale) may sit in several shard files; each shard is
-    converted alone, so the other members' statistics are taken first, one tensor at a time.
+    A fused set (q/k/v sharing one global scale) is converted one tensor at a time by the
+    pipeline, possibly from several shard files, so every member's statistic is taken first, one
+    tensor at a time (a second read of those tensors only; formats without sets read nothing).
     """
     from safetensors import safe_open
 
@@ -342,7 +310,7 @@ def shared_across_shards(plan: Any, shards: Shards, src: Path, device: str | tor
     file_of = {name: file for file, names in shards for name in names}
     needed: dict[str, list[str]] = {}
     for e in plan.entries:
-        if e.shared_with and len({file_of[m] for m in e.shared_with}) > 1:
+        if e.shared_with:
             for m in e.shared_with:
                 needed.setdefault(file_of[m], []).append(m)
     result: dict[str, torch.Tensor] = {}

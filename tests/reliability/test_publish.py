@@ -164,12 +164,12 @@ def test_two_concurrent_runs_exactly_one_succeeds(sources, outputs, tmp_path, mo
 
 
 def test_enospc_is_one_line_naming_the_file(sources, tmp_path, monkeypatch):
-    import safetensors.torch
+    from conversion_core.apps import shard_files
 
-    def full(tensors, filename, metadata=None):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+    def full(fd, data, offset):  # as os.pwrite fails on a full disk: no file name in the error
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(shard_files, "_pwrite_all", full)
     dst = tmp_path / "out"
     with pytest.raises(ConversionInputError) as info:
         convert_checkpoint(sources[0], dst, conversion=CONVERSION, progress=False)
