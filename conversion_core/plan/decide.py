@@ -368,7 +368,7 @@ def with_shared_sets(entries: list[PlanEntry], conversion: Conversion, target: T
         raise ConfigError(
             f"conversion {conversion.name!r}: target_format's shared_sets failed: {type(exc).__name__}: {exc}"
         ) from exc
-    known, seen = set(quantized), set()
+    known, seen = set(quantized), set[str]()
     membership: dict[str, tuple[str, ...]] = {}
     for members in sets:
         stray = [n for n in members if n not in known or n in seen]
