@@ -134,7 +134,6 @@ def test_convert_many_launches_grouped_and_reads_one_flag(monkeypatch: pytest.Mo
     real = flags.flagged
     monkeypatch.setattr(flags, "flagged", lambda flag: (reads.append(1), real(flag))[1])
     items = _items(conversion, 5)
-    items.append((torch.empty(0, 5), *conversion.allocate((0, 5))))  # empty: not launched
     conversion.convert_many(items)
     assert grouped.batches == [5] and reads == [1]
     for src, out, scale in items:
@@ -146,7 +145,7 @@ def test_convert_many_launches_grouped_and_reads_one_flag(monkeypatch: pytest.Mo
 def test_convert_many_names_the_flagged_item_and_clears_the_flag(bad: float, monkeypatch) -> None:
     monkeypatch.setattr(conversion_module, "use_triton", lambda t: True)
     conversion = _toy(launch=_launch, launch_group=_Grouped())
-    items = [(torch.empty(0, 5), *conversion.allocate((0, 5))), *_items(conversion, 4)]  # item 0 not launched
+    items = _items(conversion, 4)
     items[3][0][1, 2] = bad
     with pytest.raises(cc.ConversionInputError, match=r"convert_many item 3: .*\(3, 5\) holds NaN or Inf"):
         conversion.convert_many(items)
