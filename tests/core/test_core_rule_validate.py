@@ -30,9 +30,7 @@ def exits(qc):
 def install(site: FakeSite, validator: str) -> None:
     site.install(
         "validating",
-        site.prelude
-        + VALIDATORS
-        + "@cc.hookimpl\ndef register_conversion():\n"
+        site.prelude + VALIDATORS + "@cc.hookimpl\ndef register_conversion():\n"
         "    return [cc.Conversion('zz_v', copy_fn, False, dst_dtype=torch.float32),\n"
         "            cc.Conversion('zz_other', copy_fn, False, dst_dtype=torch.float32)]\n"
         "@cc.hookimpl\ndef default_rule():\n"

@@ -65,8 +65,8 @@ def test_non_finite_in_any_tensor_fails_the_step_naming_it(state, conversion):
     plan = build_plan(state, conversion=conversion)
     plan.allocate("cpu")
     plan.run(state)  # the clean state converts
-    for kind, name in KINDS.items():
-        for bad, value in BAD.items():
+    for name in KINDS.values():
+        for value in BAD.values():
             with pytest.raises(cc.ConversionInputError, match=name.replace(".", r"\.")):
                 plan.run(poisoned(state, name, value))
             plan.run(state)  # and the plan recovers on the next clean step
