@@ -19,7 +19,8 @@ from nox.command import CommandFailed
 
 ROOT = Path(__file__).parent
 TORCH = "torch==2.13.0"
-TEST_TOOLS = ("pytest>=8", "hypothesis>=6.100")
+#: numpy: safetensors.torch.save_file and torch.distributed.tensor import it (tests only).
+TEST_TOOLS = ("pytest>=8", "hypothesis>=6.100", "numpy")
 #: Pinned: a new release of a formatter or type checker must not turn CI red on unchanged code.
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"

@@ -6,6 +6,7 @@ into load_registry(), at import and in a hook, during loading and inside rule pr
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -297,6 +298,9 @@ def _cli(site: FakeSite, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # A process started in the background by a non-interactive shell inherits SIGINT ignored,
+        # and Python then installs no KeyboardInterrupt handler: restore the default, as a terminal has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         **kwargs,
     )
 

@@ -26,7 +26,7 @@ from . import torch_path
 TILE_ELEMENTS = 8192
 ROWS = 16
 NUM_WARPS = 8
-_RNE = 12582912.0  # 1.5 * 2^23
+_RNE = tl.constexpr(12582912.0)  # 1.5 * 2^23; a jit function reads only constexpr globals
 MAX_SCALE = tl.constexpr(torch_path.MAX_SCALE)
 MAX_SCALE_ASYM = tl.constexpr(torch_path.MAX_SCALE_ASYM)
 
