@@ -396,6 +396,7 @@ def _reduce(jobs: list[_Job], sharing: Sequence[_Job] = ()) -> None:
     for mesh, dims, device, members, amaxes in groups:
         grids = [job.grid for job in members if job.grid is not None]
         flags = torch.tensor([job.flag for job in members], dtype=torch.float32, device=device)
+        amaxes = [job for job in amaxes if job.tensor_amax is not None]
         tensor_amaxes = [job.tensor_amax for job in amaxes if job.tensor_amax is not None]
         flat = torch.cat([g.reshape(-1) for g in grids] + [flags] + tensor_amaxes)
         for mesh_dim in dims:
@@ -405,7 +406,8 @@ def _reduce(jobs: list[_Job], sharing: Sequence[_Job] = ()) -> None:
             assert job.grid is not None
             job.grid = part.view(job.grid.shape)
             job.flag = flag
-        for job, value in zip(amaxes, reduced.split(1), strict=True):
+        # an empty tensor splits into one empty piece, not none: split only what is there
+        for job, value in zip(amaxes, reduced.split(1) if amaxes else (), strict=True):
             job.tensor_amax = value
 
 
