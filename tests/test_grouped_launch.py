@@ -207,3 +207,21 @@ else:
                 want = _torch_path(conversion, sd[e.name], monkeypatch)
                 _same((plan.outputs[e.name], plan.outputs[e.scale_name]), want, e.name)
         assert groups == [2 * experts, 2 * experts]
+
+    def test_capture_warm_up_launches_grouped_with_the_same_bytes(monkeypatch) -> None:
+        """The eager run before a capture (``streams=None``) takes the grouped launch too: it builds
+        the tables the capture then records (on CUDA, tests/gpu checks the replayed bytes)."""
+        name = "fp8_128x128"
+        conversion = _conversion(name)
+        stack = _weights((3, 130, 136), torch.bfloat16, seed=30)
+        sd = {f"model.layers.0.mlp.experts.{j}.down_proj.weight": stack[j] for j in range(3)}
+        plan = build_plan(sd, conversion=name)
+        plan.allocate("cpu")
+        groups, singles = _count_kernel_launches(name, monkeypatch)
+        assert plan._flag is not None
+        plan._flag.zero_()
+        plan._queue(sd, slice(None), None)
+        assert groups == [3] and not singles
+        for e in plan.quantized:
+            want = _torch_path(conversion, sd[e.name], monkeypatch)
+            _same((plan.outputs[e.name], plan.outputs[e.scale_name]), want, e.name)

@@ -49,7 +49,11 @@ LaunchFn = Callable[..., None]
 #: ``launch_group(items, flag)``: ``launch`` for a whole run of calls at once: ``items`` is a
 #: sequence of ``(src, *buffers)`` (checked, non-empty, one device, any shapes and strides); queue
 #: them all in a few kernel launches (a small device table of pointers, shapes and strides), OR
-#: any non-finite source into ``flag``; no host sync, no graph capture.
+#: any non-finite source into ``flag``; no host sync. The plan also captures it in CUDA graphs:
+#: the same items are launched once eagerly first, both inside one
+#: :func:`conversion_core.contract.capture.session`, where anything the capture must not build
+#: (a host-to-device copy of the table) is kept by the eager run and found again by the capture
+#: (``conversion_core.formats.group_table`` does this for its tables).
 GroupLaunchFn = Callable[[Sequence[tuple[Any, ...]], torch.Tensor], None]
 
 #: Source dtypes every conversion accepts unless it says otherwise.

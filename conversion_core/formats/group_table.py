@@ -8,6 +8,11 @@ does plain pointer arithmetic on typed pointers, no integer-to-pointer casts), a
 strides. Tensors are grouped by source shape, dtype and whether K is contiguous, so every
 program of a launch sees one geometry and the kernels keep their compile-time specialisations.
 
+Inside a CUDA-graph capture a table cannot be copied to the device: the plan captures a segment
+inside a :func:`conversion_core.contract.capture.session`, after one eager run of the same calls,
+and :func:`groups` then returns the groups (and device tables) that run built, kept by the session
+as long as the graph. Outside a session nothing is kept (sources moving every step never pay for it).
+
 Format-free: the FP8 plugins' kernels use it, and any plugin's ``launch_group`` may.
 """
 
@@ -19,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from conversion_core.contract import capture
 
 #: The most tensors one launch takes (a CUDA grid's second dimension holds 65535 programs).
 MAX_GROUP = 65535
@@ -52,7 +59,37 @@ def _strides3(src: torch.Tensor) -> tuple[int, int, int]:
 
 
 def groups(calls: Sequence[tuple[Any, ...]], max_group: int = MAX_GROUP) -> list[Group]:
-    """Split ``calls`` (``(src, *buffers)``, one device, no ``None`` buffer) into launchable groups."""
+    """Split ``calls`` (``(src, *buffers)``, one device, no ``None`` buffer) into launchable groups.
+
+    Inside a capture session: built (and kept) by the eager run, found again by the capture.
+    """
+    session = capture.current()
+    capturing = _capturing(calls)
+    if session is None:
+        if capturing:
+            raise RuntimeError(
+                "grouped launch inside a CUDA graph capture that is not a plan's capture session: its device "
+                "tables cannot be copied during a capture (see conversion_core.contract.capture)"
+            )
+        return _build(calls, max_group)
+    key = ("group_table", max_group, *(tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in c) for c in calls))
+    if not capturing:
+        return session.keep(key, lambda: _build(calls, max_group))  # type: ignore[no-any-return]
+    built = session.find(key)
+    if built is None:
+        raise RuntimeError(
+            f"grouped launch of {len(calls)} tensors captured in a CUDA graph without an eager launch of the "
+            "same tensors in the same capture session first (it builds the device tables the graph reads)"
+        )
+    return built  # type: ignore[no-any-return]
+
+
+def _capturing(calls: Sequence[tuple[Any, ...]]) -> bool:
+    """True while the current CUDA stream is being captured into a graph (calls on a CUDA device)."""
+    return bool(calls) and calls[0][0].is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _build(calls: Sequence[tuple[Any, ...]], max_group: int) -> list[Group]:
     by_key: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
     for call in calls:
         src = call[0]

@@ -12,11 +12,14 @@ Segments grow geometrically (``first`` tensors, then four times the one before):
 after a few dozen checks, and a model of n tensors has about log4(n / first) graph boundaries.
 
 A segment is captured once its sources were found at the same addresses in two steps running;
-until then, and whenever they move, it is launched eagerly (grouped: one launch per run of
-same-shaped tensors where the conversion has a ``launch_group``, else one launch per tensor):
-capturing ~10k launches costs about a second (three eager steps, sixty replayed ones), which a
-trainer handing over tensors at new addresses every step would otherwise pay every step. Each
-segment is captured and dropped on its own; the others keep their graphs.
+until then, and whenever they move, it is launched eagerly. Either way a conversion with a
+``launch_group`` gets one launch per run of same-shaped tensors (else one launch per tensor): a
+graph of ~10k single launches replays at ~1.8 µs per launch of small per-expert kernels and costs
+about a second to capture, a graph of grouped launches holds a few kernels that fill the GPU. A
+capture runs inside a :func:`conversion_core.contract.capture.session` that the segment keeps with
+its graph: the grouped launches' device tables, built by the warm-up just before, live as long as
+the graph that reads them. Each segment is captured and dropped on its own; the others keep their
+graphs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ..contract import capture
+
 #: What must not change for a replay to read the right bytes: address, dtype, shape, strides.
 _LAYOUT: tuple[Callable[[torch.Tensor], Any], ...] = (
     torch.Tensor.data_ptr,
@@ -36,9 +41,9 @@ _LAYOUT: tuple[Callable[[torch.Tensor], Any], ...] = (
     operator.attrgetter("shape"),
     torch.Tensor.stride,
 )
-#: Queues the launches of a range of calls: ``()`` eagerly (grouped launches where a conversion has
-#: them), streams: one launch per call round-robin over them (capture), None: one launch per call
-#: on the current stream (a capture's warm-up: compiles what the capture records).
+#: Queues the launches of a range of calls (grouped where a conversion has ``launch_group``):
+#: ``()`` eagerly, streams: round-robin over them (capture), None: on the current stream (a
+#: capture's warm-up: compiles what the capture records and builds the grouped launches' tables).
 Queue = Callable[[slice, Sequence[Any] | None], None]
 
 
@@ -90,6 +95,8 @@ class Segment:
     #: the memory a replay reads before the full check stays allocated.
     sources: list[torch.Tensor] = field(default_factory=list)
     storages: list[Any] = field(default_factory=list)
+    #: The capture session of the graph: what its launches built before the capture (device tables).
+    session: Any = None
     layout: list[list[Any]] = field(default_factory=lambda: [[] for _ in _LAYOUT])
 
 
@@ -162,11 +169,13 @@ class CapturedStep:
             seg_srcs = srcs[seg.entries]
             if same_layout(seg_srcs, seg.layout):
                 if seg.graph is None:
-                    seg.graph = self._capture(seg.calls, queue, zero_flag=i == 0)
+                    with capture.session() as session:  # held with the graph: its launches' tables
+                        seg.graph = self._capture(seg.calls, queue, zero_flag=i == 0)
+                    seg.session = session
                     seg.storages = [t.untyped_storage() for t in seg_srcs]
                 seg.graph.replay()
             else:
-                seg.graph, seg.storages, seg.layout = None, [], layout(seg_srcs)
+                seg.graph, seg.session, seg.storages, seg.layout = None, None, [], layout(seg_srcs)
                 queue(seg.calls, ())
             seg.sources = seg_srcs
         self.complete = True
@@ -176,8 +185,9 @@ class CapturedStep:
             seg.graph.replay()
 
     def _capture(self, calls: slice, queue: Queue, zero_flag: bool) -> Any:
-        """One eager run of the calls (compiles the kernels), then the calls captured in a graph,
-        spread over ``streams`` streams; the first segment also clears the NaN/Inf flag."""
+        """One eager run of the calls (compiles the kernels, builds grouped launches' tables), then
+        the calls captured in a graph, spread over ``streams`` streams, both inside the caller's
+        capture session; the first segment also clears the NaN/Inf flag."""
         device = self.flag.device
         main = torch.cuda.current_stream(device)
         sides = [torch.cuda.Stream(device) for _ in range(self.streams)]

@@ -276,12 +276,13 @@ class Plan:
     def _queue(self, state_dict: Mapping[str, Any], calls: slice, streams: Sequence[Any] | None = ()) -> None:
         """Queue a range of calls, no host sync.
 
-        ``streams`` empty: eagerly, and a conversion with ``launch_group`` gets all its calls of the
-        range in one grouped launch (sources at new addresses: a table update and a few launches,
-        not one launch per tensor). Non-empty: one launch per call, round-robin over the streams
-        (graph capture). None: one launch per call on the current stream (a capture's warm-up,
-        which compiles the kernels the capture records). A copy or cast (no ``launch``) ORs a
-        NaN/Inf in its source into the flag as well."""
+        A conversion with ``launch_group`` gets all its calls of the range in one grouped launch
+        (a table update and a few launches, not one launch per tensor); the others get one
+        launch per call. ``streams`` empty: eagerly on the current stream (sources at new
+        addresses). Non-empty: a graph capture, launches round-robin over the streams (grouped
+        launches find the tables the warm-up built in the capture session). None: on the current
+        stream, the capture's warm-up (compiles the kernels the capture records). A copy or cast
+        (no ``launch``) ORs a NaN/Inf in its source into the flag as well."""
         assert self._flag is not None
         chosen = self._calls[calls]
         amaxes = {}
@@ -293,7 +294,7 @@ class Plan:
             src = state_dict[call.name]
             src = src[call.index] if call.index else src
             conversion = self._by_name[call.name].conversion
-            if call.name not in amaxes and streams is not None and not streams and conversion.launch_group is not None:
+            if call.name not in amaxes and conversion.launch_group is not None:
                 if src.numel():
                     grouped.setdefault(id(conversion), (conversion, []))[1].append((src, *call.buffers))
                 continue
@@ -308,9 +309,10 @@ class Plan:
                     if src.dtype.is_floating_point:
                         self._flag.add_(torch.isfinite(src).all().logical_not())
                     conversion.raw_fn(src, *call.buffers)
-        for conversion, items in grouped.values():
+        for j, (conversion, items) in enumerate(grouped.values()):
             assert conversion.launch_group is not None
-            conversion.launch_group(items, self._flag)
+            with torch.cuda.stream(streams[j % len(streams)]) if streams else contextlib.nullcontext():
+                conversion.launch_group(items, self._flag)
 
     def _run_launched(self, state_dict: Mapping[str, Any]) -> None:
         """The fast step: every kernel queued (CUDA: graph replays), then one flag read.
