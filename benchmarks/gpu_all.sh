@@ -37,7 +37,7 @@ for what in "$@"; do
         int4) run int4 150 python3 benchmarks/gpu_int4.py --sweep ;;
         quant) run quant 200 python3 benchmarks/gpu_grouped.py --sections check,quant ;;
         peers) run peers 90 python3 benchmarks/gpu_peers.py ;;
-        model) run model 240 python3 benchmarks/gpu_grouped.py --sections model ;;
+        model) run model 300 python3 benchmarks/gpu_grouped.py --sections model ;;
         formats) run formats 240 python3 benchmarks/gpu_model_formats.py ;;
         sync) run sync 120 python3 benchmarks/gpu_sync.py ;;
         *) echo "unknown: $what" ;;
