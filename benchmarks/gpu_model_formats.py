@@ -10,13 +10,16 @@ outputs and scales written once) at the device copy bandwidth measured in the sa
 
 Step kinds, per format and layout, in this order on source set A, then B:
 
-- ``first``: the first step (kernels compiled; on CUDA launched eagerly, nothing captured);
+- ``first``: the first step (kernels compiled, unless an earlier row compiled them; on CUDA
+  launched eagerly, nothing captured);
 - ``capture``: the second, same addresses, so each graph segment is captured then replayed;
 - ``fixed``: median of later steps on the same tensors (captured graphs replayed);
 - ``replay``: the graphs alone, CUDA events around them (no host checks, no flag read);
 - ``moving``: median of steps alternating between two state dicts (A, B): sources at new
   addresses every step, as after an FSDP all-gather, so every segment is launched eagerly:
-  grouped launches where the conversion has ``launch_group``, else one launch per tensor.
+  grouped launches where the conversion has ``launch_group``, else one launch per tensor;
+- ``first*``: last, the first step of the same plan after ``allocate`` again (new buffers, no
+  graphs) with its kernels compiled: what a trainer's first step costs once warmed up.
 
 A format without ``launch`` (the asymmetric int4 conversions today) runs the plan's checked path
 (one ``fn`` call and host sync per tensor, no graphs); its rows say so. The ``launches`` column
@@ -153,21 +156,26 @@ def cpu_outputs(fmt: str, picked: Mapping[str, tuple[torch.Tensor, Any]], fused_
 def same_as_cpu(plan: Any, picked: Mapping[str, tuple[torch.Tensor, Any]], want: Mapping[str, torch.Tensor]) -> int:
     """Outputs of the sampled tensors that differ from the CPU plan's (0 is right)."""
     bad = 0
-    for name, (_, index) in picked.items():
+    for name, (src, index) in picked.items():
         for out_name in plan[name].output_names:
-            got = plan.outputs[out_name]
-            ref = want[out_name]
-            if index is not None and got.shape != ref.shape:
-                got = got[index.to(got.device)]
-            elif index is not None and ref.dim() == 1 and torch.equal(ref, _shape_of(picked[name][0], ref)):
-                ref = torch.tensor(plan[name].src_shape, dtype=ref.dtype)  # it holds the (full) stack's shape
-            got = got.detach().cpu().contiguous()
-            ok = got.shape == ref.shape and got.dtype == ref.dtype
-            ok = ok and torch.equal(got.view(-1).view(torch.uint8), ref.contiguous().view(-1).view(torch.uint8))
+            got, ref = plan.outputs[out_name], want[out_name]
+            if index is not None and got.shape != ref.shape:  # per expert: the sampled experts, one by one
+                pairs = [(got[int(i)], ref[k]) for k, i in enumerate(index.tolist())]  # basic slicing: any dtype
+            elif index is not None and ref.dim() == 1 and torch.equal(ref, _shape_of(src, ref)):
+                pairs = [(got, torch.tensor(plan[name].src_shape, dtype=ref.dtype))]  # the full stack's shape
+            else:
+                pairs = [(got, ref)]
+            ok = all(_same_bytes(g.detach().cpu(), r) for g, r in pairs)
             if not ok:
                 print(f"    bytes differ from the CPU path: {out_name}", flush=True)
             bad += not ok
     return bad
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
 
 
 def _shape_of(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -305,12 +313,15 @@ def bench_format(
         emit("replay", statistics.median(replays), None, graphs=len(step.segments))
     moving = [timed(b if i % 2 == 0 else a) for i in range(2 * reps - 1)]  # B, A, ..., B: ends on B
     emit("moving", statistics.median(moving), check(1), launches=_launch_text(eager_launches(plan, b)))
+    if launched:  # new buffers, nothing captured: the first step of a plan whose kernels are compiled
+        plan.allocate(device)
+        emit("first*", timed(a), check(0))
 
 
 # ---- the run ------------------------------------------------------------------------------------
 
 HEADER = (
-    f"{'format':<29}{'layout':<11}{'step':<17}{'ms':>9}{'floor':>8}{'ratio':>8}"
+    f"{'format':<29}{'layout':<11}{'step':<17}{'ms':>9}{'floor':>9}{'ratio':>9}"
     f"{'tensors':>8}{'graphs':>7}{'  launches (moving)':<22}{'cpu':>5}"
 )
 
@@ -325,7 +336,7 @@ def print_row(r: Mapping[str, Any]) -> None:
     path = "" if r["launched"] else " (checked)"
     graphs = r.get("graphs", "")
     print(
-        f"{r['format']:<29}{r['layout']:<11}{r['step'] + path:<17}{ms:>9}{r['floor_ms']:>8.2f}{ratio:>8}"
+        f"{r['format']:<29}{r['layout']:<11}{r['step'] + path:<17}{ms:>9}{r['floor_ms']:>9.3f}{ratio:>9}"
         f"{r['tensors']:>8}{graphs!s:>7}  {r.get('launches', ''):<20}{cpu:>5}",
         flush=True,
     )
