@@ -366,6 +366,10 @@ def run(report: Report, args: argparse.Namespace, device: torch.device) -> dict[
             print(f"copy {state['gbps']:.4g} GB/s (of {size / 1e6:.4g} MB)", flush=True)
         for fmt in formats:
             where = f"{fmt} {layout}"
+            if args.budget and time.perf_counter() - t0 > args.budget:
+                report.errors.append({"where": where, "error": f"skipped: past the --budget of {args.budget:.0f} s"})
+                print(f"  SKIPPED {where}: past the --budget of {args.budget:.0f} s", flush=True)
+                continue
             report.guard(where, lambda: bench_format(report, fmt, layout, sds, picked, state["gbps"], args, device))  # noqa: B023
             gc.collect()
             if device.type == "cuda":
@@ -389,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3, help="steps per median (fixed, replay; moving: 2*reps-1)")
     p.add_argument("--formats", type=lambda s: s.split(","), default=FP8 + NEW)
     p.add_argument("--layouts", type=lambda s: s.split(","), default=LAYOUTS)
+    p.add_argument("--budget", type=float, default=0, help="seconds after which rows left are skipped (0: none)")
     p.add_argument("--json", help="write every row here")
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, a tiny model (proves the script)")
     return p
