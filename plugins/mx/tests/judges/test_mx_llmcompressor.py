@@ -203,20 +203,30 @@ def _logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.float()
 
 
+#: transformers' bug, not our checkpoint's: llm-compressor's own MXFP8 checkpoint of the same model
+#: fails the same way (checked with transformers 5.17.0, compressed-tensors 0.19.0, llm-compressor
+#: 0.14.0.1; the branch is unchanged in 5.25), and MXFP4 experts load. Strict: a fix upstream
+#: turns this into an XPASS that fails the run, so the mark is then removed.
+MXFP8_EXPERTS_BUG = pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="transformers (integrations/compressed_tensors.py, DecompressExperts.convert) takes every 8-bit "
+    "float expert scheme for per-tensor/per-channel FP8 and folds the scale as quant.float() * scale.float() "
+    "without expanding MXFP8's group-of-32 E8M0 scales (nor reading them as exponents): 'The size of tensor a "
+    "(64) must match the size of tensor b (2) at non-singleton dimension 1' while merging "
+    "experts.gate_up_proj, then from_pretrained raises RuntimeError 'We encountered some issues during "
+    "automatic conversion of the weights' (utils/loading_report.py, log_state_dict_report)",
+)
 LOAD_CASES = [
-    pytest.param(
-        m,
-        s,
-        marks=pytest.mark.xfail(
-            strict=False,
-            reason="transformers 5.17 fails to merge per-expert MX weights of Qwen3-MoE on CPU "
-            "(weight conversion error); not investigated",
-        ),
-    )
-    if m == "qwen3_moe"
-    else (m, s)
-    for m, s in CASES
+    pytest.param(m, s, marks=MXFP8_EXPERTS_BUG) if (m, s) == ("qwen3_moe", "MXFP8") else (m, s) for m, s in CASES
 ]
+
+
+@MXFP8_EXPERTS_BUG
+def test_transformers_loads_llm_compressors_own_mxfp8_moe_checkpoint(converted):
+    """The reference's own checkpoint fails as ours does: the bug is transformers', not our bytes'."""
+    ref_dir, _ = converted[("qwen3_moe", "MXFP8")]
+    assert torch.isfinite(_logits(ref_dir, torch.arange(12).reshape(2, 6) % 96)).all()
 
 
 @pytest.mark.parametrize(("model", "scheme"), LOAD_CASES)
