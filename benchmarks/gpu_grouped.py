@@ -116,20 +116,44 @@ def _row_kernels() -> ModuleType:
     return triton_kernels
 
 
-def block_variants(quick: bool) -> list[Any]:
-    """The block kernel's launch shapes worth timing: the device default first."""
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def block_variants(quick: bool, name: str = BLOCK, device: torch.device | None = None) -> list[Any]:
+    """The block kernel's launch shapes worth timing: this device's default first, then the H100 pick.
+
+    After the 2026-12-03 H200 run (best 0.90-0.91 of copy: 8 warps, a persistent grid of 2-4
+    programs per SM, 3 stages; 32 warps, ``div_rn`` and 8 programs per SM lost everywhere) the
+    sweep times the cheaper arithmetic (``short_div``, and ``pow2_mul`` for UE8M0) and int32
+    in-tile offsets (``tile_base``) alone and together, over the launch shapes that won.
+    The check section takes ``[:2]`` plus the first persistent one for UE8M0 and dry runs:
+    the first two and the first persistent one carry every new flag.
+    """
     tk = _block_kernels()
-    base = tk.BlockConfig()
-    out = [base]
-    warps = (8, 16) if quick else (4, 8, 16, 32)
-    for nw in warps:
-        for fd in (True,) if quick else (True, False):
-            out.append(dataclasses.replace(base, num_warps=nw, fast_div=fd))
-        out.append(dataclasses.replace(base, num_warps=nw, evict_first=False))
-    for pps in (2, 4) if quick else (2, 4, 8):
-        for stages in (1, 2, 3):
-            for nw in (4, 8) if not quick else (8,):
-                out.append(dataclasses.replace(base, num_warps=nw, programs_per_sm=pps, num_stages=stages))
+    device = device or _default_device()
+    new = {"short_div": True, "pow2_mul": True, "tile_base": True}
+    plain = tk.BlockConfig()
+    out = [tk.config_for(device), tk.BlockConfig(num_warps=8, **new)]
+    launch_shapes = [
+        dict(num_warps=8, programs_per_sm=2, num_stages=3),
+        dict(num_warps=8, programs_per_sm=4, num_stages=3),
+    ]
+    if not quick:
+        launch_shapes += [
+            dict(num_warps=4, programs_per_sm=4, num_stages=3),
+            dict(num_warps=8, programs_per_sm=2, num_stages=2),
+            dict(num_warps=8, programs_per_sm=3, num_stages=4),
+        ]
+    out += [tk.BlockConfig(**shape, **new) for shape in launch_shapes]
+    out += [plain, tk.BlockConfig(num_warps=8, programs_per_sm=4, num_stages=3)]  # the old default, the old best
+    out += [tk.BlockConfig(num_warps=nw, **new) for nw in ((16,) if quick else (4, 16))]
+    if not quick:  # one flag left out at a time, on the old best launch shape
+        best = dict(num_warps=8, programs_per_sm=4, num_stages=3)
+        out += [tk.BlockConfig(**best, **{**new, flag: False}) for flag in new]
+        out += [tk.BlockConfig(**best, **new, evict_first=False)]
+    if name != UE8M0:  # pow2_mul changes nothing there
+        out = [dataclasses.replace(v, pow2_mul=False) for v in out]
     unique: list[Any] = []
     for v in out:
         if v not in unique:
@@ -137,11 +161,48 @@ def block_variants(quick: bool) -> list[Any]:
     return unique
 
 
-def row_variants(shape: Sequence[int], quick: bool) -> list[Any]:
+def row_variants(shape: Sequence[int], quick: bool, device: torch.device | None = None) -> list[Any]:
+    """The per-channel kernel's launch shapes for rows of ``shape[-1]``: this device's first, then the H100 pick.
+
+    Whole rows read once for short power-of-two rows (more rows and warps per program than the
+    H100 pick), chunks for the others, ``short_div`` on all but the H100 pick.
+    """
     tk = _row_kernels()
-    bq = _load("bench_quant")
-    configs = [tk.RowConfig(**v) for v in bq._variants(CHANNEL, shape)]
-    return configs[:6] if quick else configs
+    k = shape[-1]
+    device = device or _default_device()
+    pick = tk.pick_config(k)
+    out = [tk.config_for(k, device), pick, dataclasses.replace(pick, short_div=True)]
+    extra: list[Any] = []
+    if k <= 4096 and k & (k - 1) == 0:
+        for elems, nw in ((4096, 8), (8192, 8), (8192, 16), (16384, 16), (2048, 4)):
+            extra.append(tk.RowConfig(rows=max(1, elems // k), block_k=k, single=True, num_warps=nw, short_div=True))
+        extra.append(dataclasses.replace(pick, programs_per_sm=8, short_div=True))
+    elif k <= 4096:
+        chunk = 512 if k % 512 == 0 else 256
+        for rows, nw in ((8, 8), (32, 8), (16, 4), (32, 16)):
+            extra.append(tk.RowConfig(rows=rows, block_k=chunk, single=False, num_warps=nw, short_div=True))
+    else:
+        for bk, nw, pps in ((8192, 8, 0), (8192, 16, 0), (16384, 16, 0), (4096, 8, 0), (8192, 8, 4), (16384, 16, 2)):
+            extra.append(
+                tk.RowConfig(rows=1, block_k=bk, single=False, num_warps=nw, programs_per_sm=pps, short_div=True)
+            )
+    out += extra[:3] if quick else extra
+    unique: list[Any] = []
+    for v in out:
+        if v not in unique:
+            unique.append(v)
+    return unique
+
+
+def variant_label(variant: Any) -> str:
+    """The fields that differ from the class's own defaults (``rows``-style fields always)."""
+    fields = dataclasses.fields(variant)
+    parts = []
+    for f in fields:
+        value = getattr(variant, f.name)
+        if f.default is dataclasses.MISSING or value != f.default:
+            parts.append(f"{f.name}={value}")
+    return ",".join(parts) or "defaults"
 
 
 def launch_variant(name: str, variant: Any, src: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, flag):
@@ -215,7 +276,7 @@ def check_section(report: Report, args: argparse.Namespace, device: torch.device
             want = report.guard(f"check {name} {label} cpu path", lambda: cpu_path(conversion, src))  # noqa: B023
             if want is None:
                 continue
-            variants = block_variants(args.quick) if name != CHANNEL else row_variants(src.shape, args.quick)
+            variants = block_variants(args.quick, name) if name != CHANNEL else row_variants(src.shape, args.quick)
             if name == UE8M0 or args.dry_run:  # the tile function is shared: a few launch shapes suffice
                 variants = variants[:2] + [v for v in variants if getattr(v, "programs_per_sm", 0)][:1]
             bad: list[str] = []
@@ -339,8 +400,10 @@ def _quant_one(
     numel = src.numel()
     out, scale = conversion.allocate(src.shape, device)
     flag = torch.zeros(1, dtype=torch.int32, device=device)
-    variants = block_variants(args.quick) if name != CHANNEL else row_variants(src.shape, args.quick)
-    if name == UE8M0 or not args.sweep:
+    variants = (
+        block_variants(args.quick, name, device) if name != CHANNEL else row_variants(src.shape, args.quick, device)
+    )
+    if not args.sweep:
         variants = variants[:1]
     default = launch_variant(name, variants[0], src, out, scale, flag)
     default()
@@ -353,7 +416,9 @@ def _quant_one(
 
     row["kernel_ms"] = _bench(default, dry)
     row["kernel_ratio"] = ratio(row["kernel_ms"])
-    sweep = []
+    row["default_variant"] = str(variants[0])
+    sweep = [{"variant": str(variants[0]), "label": variant_label(variants[0]), "ms": row["kernel_ms"],
+              "ratio": row["kernel_ratio"], "same_bytes": True}]  # fmt: skip
     for variant in variants[1:]:
 
         def timed(variant: Any = variant) -> dict[str, Any]:
@@ -362,17 +427,21 @@ def _quant_one(
             run()
             same = same_bytes((v_out, v_scale), ref)
             ms = _bench(run, dry, rep=50)
-            return {"variant": str(variant), "ms": ms, "ratio": ratio(ms), "same_bytes": same}
+            return {"variant": str(variant), "label": variant_label(variant), "ms": ms, "ratio": ratio(ms),
+                    "same_bytes": same}  # fmt: skip
 
         result = report.guard(f"quant {label} {name} {variant}", timed)
         if result is not None:
             sweep.append(result)
             report.mismatches += not result["same_bytes"]
-    best = min((s for s in sweep if s["same_bytes"]), key=lambda s: s["ms"], default=None)
-    row["best_variant"], row["best_ratio"] = (
-        (best["variant"], best["ratio"]) if best else (str(variants[0]), row["kernel_ratio"])
-    )
+    best = min((s for s in sweep if s["same_bytes"] and s["ms"]), key=lambda s: s["ms"], default=sweep[0])
+    row["best_variant"], row["best_ratio"] = best["variant"], best["ratio"]
     row["sweep"] = sweep
+    if len(sweep) > 1:  # the per-variant table, fastest first
+        print(f"  {name}: {len(sweep)} variants (ratio to copy, bytes == default variant's)", flush=True)
+        for s_ in sorted(sweep, key=lambda s: s["ms"] or float("inf")):
+            same = "same" if s_["same_bytes"] else "DIFF"
+            print(f"    {_fmt(s_['ms'], '.3f'):>8} ms  {_fmt(s_['ratio'], '.3f')}  {same}  {s_['label']}", flush=True)
     row["fn_ms"] = report.guard(f"quant {label} {name} fn", lambda: _bench(lambda: conversion.fn(src, out, scale), dry))
     row["fn_ratio"] = ratio(row["fn_ms"])
     row["fn_over_kernel"] = row["kernel_ms"] / row["fn_ms"] if row["fn_ms"] else None
@@ -393,6 +462,11 @@ def _quant_one(
     peer_text = "  ".join(
         f"{p} {_fmt(row.get(f'{p}_ratio'), '.3f')}" for p in ("torchao", "fbgemm") if f"{p}_ms" in row
     )
+    peer_best = max((row[f"{p}_ratio"] for p in ("torchao", "fbgemm") if row.get(f"{p}_ratio")), default=None)
+    row["target_met"] = bool(
+        row["best_ratio"] and row["best_ratio"] >= 0.95 and (peer_best is None or row["best_ratio"] >= peer_best)
+    )
+    peer_text += f"  target(>=0.95{', >=peers' if peer_best else ''}) {'MET' if row['target_met'] else 'missed'}"
     many = (
         f"  convert_many {_fmt(row.get('many_ratio'), '.3f')} fn-loop {_fmt(row.get('fn_loop_ratio'), '.3f')}"
         if "many_ms" in row
@@ -400,7 +474,7 @@ def _quant_one(
     )
     print(
         f"  {name:<30} kernel {_fmt(_gbps(3 * numel, row['kernel_ms']))} GB/s ratio {_fmt(row['kernel_ratio'], '.3f')}"
-        f"  best {_fmt(row['best_ratio'], '.3f')} [{row['best_variant']}]  fn {_fmt(row['fn_ratio'], '.3f')}"
+        f"  best {_fmt(row['best_ratio'], '.3f')} [{best['label']}]  fn {_fmt(row['fn_ratio'], '.3f')}"
         f" (fn/kernel {_fmt(row['fn_over_kernel'], '.3f')}){many}  {peer_text}",
         flush=True,
     )
