@@ -123,35 +123,26 @@ def _default_device() -> torch.device:
 def block_variants(quick: bool, name: str = BLOCK, device: torch.device | None = None) -> list[Any]:
     """The block kernel's launch shapes worth timing: this device's default first, then the H100 pick.
 
-    After the 2026-12-03 H200 run (best 0.90-0.91 of copy: 8 warps, a persistent grid of 2-4
-    programs per SM, 3 stages; 32 warps, ``div_rn`` and 8 programs per SM lost everywhere) the
-    sweep times the cheaper arithmetic (``short_div``, and ``pow2_mul`` for UE8M0) and int32
-    in-tile offsets (``tile_base``) alone and together, over the launch shapes that won.
-    The check section takes ``[:2]`` plus the first persistent one for UE8M0 and dry runs:
-    the first two and the first persistent one carry every new flag.
+    From the 2026-12-04 H200 probe (benchmarks/results/h200_2026-12-04_fp8k/variant_probe.txt):
+    4 warps beat 8 and 16 everywhere, a persistent grid ties one tile per program, 4 stages and
+    32 warps lose badly (dropped). So the sweep is 4 warps around that, the flags left out one at
+    a time, and the old picks for reference. The check section takes ``[:2]`` plus the first
+    persistent one for UE8M0 and dry runs: those carry every new flag.
     """
     tk = _block_kernels()
     device = device or _default_device()
     new = {"short_div": True, "pow2_mul": True, "tile_base": True}
-    plain = tk.BlockConfig()
-    out = [tk.config_for(device), tk.BlockConfig(num_warps=8, **new)]
-    launch_shapes = [
-        dict(num_warps=8, programs_per_sm=2, num_stages=3),
-        dict(num_warps=8, programs_per_sm=4, num_stages=3),
-    ]
+    four = tk.BlockConfig(num_warps=4, **new)
+    out = [tk.config_for(device), four, tk.BlockConfig(num_warps=4, programs_per_sm=4, num_stages=3, **new)]
     if not quick:
-        launch_shapes += [
-            dict(num_warps=4, programs_per_sm=4, num_stages=3),
-            dict(num_warps=8, programs_per_sm=2, num_stages=2),
-            dict(num_warps=8, programs_per_sm=3, num_stages=4),
+        out += [
+            tk.BlockConfig(num_warps=4, programs_per_sm=2, num_stages=3, **new),
+            tk.BlockConfig(num_warps=4, programs_per_sm=8, num_stages=2, **new),
+            tk.BlockConfig(num_warps=8, programs_per_sm=2, num_stages=3, **new),
+            dataclasses.replace(four, evict_first=False),
         ]
-    out += [tk.BlockConfig(**shape, **new) for shape in launch_shapes]
-    out += [plain, tk.BlockConfig(num_warps=8, programs_per_sm=4, num_stages=3)]  # the old default, the old best
-    out += [tk.BlockConfig(num_warps=nw, **new) for nw in ((16,) if quick else (4, 16))]
-    if not quick:  # one flag left out at a time, on the old best launch shape
-        best = dict(num_warps=8, programs_per_sm=4, num_stages=3)
-        out += [tk.BlockConfig(**best, **{**new, flag: False}) for flag in new]
-        out += [tk.BlockConfig(**best, **new, evict_first=False)]
+        out += [dataclasses.replace(four, **{flag: False}) for flag in new]  # one flag left out at a time
+    out += [tk.BlockConfig(), tk.BlockConfig(num_warps=8, programs_per_sm=4, num_stages=3)]  # old default, old best
     if name != UE8M0:  # pow2_mul changes nothing there
         out = [dataclasses.replace(v, pow2_mul=False) for v in out]
     unique: list[Any] = []
@@ -164,8 +155,8 @@ def block_variants(quick: bool, name: str = BLOCK, device: torch.device | None =
 def row_variants(shape: Sequence[int], quick: bool, device: torch.device | None = None) -> list[Any]:
     """The per-channel kernel's launch shapes for rows of ``shape[-1]``: this device's first, then the H100 pick.
 
-    Whole rows read once for short power-of-two rows (more rows and warps per program than the
-    H100 pick), chunks for the others, ``short_div`` on all but the H100 pick.
+    From the 2026-12-04 H200 probe: fewer warps and rows per program won (K = 2048: 2 rows, 4
+    warps; long rows: 8-warp chunks), ``short_div`` helped everywhere; around those.
     """
     tk = _row_kernels()
     k = shape[-1]
@@ -174,19 +165,21 @@ def row_variants(shape: Sequence[int], quick: bool, device: torch.device | None 
     out = [tk.config_for(k, device), pick, dataclasses.replace(pick, short_div=True)]
     extra: list[Any] = []
     if k <= 4096 and k & (k - 1) == 0:
-        for elems, nw in ((4096, 8), (8192, 8), (8192, 16), (16384, 16), (2048, 4)):
-            extra.append(tk.RowConfig(rows=max(1, elems // k), block_k=k, single=True, num_warps=nw, short_div=True))
+        for rows, nw in ((1, 4), (2, 2), (1, 2), (4, 4)):
+            extra.append(tk.RowConfig(rows=rows, block_k=k, single=True, num_warps=nw, short_div=True))
         extra.append(dataclasses.replace(pick, programs_per_sm=8, short_div=True))
     elif k <= 4096:
         chunk = 512 if k % 512 == 0 else 256
-        for rows, nw in ((8, 8), (32, 8), (16, 4), (32, 16)):
+        for rows, nw in ((8, 4), (32, 8), (4, 4)):
             extra.append(tk.RowConfig(rows=rows, block_k=chunk, single=False, num_warps=nw, short_div=True))
+        bk = 1 << (k - 1).bit_length()
+        extra.append(tk.RowConfig(rows=max(1, 4096 // bk), block_k=bk, single=True, num_warps=4, short_div=True))
     else:
-        for bk, nw, pps in ((8192, 8, 0), (8192, 16, 0), (16384, 16, 0), (4096, 8, 0), (8192, 8, 4), (16384, 16, 2)):
+        for bk, nw, pps in ((8192, 8, 0), (16384, 8, 0), (8192, 4, 0), (16384, 8, 4), (4096, 4, 0)):
             extra.append(
                 tk.RowConfig(rows=1, block_k=bk, single=False, num_warps=nw, programs_per_sm=pps, short_div=True)
             )
-    out += extra[:3] if quick else extra
+    out += extra[:2] if quick else extra
     unique: list[Any] = []
     for v in out:
         if v not in unique:

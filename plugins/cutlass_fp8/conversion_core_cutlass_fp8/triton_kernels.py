@@ -55,10 +55,14 @@ class RowConfig:
 
 
 #: Per-device changes to :func:`pick_config`'s launch shapes, by a substring of
-#: ``torch.cuda.get_device_name``; first match wins. Fill from ``benchmarks/gpu_grouped.py``'s
+#: ``torch.cuda.get_device_name``; first match wins. Each entry is a list of ``(k_max, changes)``:
+#: the first whose ``k_max`` (None: any K) is >= K applies. Fill from ``benchmarks/gpu_grouped.py``'s
 #: sweep on each card; a card not listed runs the H100 picks.
-DEVICE_TUNING: dict[str, dict[str, Any]] = {
-    "H200": {"short_div": True},  # a guess before its sweep: the same bytes in 3 instructions, not 5
+DEVICE_TUNING: dict[str, list[tuple[int | None, dict[str, Any]]]] = {
+    # measured 2026-12-04 (benchmarks/results/h200_2026-12-04_fp8k/variant_probe.txt): short_div
+    # +1-3 % everywhere (K = 2048: 0.90 -> 0.93, K = 7168: 0.96 -> 0.99 of copy); rows past
+    # 16384 in 8-warp chunks, not 16 (K = 28672: 0.93 -> 0.96)
+    "H200": [(16384, {"short_div": True}), (None, {"short_div": True, "num_warps": 8})],
 }
 
 
@@ -73,9 +77,12 @@ def config_for(k: int, device: torch.device) -> RowConfig:
     if device.type != "cuda":
         return cfg
     name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
-    for key, changes in DEVICE_TUNING.items():
+    for key, tuning in DEVICE_TUNING.items():
         if key in name:
-            return replace(cfg, **changes)
+            for k_max, changes in tuning:
+                if k_max is None or k <= k_max:
+                    return replace(cfg, **changes)
+            return cfg
     return cfg
 
 
