@@ -116,20 +116,35 @@ def _row_kernels() -> ModuleType:
     return triton_kernels
 
 
-def block_variants(quick: bool) -> list[Any]:
-    """The block kernel's launch shapes worth timing: the device default first."""
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def block_variants(quick: bool, name: str = BLOCK, device: torch.device | None = None) -> list[Any]:
+    """The block kernel's launch shapes worth timing: this device's default first, then the H100 pick.
+
+    From the 2026-12-04 H200 probe (benchmarks/results/h200_2026-12-04_fp8k/variant_probe.txt):
+    4 warps beat 8 and 16 everywhere, a persistent grid ties one tile per program, 4 stages and
+    32 warps lose badly (dropped). So the sweep is 4 warps around that, the flags left out one at
+    a time, and the old picks for reference. The check section takes ``[:2]`` plus the first
+    persistent one for UE8M0 and dry runs: those carry every new flag.
+    """
     tk = _block_kernels()
-    base = tk.BlockConfig()
-    out = [base]
-    warps = (8, 16) if quick else (4, 8, 16, 32)
-    for nw in warps:
-        for fd in (True,) if quick else (True, False):
-            out.append(dataclasses.replace(base, num_warps=nw, fast_div=fd))
-        out.append(dataclasses.replace(base, num_warps=nw, evict_first=False))
-    for pps in (2, 4) if quick else (2, 4, 8):
-        for stages in (1, 2, 3):
-            for nw in (4, 8) if not quick else (8,):
-                out.append(dataclasses.replace(base, num_warps=nw, programs_per_sm=pps, num_stages=stages))
+    device = device or _default_device()
+    new = {"short_div": True, "pow2_mul": True, "tile_base": True}
+    four = tk.BlockConfig(num_warps=4, **new)
+    out = [tk.config_for(device), four, tk.BlockConfig(num_warps=4, programs_per_sm=4, num_stages=3, **new)]
+    if not quick:
+        out += [
+            tk.BlockConfig(num_warps=4, programs_per_sm=2, num_stages=3, **new),
+            tk.BlockConfig(num_warps=4, programs_per_sm=8, num_stages=2, **new),
+            tk.BlockConfig(num_warps=8, programs_per_sm=2, num_stages=3, **new),
+            dataclasses.replace(four, evict_first=False),
+        ]
+        out += [dataclasses.replace(four, **{flag: False}) for flag in new]  # one flag left out at a time
+    out += [tk.BlockConfig(), tk.BlockConfig(num_warps=8, programs_per_sm=4, num_stages=3)]  # old default, old best
+    if name != UE8M0:  # pow2_mul changes nothing there
+        out = [dataclasses.replace(v, pow2_mul=False) for v in out]
     unique: list[Any] = []
     for v in out:
         if v not in unique:
@@ -137,11 +152,50 @@ def block_variants(quick: bool) -> list[Any]:
     return unique
 
 
-def row_variants(shape: Sequence[int], quick: bool) -> list[Any]:
+def row_variants(shape: Sequence[int], quick: bool, device: torch.device | None = None) -> list[Any]:
+    """The per-channel kernel's launch shapes for rows of ``shape[-1]``: this device's first, then the H100 pick.
+
+    From the 2026-12-04 H200 probe: fewer warps and rows per program won (K = 2048: 2 rows, 4
+    warps; long rows: 8-warp chunks), ``short_div`` helped everywhere; around those.
+    """
     tk = _row_kernels()
-    bq = _load("bench_quant")
-    configs = [tk.RowConfig(**v) for v in bq._variants(CHANNEL, shape)]
-    return configs[:6] if quick else configs
+    k = shape[-1]
+    device = device or _default_device()
+    pick = tk.pick_config(k)
+    out = [tk.config_for(k, device), pick, dataclasses.replace(pick, short_div=True)]
+    extra: list[Any] = []
+    if k <= 4096 and k & (k - 1) == 0:
+        for rows, nw in ((1, 4), (2, 2), (1, 2), (4, 4)):
+            extra.append(tk.RowConfig(rows=rows, block_k=k, single=True, num_warps=nw, short_div=True))
+        extra.append(dataclasses.replace(pick, programs_per_sm=8, short_div=True))
+    elif k <= 4096:
+        chunk = 512 if k % 512 == 0 else 256
+        for rows, nw in ((8, 4), (32, 8), (4, 4)):
+            extra.append(tk.RowConfig(rows=rows, block_k=chunk, single=False, num_warps=nw, short_div=True))
+        bk = 1 << (k - 1).bit_length()
+        extra.append(tk.RowConfig(rows=max(1, 4096 // bk), block_k=bk, single=True, num_warps=4, short_div=True))
+    else:
+        for bk, nw, pps in ((8192, 8, 0), (16384, 8, 0), (8192, 4, 0), (16384, 8, 4), (4096, 4, 0)):
+            extra.append(
+                tk.RowConfig(rows=1, block_k=bk, single=False, num_warps=nw, programs_per_sm=pps, short_div=True)
+            )
+    out += extra[:2] if quick else extra
+    unique: list[Any] = []
+    for v in out:
+        if v not in unique:
+            unique.append(v)
+    return unique
+
+
+def variant_label(variant: Any) -> str:
+    """The fields that differ from the class's own defaults (``rows``-style fields always)."""
+    fields = dataclasses.fields(variant)
+    parts = []
+    for f in fields:
+        value = getattr(variant, f.name)
+        if f.default is dataclasses.MISSING or value != f.default:
+            parts.append(f"{f.name}={value}")
+    return ",".join(parts) or "defaults"
 
 
 def launch_variant(name: str, variant: Any, src: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, flag):
@@ -215,7 +269,7 @@ def check_section(report: Report, args: argparse.Namespace, device: torch.device
             want = report.guard(f"check {name} {label} cpu path", lambda: cpu_path(conversion, src))  # noqa: B023
             if want is None:
                 continue
-            variants = block_variants(args.quick) if name != CHANNEL else row_variants(src.shape, args.quick)
+            variants = block_variants(args.quick, name) if name != CHANNEL else row_variants(src.shape, args.quick)
             if name == UE8M0 or args.dry_run:  # the tile function is shared: a few launch shapes suffice
                 variants = variants[:2] + [v for v in variants if getattr(v, "programs_per_sm", 0)][:1]
             bad: list[str] = []
@@ -324,6 +378,13 @@ def quant_section(report: Report, args: argparse.Namespace, device: torch.device
             torch.cuda.empty_cache()
 
 
+def _same_on_device(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    """``same_bytes`` without the copies to the host (gigabytes per variant on the big shapes)."""
+    return torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)) and torch.equal(
+        a[1].view(torch.int32), b[1].view(torch.int32)
+    )
+
+
 def _copy_ms(src: torch.Tensor, dry: bool) -> float:
     dst = torch.empty_like(src)
     return _bench(lambda: dst.copy_(src), dry)
@@ -339,8 +400,10 @@ def _quant_one(
     numel = src.numel()
     out, scale = conversion.allocate(src.shape, device)
     flag = torch.zeros(1, dtype=torch.int32, device=device)
-    variants = block_variants(args.quick) if name != CHANNEL else row_variants(src.shape, args.quick)
-    if name == UE8M0 or not args.sweep:
+    variants = (
+        block_variants(args.quick, name, device) if name != CHANNEL else row_variants(src.shape, args.quick, device)
+    )
+    if not args.sweep:
         variants = variants[:1]
     default = launch_variant(name, variants[0], src, out, scale, flag)
     default()
@@ -353,26 +416,32 @@ def _quant_one(
 
     row["kernel_ms"] = _bench(default, dry)
     row["kernel_ratio"] = ratio(row["kernel_ms"])
-    sweep = []
+    row["default_variant"] = str(variants[0])
+    sweep = [{"variant": str(variants[0]), "label": variant_label(variants[0]), "ms": row["kernel_ms"],
+              "ratio": row["kernel_ratio"], "same_bytes": True}]  # fmt: skip
     for variant in variants[1:]:
 
         def timed(variant: Any = variant) -> dict[str, Any]:
             v_out, v_scale = torch.empty_like(out), torch.empty_like(scale)
             run = launch_variant(name, variant, src, v_out, v_scale, flag)
             run()
-            same = same_bytes((v_out, v_scale), ref)
+            same = _same_on_device((v_out, v_scale), ref)
             ms = _bench(run, dry, rep=50)
-            return {"variant": str(variant), "ms": ms, "ratio": ratio(ms), "same_bytes": same}
+            return {"variant": str(variant), "label": variant_label(variant), "ms": ms, "ratio": ratio(ms),
+                    "same_bytes": same}  # fmt: skip
 
         result = report.guard(f"quant {label} {name} {variant}", timed)
         if result is not None:
             sweep.append(result)
             report.mismatches += not result["same_bytes"]
-    best = min((s for s in sweep if s["same_bytes"]), key=lambda s: s["ms"], default=None)
-    row["best_variant"], row["best_ratio"] = (
-        (best["variant"], best["ratio"]) if best else (str(variants[0]), row["kernel_ratio"])
-    )
+    best = min((s for s in sweep if s["same_bytes"] and s["ms"]), key=lambda s: s["ms"], default=sweep[0])
+    row["best_variant"], row["best_ratio"] = best["variant"], best["ratio"]
     row["sweep"] = sweep
+    if len(sweep) > 1:  # the per-variant table, fastest first
+        print(f"  {name}: {len(sweep)} variants (ratio to copy, bytes == default variant's)", flush=True)
+        for s_ in sorted(sweep, key=lambda s: s["ms"] or float("inf")):
+            same = "same" if s_["same_bytes"] else "DIFF"
+            print(f"    {_fmt(s_['ms'], '.3f'):>8} ms  {_fmt(s_['ratio'], '.3f')}  {same}  {s_['label']}", flush=True)
     row["fn_ms"] = report.guard(f"quant {label} {name} fn", lambda: _bench(lambda: conversion.fn(src, out, scale), dry))
     row["fn_ratio"] = ratio(row["fn_ms"])
     row["fn_over_kernel"] = row["kernel_ms"] / row["fn_ms"] if row["fn_ms"] else None
@@ -393,6 +462,11 @@ def _quant_one(
     peer_text = "  ".join(
         f"{p} {_fmt(row.get(f'{p}_ratio'), '.3f')}" for p in ("torchao", "fbgemm") if f"{p}_ms" in row
     )
+    peer_best = max((row[f"{p}_ratio"] for p in ("torchao", "fbgemm") if row.get(f"{p}_ratio")), default=None)
+    row["target_met"] = bool(
+        row["best_ratio"] and row["best_ratio"] >= 0.95 and (peer_best is None or row["best_ratio"] >= peer_best)
+    )
+    peer_text += f"  target(>=0.95{', >=peers' if peer_best else ''}) {'MET' if row['target_met'] else 'missed'}"
     many = (
         f"  convert_many {_fmt(row.get('many_ratio'), '.3f')} fn-loop {_fmt(row.get('fn_loop_ratio'), '.3f')}"
         if "many_ms" in row
@@ -400,7 +474,7 @@ def _quant_one(
     )
     print(
         f"  {name:<30} kernel {_fmt(_gbps(3 * numel, row['kernel_ms']))} GB/s ratio {_fmt(row['kernel_ratio'], '.3f')}"
-        f"  best {_fmt(row['best_ratio'], '.3f')} [{row['best_variant']}]  fn {_fmt(row['fn_ratio'], '.3f')}"
+        f"  best {_fmt(row['best_ratio'], '.3f')} [{best['label']}]  fn {_fmt(row['fn_ratio'], '.3f')}"
         f" (fn/kernel {_fmt(row['fn_over_kernel'], '.3f')}){many}  {peer_text}",
         flush=True,
     )

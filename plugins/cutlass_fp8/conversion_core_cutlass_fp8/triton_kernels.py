@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -50,6 +50,40 @@ class RowConfig:
     programs_per_sm: int = 0  # >0: persistent grid of that many programs per SM
     fast_div: bool = True
     soft_round: bool = False  # on a GPU; always on under the interpreter
+    #: With ``fast_div``: the correction as two FMAs and no select (:func:`_div_short`).
+    short_div: bool = False
+
+
+#: Per-device changes to :func:`pick_config`'s launch shapes, by a substring of
+#: ``torch.cuda.get_device_name``; first match wins. Each entry is a list of ``(k_max, changes)``:
+#: the first whose ``k_max`` (None: any K) is >= K applies. Fill from ``benchmarks/gpu_grouped.py``'s
+#: sweep on each card; a card not listed runs the H100 picks.
+DEVICE_TUNING: dict[str, list[tuple[int | None, dict[str, Any]]]] = {
+    # measured 2026-12-04 (benchmarks/results/h200_2026-12-04_fp8k/variant_probe.txt): short_div
+    # +1-3 % everywhere (K = 2048: 0.90 -> 0.93, K = 7168: 0.96 -> 0.99 of copy); rows past
+    # 16384 in 8-warp chunks, not 16 (K = 28672: 0.93 -> 0.96)
+    "H200": [(16384, {"short_div": True}), (None, {"short_div": True, "num_warps": 8})],
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _device_name(index: int) -> str:
+    return str(torch.cuda.get_device_name(index))
+
+
+def config_for(k: int, device: torch.device) -> RowConfig:
+    """:func:`pick_config` of ``k`` with ``device``'s :data:`DEVICE_TUNING` entry applied."""
+    cfg = pick_config(k)
+    if device.type != "cuda":
+        return cfg
+    name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    for key, tuning in DEVICE_TUNING.items():
+        if key in name:
+            for k_max, changes in tuning:
+                if k_max is None or k <= k_max:
+                    return replace(cfg, **changes)
+            return cfg
+    return cfg
 
 
 def pick_config(k: int) -> RowConfig:
@@ -75,6 +109,29 @@ def _sm_count(index: int) -> int:
 
 
 @triton.jit
+def _div_short(x, scale, recip):
+    """``x / scale`` rounded to nearest (IEEE) in three instructions; ``recip`` = ``div_rn(1, scale)``.
+
+    The deepgemm_fp8 block kernel's twin (plugins keep their kernels to themselves): Markstein's
+    correction with the residual taken as ``q0*scale - x`` and subtracted, the same real numbers
+    as ``fp8_triton._div_exact``'s, so the same quotient for x != 0, and -0 stays -0 with no
+    compare and select.
+    """
+    q0 = x * recip
+    nrem = tl.fma(q0, scale, -x)
+    return tl.fma(nrem, -recip, q0)
+
+
+@triton.jit
+def _quotient(x, scale, recip, FAST_DIV: tl.constexpr, SHORT_DIV: tl.constexpr):
+    if FAST_DIV and SHORT_DIV:
+        q = _div_short(x, scale, recip)
+    else:
+        q = _div_exact(x, scale, recip, FAST_DIV)
+    return q
+
+
+@triton.jit
 def _quantize_row_block(
     src_ptr,
     out_ptr,
@@ -95,6 +152,7 @@ def _quantize_row_block(
     SOFT_ROUND: tl.constexpr,
     INTERPRET: tl.constexpr,
     CONTIGUOUS_K: tl.constexpr,
+    SHORT_DIV: tl.constexpr,
 ):
     """Rows ``rb * ROWS ..`` of one tensor: amax, scale, e4m3 bytes (read once when SINGLE)."""
     rows = tl.arange(0, ROWS).to(tl.int64) + rb * ROWS  # R (rows, not elements) fits int32
@@ -115,7 +173,7 @@ def _quantize_row_block(
         amax = _row_amax(x, INTERPRET)
         scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), Q_MAX)
         recip = tl.math.div_rn(1.0, scale)
-        q = _to_e4m3(_div_exact(x, scale[:, None], recip[:, None], FAST_DIV), SOFT_ROUND)
+        q = _to_e4m3(_quotient(x, scale[:, None], recip[:, None], FAST_DIV, SHORT_DIV), SOFT_ROUND)
         if EVEN:
             tl.store(out_row + cols, q, eviction_policy="evict_first")
         else:
@@ -138,12 +196,14 @@ def _quantize_row_block(
             cols = (k0 + tl.arange(0, BLOCK_K).to(tl.int64))[None, :]
             if EVEN:
                 x = tl.load(src_row + cols * stride_k, eviction_policy="evict_first").to(tl.float32)
-                q = _to_e4m3(_div_exact(x, scale[:, None], recip[:, None], FAST_DIV), SOFT_ROUND)
+                q = _to_e4m3(_quotient(x, scale[:, None], recip[:, None], FAST_DIV, SHORT_DIV), SOFT_ROUND)
                 tl.store(out_row + cols, q, eviction_policy="evict_first")
             else:
                 mask = row_ok[:, None] & (cols < K)
                 x = tl.load(src_row + cols * stride_k, mask=mask, other=0.0, eviction_policy="evict_first")
-                q = _to_e4m3(_div_exact(x.to(tl.float32), scale[:, None], recip[:, None], FAST_DIV), SOFT_ROUND)
+                q = _to_e4m3(
+                    _quotient(x.to(tl.float32), scale[:, None], recip[:, None], FAST_DIV, SHORT_DIV), SOFT_ROUND
+                )
                 tl.store(out_row + cols, q, mask=mask, eviction_policy="evict_first")
     tl.store(scale_ptr + rows, scale, mask=row_ok)
     if tl.max(_non_finite(amax).to(tl.int32)) > 0:
@@ -169,6 +229,7 @@ def _quantize_rows_kernel(
     FAST_DIV: tl.constexpr,
     SOFT_ROUND: tl.constexpr,
     INTERPRET: tl.constexpr,
+    SHORT_DIV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -176,7 +237,7 @@ def _quantize_rows_kernel(
     for rb in range(pid, n_row_blocks, n_programs):
         _quantize_row_block(
             src_ptr, out_ptr, scale_ptr, flag_ptr, rb, R, N, K, stride_e, stride_n, stride_k,
-            ROWS, BLOCK_K, SINGLE, EVEN, FAST_DIV, SOFT_ROUND, INTERPRET, False,
+            ROWS, BLOCK_K, SINGLE, EVEN, FAST_DIV, SOFT_ROUND, INTERPRET, False, SHORT_DIV,
         )  # fmt: skip
 
 
@@ -199,6 +260,7 @@ def _quantize_rows_group_kernel(
     INTERPRET: tl.constexpr,
     CONTIGUOUS_K: tl.constexpr,
     ALIGNED: tl.constexpr,
+    SHORT_DIV: tl.constexpr,
 ):
     """Grouped launch: program (row block, t) converts that row block of the group's tensor ``t``.
 
@@ -220,7 +282,7 @@ def _quantize_rows_group_kernel(
     _quantize_row_block(
         src_base + src_off, out_base + out_off, scale_base + scale_off, flag_ptr, tl.program_id(0),
         R, N, K, stride_e, stride_n, stride_k,
-        ROWS, BLOCK_K, SINGLE, EVEN, FAST_DIV, SOFT_ROUND, INTERPRET, CONTIGUOUS_K,
+        ROWS, BLOCK_K, SINGLE, EVEN, FAST_DIV, SOFT_ROUND, INTERPRET, CONTIGUOUS_K, SHORT_DIV,
     )  # fmt: skip
 
 
@@ -234,7 +296,7 @@ def launch_rows(
     """Enqueue the kernel; sets ``flag[0]`` on NaN/Inf. No host sync (for grouped callers)."""
     x = src if src.dim() == 3 else src.unsqueeze(0)
     e, n, k = x.shape
-    cfg = config or pick_config(k)
+    cfg = config or config_for(k, src.device)
     rows_total = e * n
     row_blocks = -(-rows_total // cfg.rows)
     programs = row_blocks
@@ -258,6 +320,7 @@ def launch_rows(
         FAST_DIV=cfg.fast_div,
         SOFT_ROUND=cfg.soft_round or src.device.type != "cuda",
         INTERPRET=src.device.type != "cuda",
+        SHORT_DIV=cfg.short_div,
         num_warps=cfg.num_warps,
     )
 
@@ -270,14 +333,15 @@ def launch_row_group(calls: Sequence[tuple[Any, ...]], flag: torch.Tensor) -> No
     """``launch_rows`` for many ``(src, out, scale_out)`` at once: one launch per run of same-shaped sources.
 
     The bytes are those of one ``launch_rows`` per call (the same row function and launch shape,
-    :func:`pick_config` of K); only where each program finds its tensor differs.
+    :func:`config_for` K); only where each program finds its tensor differs.
     """
     if not calls:
         return
-    on_gpu = calls[0][0].device.type == "cuda"
+    device = calls[0][0].device
+    on_gpu = device.type == "cuda"
     for group in group_table.groups(calls):
         e, n, k = group.shape
-        cfg = pick_config(k)
+        cfg = config_for(k, device)
         rows_total = e * n
         src, out, scale_out = group.bases
         _quantize_rows_group_kernel[(-(-rows_total // cfg.rows), len(group.calls))](
@@ -298,6 +362,7 @@ def launch_row_group(calls: Sequence[tuple[Any, ...]], flag: torch.Tensor) -> No
             INTERPRET=not on_gpu,
             CONTIGUOUS_K=group.contiguous_k,
             ALIGNED=group.aligned,
+            SHORT_DIV=cfg.short_div,
             num_warps=cfg.num_warps,
         )
 

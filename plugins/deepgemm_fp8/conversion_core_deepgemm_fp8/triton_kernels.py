@@ -70,6 +70,15 @@ class BlockConfig:
     num_stages: int = 1
     #: ``evict_first`` on the source loads and the e4m3 stores (read / written once).
     evict_first: bool = True
+    #: With ``fast_div``: the correction as two FMAs and no select (:func:`_div_short`), 3
+    #: instructions per element instead of 5; the sign of a zero quotient comes out right by itself.
+    short_div: bool = False
+    #: UE8M0 only: ``x * (1 / scale)`` instead of a division (exact: the scale is a power of two
+    #: whose reciprocal is a normal float32), and the 240 clamp of the scale 2^120 only in that
+    #: (never taken for real weights) branch, so one instruction per element instead of 5 to 7.
+    pow2_mul: bool = False
+    #: One int64 base per tile and int32 offsets inside it (the host checks they fit; else int64).
+    tile_base: bool = False
 
 
 #: The default launch shape (the H100 sweep's pick).
@@ -79,6 +88,11 @@ DEFAULT_CONFIG = BlockConfig()
 #: listed runs :data:`DEFAULT_CONFIG`.
 DEVICE_CONFIGS: dict[str, BlockConfig] = {
     "H100": DEFAULT_CONFIG,
+    # measured 2026-12-04 (benchmarks/results/h200_2026-12-04_fp8k/variant_probe.txt): 4 warps
+    # (128 elements, 16 loads of 16 bytes in flight per thread) beat 8 and 16 on every shape, one
+    # tile per program ties a persistent grid; pow2_mul lifts UE8M0 from 0.76 to the fp32-scale
+    # kernel's ratio (0.90-0.96 of copy for both formats against 0.84-0.87 for the H100 pick)
+    "H200": BlockConfig(num_warps=4, short_div=True, pow2_mul=True, tile_base=True),
 }
 
 
@@ -109,6 +123,27 @@ UE8M0_AMAX_FLOOR = tl.constexpr(9.999999747378752e-05)
 UE8M0_SATURATE = tl.constexpr(15.0 * 2.0**124)
 #: Scales below this give ``SATURATE / scale >= 960``: the limit is 448 there without dividing into Inf.
 UE8M0_SATURATE_FROM = tl.constexpr(2.0**118)
+#: ``ue8m0.SATURATING_SCALE``: the smallest power-of-two scale whose limit ``SATURATE / scale`` is below 448.
+UE8M0_SATURATING_SCALE = tl.constexpr(2.0**120)
+#: In-tile int32 offsets (``tile_base``) must stay below this.
+INT32_LIMIT = 2**31
+
+
+@triton.jit
+def _div_short(x, scale, recip):
+    """``x / scale`` rounded to nearest (IEEE) in three instructions; ``recip`` = ``div_rn(1, scale)``.
+
+    Markstein's correction as in ``fp8_triton._div_exact`` (q0 = x*recip within an ulp, an exact
+    FMA residual, one rounding FMA), with the residual taken the other way round,
+    ``q0*scale - x``, and subtracted: the same real numbers, so the same rounded quotient for
+    every x != 0, while for x = -0 the residual is +0 and ``-0 - (+0)*recip`` stays -0 (the
+    usual ``q0 + (x - q0*scale)*recip`` gives +0, which is why ``_div_exact`` spends a compare
+    and a select on zeros). A quotient that underflows keeps the sign of x, and e4m3 rounds it
+    to that signed zero as it does the IEEE quotient.
+    """
+    q0 = x * recip
+    nrem = tl.fma(q0, scale, -x)
+    return tl.fma(nrem, -recip, q0)
 
 
 @triton.jit
@@ -146,19 +181,37 @@ def _quantize_tile(
     UE8M0: tl.constexpr,
     EVICT_FIRST: tl.constexpr,
     CONTIGUOUS_K: tl.constexpr,
+    SHORT_DIV: tl.constexpr,
+    POW2_MUL: tl.constexpr,
+    TILE_BASE: tl.constexpr,
 ):
     """One (expert, block-row, block-column) tile ``tile``: load once, amax, scale, e4m3 bytes."""
     bk = tile % KB
     rest = tile // KB
     bn = rest % NB
     e = (rest // NB).to(tl.int64)
-    rows = bn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    cols = bk.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    if CONTIGUOUS_K:  # a grouped launch reads strides from its table: say what it cannot know
-        src = src_ptr + (e * stride_e + rows[:, None] * stride_n + cols[None, :])
+    if TILE_BASE:  # int64 only per tile; the host checked that in-tile offsets fit int32
+        r = tl.arange(0, BLOCK_N)
+        c = tl.arange(0, BLOCK_K)
+        row0 = bn.to(tl.int64) * BLOCK_N
+        col0 = bk.to(tl.int64) * BLOCK_K
+        rows = bn * BLOCK_N + r
+        cols = bk * BLOCK_K + c
+        if CONTIGUOUS_K:
+            src = (src_ptr + (e * stride_e + row0 * stride_n + col0)) + (r[:, None] * stride_n + c[None, :])
+        else:
+            src = (src_ptr + (e * stride_e + row0 * stride_n + col0 * stride_k)) + (
+                r[:, None] * stride_n + c[None, :] * stride_k
+            )
+        out = (out_ptr + ((e * N + row0) * K + col0)) + (r[:, None] * K + c[None, :])
     else:
-        src = src_ptr + (e * stride_e + rows[:, None] * stride_n + cols[None, :] * stride_k)
-    out = out_ptr + ((e * N + rows[:, None]) * K + cols[None, :])
+        rows = bn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        cols = bk.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+        if CONTIGUOUS_K:  # a grouped launch reads strides from its table: say what it cannot know
+            src = src_ptr + (e * stride_e + rows[:, None] * stride_n + cols[None, :])
+        else:
+            src = src_ptr + (e * stride_e + rows[:, None] * stride_n + cols[None, :] * stride_k)
+        out = out_ptr + ((e * N + rows[:, None]) * K + cols[None, :])
     if EVEN:  # every tile full: no masks to compute
         if EVICT_FIRST:
             x = tl.load(src, eviction_policy="evict_first").to(tl.float32)
@@ -176,11 +229,23 @@ def _quantize_tile(
     else:
         scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), Q_MAX)
     recip = tl.math.div_rn(1.0, scale)
-    q = _div_exact(x, scale, recip, FAST_DIV)
-    if UE8M0:  # 448, or 240 for the scale 2^120, where 256 * scale would be Inf (ue8m0.SATURATE)
-        # below 2^118 the quotient is >= 960 anyway; the floor on the divisor keeps it from overflowing
-        limit = tl.minimum(tl.math.div_rn(UE8M0_SATURATE, tl.maximum(scale, UE8M0_SATURATE_FROM)), Q_MAX)
-        q = tl.minimum(tl.maximum(q, -limit), limit)
+    if UE8M0 and POW2_MUL:
+        # x * 2^-k and x / 2^k are the rounding of one real number: the same float32, subnormal
+        # results included, as long as 2^-k is a normal float32 (for a finite source the scale
+        # lies in [2^-22, 2^120]; only an Inf amax, which is refused, gives more)
+        q = x * recip
+        if scale >= UE8M0_SATURATING_SCALE:  # ue8m0.SATURATE / scale < 448 only here (amax > 2.9e38)
+            limit = tl.minimum(tl.math.div_rn(UE8M0_SATURATE, scale), Q_MAX)
+            q = tl.minimum(tl.maximum(q, -limit), limit)
+    else:
+        if FAST_DIV and SHORT_DIV:
+            q = _div_short(x, scale, recip)
+        else:
+            q = _div_exact(x, scale, recip, FAST_DIV)
+        if UE8M0:  # 448, or 240 for the scale 2^120, where 256 * scale would be Inf (ue8m0.SATURATE)
+            # below 2^118 the quotient is >= 960 anyway; the floor on the divisor keeps it from overflowing
+            limit = tl.minimum(tl.math.div_rn(UE8M0_SATURATE, tl.maximum(scale, UE8M0_SATURATE_FROM)), Q_MAX)
+            q = tl.minimum(tl.maximum(q, -limit), limit)
     q = _to_e4m3(q, SOFT_ROUND)
     if EVEN:
         if EVICT_FIRST:
@@ -221,6 +286,9 @@ def _quantize_tile_kernel(
     EVICT_FIRST: tl.constexpr,
     PERSISTENT: tl.constexpr,
     STAGES: tl.constexpr,
+    SHORT_DIV: tl.constexpr,
+    POW2_MUL: tl.constexpr,
+    TILE_BASE: tl.constexpr,
 ):
     """One tile per program, or (PERSISTENT) a grid of a few programs per SM looping over tiles."""
     pid = tl.program_id(0)
@@ -229,11 +297,13 @@ def _quantize_tile_kernel(
             _quantize_tile(
                 src_ptr, out_ptr, scale_ptr, flag_ptr, tile, N, K, NB, KB, stride_e, stride_n, stride_k,
                 BLOCK_N, BLOCK_K, EVEN, FAST_DIV, SOFT_ROUND, INTERPRET, UE8M0, EVICT_FIRST, False,
+                SHORT_DIV, POW2_MUL, TILE_BASE,
             )  # fmt: skip
     else:
         _quantize_tile(
             src_ptr, out_ptr, scale_ptr, flag_ptr, pid, N, K, NB, KB, stride_e, stride_n, stride_k,
             BLOCK_N, BLOCK_K, EVEN, FAST_DIV, SOFT_ROUND, INTERPRET, UE8M0, EVICT_FIRST, False,
+            SHORT_DIV, POW2_MUL, TILE_BASE,
         )  # fmt: skip
 
 
@@ -258,6 +328,8 @@ def _quantize_tile_group_kernel(
     EVICT_FIRST: tl.constexpr,
     CONTIGUOUS_K: tl.constexpr,
     ALIGNED: tl.constexpr,
+    SHORT_DIV: tl.constexpr,
+    POW2_MUL: tl.constexpr,
 ):
     """Grouped launch: program (tile, t) converts tile ``tile`` of the group's tensor ``t``.
 
@@ -280,6 +352,7 @@ def _quantize_tile_group_kernel(
         src_base + src_off, out_base + out_off, scale_base + scale_off, flag_ptr, tl.program_id(0),
         N, K, NB, KB, stride_e, stride_n, stride_k,
         BLOCK_N, BLOCK_K, EVEN, FAST_DIV, SOFT_ROUND, INTERPRET, UE8M0, EVICT_FIRST, CONTIGUOUS_K,
+        SHORT_DIV, POW2_MUL, False,
     )  # fmt: skip
 
 
@@ -303,6 +376,13 @@ def _check_block(block: Sequence[int]) -> tuple[int, int]:
     if br & (br - 1) or bc & (bc - 1):
         raise ValueError(f"Triton block quantizer needs power-of-two blocks, got {tuple(block)}")
     return br, bc
+
+
+def _tile_offsets_fit(x: torch.Tensor, out: torch.Tensor, br: int, bc: int) -> bool:
+    """Whether every offset inside one tile, of the source and of the e4m3 output, fits int32."""
+    k = x.shape[2]
+    src_span = (br - 1) * abs(x.stride(1)) + (bc - 1) * abs(x.stride(2))
+    return max(src_span, (br - 1) * k + bc - 1) < INT32_LIMIT
 
 
 def launch_blocks(
@@ -357,6 +437,9 @@ def launch_blocks(
         EVICT_FIRST=cfg.evict_first,
         PERSISTENT=cfg.programs_per_sm > 0,
         STAGES=cfg.num_stages,
+        SHORT_DIV=cfg.short_div,
+        POW2_MUL=cfg.pow2_mul,
+        TILE_BASE=cfg.tile_base and _tile_offsets_fit(x, out, br, bc),
         num_warps=cfg.num_warps,
     )
 
@@ -403,6 +486,8 @@ def launch_block_group(
             EVICT_FIRST=cfg.evict_first,
             CONTIGUOUS_K=group.contiguous_k,
             ALIGNED=group.aligned,
+            SHORT_DIV=cfg.short_div,
+            POW2_MUL=cfg.pow2_mul,
             num_warps=cfg.num_warps,
         )
 
