@@ -7,8 +7,8 @@ the tile, 3-D expert stacks):
 1. the CPU torch path's packed values, e4m3 scales, global scale and amax are computed once;
 2. every variant is run and checked byte for byte: the amax pass (torch's ``abs().amax()`` and
    the Triton words pass with a few grid sizes), the quantizer given the amax
-   (``triton_kernels.launch_values`` with ``variant`` = generic / words / words_magic and a few
-   tiles), and the whole conversion (``triton_kernels.launch``, with the torch amax and with the
+   (``triton_kernels.launch_values`` with ``variant`` = generic / words / words_magic /
+   words_fastdiv and a few tiles), and the whole conversion (``triton_kernels.launch``, with the torch amax and with the
    Triton amax);
 3. each is timed by ``triton.testing.do_bench`` (median) next to ``dst.copy_(src)`` of the same
    input; GB/s counts bytes in + bytes out (the amax pass: bytes in), ``/copy`` is the ratio;
@@ -41,6 +41,10 @@ QUANT_CONFIGS = [
     ("words_magic", 8, 128, 4),
     ("words_magic", 32, 256, 4),
     ("words", 32, 256, 8),
+    ("words_fastdiv", None, None, None),
+    ("words_fastdiv", 32, 256, 8),
+    ("words_fastdiv", 16, 512, 8),
+    ("words_fastdiv", 8, 256, 4),
 ]
 #: (block, programs per multiprocessor, num_warps) of the Triton amax pass.
 AMAX_CONFIGS = [(None, None, None), (8192, 4, 8), (4096, 8, 8), (2048, 8, 4), (8192, 2, 16)]

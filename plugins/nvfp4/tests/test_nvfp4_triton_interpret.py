@@ -1,9 +1,10 @@
 """The Triton kernels under TRITON_INTERPRET=1 give the torch path's bytes (small shapes: the interpreter is slow).
 
 Every variant of :func:`conversion_core_nvfp4.triton_kernels.launch_values` ("generic", "words",
-"words_magic") is checked against :func:`conversion_core_nvfp4.numerics.quantize_with_amax` on odd
-row counts, K = 32/48/96/2064, 3-D stacks (merged and split experts), a transposed source and
-fp16/fp32 sources (which only the generic kernel takes); the shared e2m1 code helpers against
+"words_magic", "words_fastdiv", its fallback to div_rn too) is checked against
+:func:`conversion_core_nvfp4.numerics.quantize_with_amax` on odd row counts, K = 32/48/96/2064,
+3-D stacks (merged and split experts), a transposed source and fp16/fp32 sources (which only the
+generic kernel takes); the shared e2m1 code helpers against
 :func:`conversion_core.formats.fp4.e2m1_codes` on every tie, its neighbours and every bf16 value;
 the amax pass against :func:`.numerics.tensor_amax`; NaN/Inf raise the device flag in every variant.
 """
@@ -62,6 +63,12 @@ def _split_experts(shape: tuple[int, int, int], dtype: torch.dtype, seed: int) -
     return _source((e, n + 1, k), dtype, seed)[:, :n, :]
 
 
+def _with_tiny(x: torch.Tensor) -> torch.Tensor:
+    x[1, 3] = 1e-39  # a bf16 subnormal
+    x[2, 40] = -3e-25
+    return x
+
+
 CASES = [
     ("8x128 bf16", lambda: _source((8, 128), torch.bfloat16, 1)),
     ("9x48 bf16 (odd rows, K not a tile)", lambda: _source((9, 48), torch.bfloat16, 2)),
@@ -71,6 +78,11 @@ CASES = [
     ("3x5x96 bf16 stack", lambda: _source((3, 5, 96), torch.bfloat16, 6)),
     ("3x5x48 bf16 split experts", lambda: _split_experts((3, 5, 48), torch.bfloat16, 7)),
     ("row-strided bf16", lambda: _source((6, 96), torch.bfloat16, 8)[:, 32:]),
+    ("bf16 with subnormals (fastdiv falls back)", lambda: _with_tiny(_source((4, 64), torch.bfloat16, 20))),
+    (
+        "bf16 of amax 1e-30 (steps out of the fastdiv range)",
+        lambda: (_source((4, 64), torch.float32, 21) * 1e-33).bfloat16(),
+    ),
     ("3x5x32 fp16 stack", lambda: _source((3, 5, 32), torch.float16, 9)),
     ("16x160 fp32 transposed", lambda: _source((160, 16), torch.float32, 10).t()),
     ("12x64 bf16 transposed", lambda: _source((64, 12), torch.bfloat16, 11).t()),
@@ -98,7 +110,7 @@ def test_words_tiles(block_r: int, block_c: int, num_warps: int) -> None:
     src = _source((2, 7, 96), torch.bfloat16, 13)
     amax, want_p, want_s, _ = _expected(src)
     gs = numerics.global_scale(amax)
-    for variant in ("words", "words_magic"):
+    for variant in ("words", "words_magic", "words_fastdiv"):
         p, s = torch.full_like(want_p, 0xFF), torch.empty_like(want_s)
         flag = torch.zeros(1, dtype=torch.int32)
         ran = triton_kernels.launch_values(
