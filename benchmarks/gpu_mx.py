@@ -12,11 +12,15 @@ and on CPU, to prove the script end to end (Triton interpreter, tiny shapes)::
 
 (1) For every kernel (``mxfp8``, ``mxfp4``) and several shapes, including rows that are not a
 multiple of the tile, 3D expert stacks and a transposed source, the GPU kernel's value and scale
-bytes must equal the CPU torch path's on the same bf16 input. (2) Each kernel is timed with
-``triton.testing.do_bench`` (median) against ``dst.copy_(src)`` of the same input in the same run;
-GB/s counts bytes in plus bytes out (bf16 source; e4m3 or packed e2m1 values; one scale byte per 32).
-The launch path (``launch`` with a device flag, what the whole-model plan calls) is timed, and the
-checked ``Conversion.fn`` too. Target: kernel >= 0.92 of copy on the bench shapes.
+bytes must equal the CPU torch path's on the same bf16 input. Every kernel variant
+that applies is checked (``words``/``words_magic``: bf16 with K contiguous; ``generic``: every source,
+the transposed and fp32 ones too). (2) Each variant and tile of :data:`VARIANT_CONFIGS` is timed with
+``triton.testing.do_bench`` (median) against ``dst.copy_(src)`` of the same input in the same run,
+its bytes checked against the CPU torch path on the bench shape; GB/s counts bytes in plus bytes out
+(bf16 source; e4m3 or packed e2m1 values; one scale byte per 32). The plugin's launch path
+(``conv.launch``, what the whole-model plan calls) and the checked ``Conversion.fn`` are timed too.
+One row per (kernel, shape, variant), then a "best" line per kernel and shape. Target: kernel >= 0.92
+of copy on the bench shapes. ``--quick``: default tiles only; ``--tune``: also sweep the tiles.
 """
 
 from __future__ import annotations
@@ -32,6 +36,18 @@ BENCH_SHAPES = [(4096, 2048), (28672, 8192), (8192, 28672), (128, 1536, 2048), (
 DRY_CHECK = [(33, 96), (2, 5, 64), (1, 32)]
 DRY_BENCH = [(64, 128), (2, 16, 64)]
 TUNE = [(br, bc, w) for br in (8, 16, 32) for bc in (128, 256, 512) for w in (4, 8)]
+WORDS_TUNE = [(br, bc, w) for br in (8, 16, 32, 64) for bc in (256, 512, 1024) for w in (4, 8)]
+#: (variant, block_r, block_c, num_warps) timed on every bench shape; None: the variant's default tile.
+VARIANT_CONFIGS = [
+    ("generic", None, None, None),
+    ("words", None, None, None),
+    ("words_magic", None, None, None),
+    ("words_magic", 16, 256, 4),
+    ("words_magic", 32, 512, 8),
+    ("words_magic", 8, 1024, 4),
+    ("words_magic", 32, 256, 4),
+    ("words", 32, 512, 8),
+]
 
 
 def _source(shape: tuple[int, ...], device: str, seed: int) -> torch.Tensor:
@@ -42,7 +58,17 @@ def _source(shape: tuple[int, ...], device: str, seed: int) -> torch.Tensor:
     return x.to(torch.bfloat16).to(device)
 
 
+def _variants(src: torch.Tensor) -> list[str]:
+    from conversion_core_mx import triton_kernels
+
+    from conversion_core.formats.fp4_triton import bf16_words
+
+    x = src if src.dim() == 3 else src.unsqueeze(0)
+    return list(triton_kernels.VARIANTS) if bf16_words(x) is not None else ["generic"]
+
+
 def check_bytes(conversions: dict, shapes: list, device: str) -> int:
+    """Every variant that applies (words: bf16 with K contiguous; generic: all) against the CPU torch path."""
     from conversion_core_mx import torch_path, triton_kernels
     from conversion_core_mx.numerics import MXFP4, MXFP8
 
@@ -50,21 +76,28 @@ def check_bytes(conversions: dict, shapes: list, device: str) -> int:
     for name, fmt in (("mxfp8", MXFP8), ("mxfp4", MXFP4)):
         conv = conversions[name]
         for i, shape in enumerate(shapes):
-            for transposed in (False, True):
+            for layout in ("contiguous", "transposed", "fp32"):
                 src = _source(shape, device, i)
-                if transposed and len(shape) == 2:
+                if layout == "transposed" and len(shape) == 2:
                     src = src.t().contiguous().t()
-                gq, gs = conv.allocate(src.shape, device)
-                triton_kernels.quantize(src, gq, gs, fmt)
+                if layout == "fp32":
+                    src = src.float()
                 cpu = src.cpu()
                 cq, cs = conv.allocate(cpu.shape, "cpu")
                 torch_path.quantize(cpu, cq, cs, fmt)
-                ok = torch.equal(gq.cpu().view(torch.uint8), cq.view(torch.uint8)) and torch.equal(gs.cpu(), cs)
-                bad += not ok
-                print(
-                    f"bytes {name:6s} {str(shape):18s} {'transposed' if transposed else 'contiguous':10s} "
-                    f"{'ok' if ok else 'MISMATCH'}"
-                )
+                for variant in _variants(src):
+                    try:
+                        gq, gs = conv.allocate(src.shape, device)
+                        triton_kernels.quantize(src, gq, gs, fmt, variant=variant)
+                        ok = torch.equal(gq.cpu().view(torch.uint8), cq.view(torch.uint8)) and torch.equal(gs.cpu(), cs)
+                        verdict = "ok" if ok else "MISMATCH"
+                    except Exception as exc:  # noqa: BLE001 -- report and go on
+                        ok, verdict = (
+                            False,
+                            f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}",
+                        )
+                    bad += not ok
+                    print(f"bytes {name:6s} {str(shape):18s} {layout:10s} {variant:12s} {verdict}")
     return bad
 
 
@@ -73,7 +106,7 @@ def _median_ms(fn, device: str) -> float:
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
     import statistics
     import time
 
@@ -85,48 +118,88 @@ def _median_ms(fn, device: str) -> float:
     return statistics.median(times)
 
 
-def bench(conversions: dict, shapes: list, device: str, tune: bool) -> None:
-    from conversion_core_mx import triton_kernels
+def _timed(conv, triton_kernels, variant: str, args: tuple):
+    """The call a row times: the plugin's launch or fn, or ``triton_kernels.launch`` with a variant and tile."""
+    src, q, s, flag, fmt, br, bc, w = args
+    if variant == "conv.launch":
+        return lambda: conv.launch(src, q, s, flag)
+    if variant == "conv.fn":
+        return lambda: conv.fn(src, q, s)
+    return lambda: triton_kernels.launch(src, q, s, flag, fmt, br, bc, w, variant=variant)
+
+
+def bench(conversions: dict, shapes: list, device: str, tune: bool, quick: bool) -> int:
+    """One row per (shape, kernel, variant); every variant's bytes equal the CPU torch path's. Returns mismatches."""
+    from conversion_core_mx import torch_path, triton_kernels
     from conversion_core_mx.numerics import MXFP4, MXFP8
 
     rows = []
+    bad = 0
     for shape in shapes:
         src = _source(shape, device, 0)
+        cpu = src.cpu()
         copy_dst = torch.empty_like(src)
         t_copy = _median_ms(lambda: copy_dst.copy_(src), device)
         copy_gbs = 2 * src.numel() * 2 / t_copy / 1e6
         for name, fmt in (("mxfp8", MXFP8), ("mxfp4", MXFP4)):
             conv = conversions[name]
+            cq, cs = conv.allocate(cpu.shape, "cpu")
+            torch_path.quantize(cpu, cq, cs, fmt)
             q, s = conv.allocate(src.shape, device)
             flag = torch.zeros(1, dtype=torch.int32, device=device)
             moved = src.numel() * 2 + q.numel() * q.element_size() + s.numel()
-            configs = TUNE if tune else [(None, None, None)]
-            best = None
-            for br, bc, w in configs:
-                t = _median_ms(lambda: triton_kernels.launch(src, q, s, flag, fmt, br, bc, w), device)
-                if best is None or t < best[0]:
-                    best = (t, br, bc, w)
-            t_launch = _median_ms(lambda: conv.launch(src, q, s, flag), device)
-            t_fn = _median_ms(lambda: conv.fn(src, q, s), device)
-            gbs = moved / t_launch / 1e6
-            rows.append((name, shape, gbs, gbs / copy_gbs, moved / t_fn / 1e6, copy_gbs, best, moved))
+            configs = [c for c in VARIANT_CONFIGS if not quick or c[1] is None]
+            if tune:
+                configs += [("generic", br, bc, w) for br, bc, w in TUNE]
+                configs += [("words_magic", br, bc, w) for br, bc, w in WORDS_TUNE]
+            configs += [("conv.launch", None, None, None), ("conv.fn", None, None, None)]
+            for variant, br, bc, w in configs:
+                label = variant + ("" if br is None else f" {br}x{bc} w{w}")
+                fn = _timed(conv, triton_kernels, variant, (src, q, s, flag, fmt, br, bc, w))
+                try:
+                    q.view(torch.uint8).fill_(0x7F)
+                    s.fill_(0xFF)
+                    flag.zero_()
+                    fn()
+                    ok = (
+                        torch.equal(q.cpu().view(torch.uint8), cq.view(torch.uint8))
+                        and torch.equal(s.cpu(), cs)
+                        and int(flag.item()) == 0
+                    )
+                    t = _median_ms(fn, device)
+                    gbs = moved / t / 1e6
+                    rows.append((name, str(shape), label, t, gbs, gbs / copy_gbs, "yes" if ok else "NO"))
+                except Exception as exc:  # noqa: BLE001 -- one variant's failure must not end the run
+                    ok = False
+                    msg = str(exc).splitlines()[0][:150] if str(exc) else ""
+                    rows.append((name, str(shape), label, float("nan"), float("nan"), float("nan"), f"ERROR {msg}"))
+                bad += not ok
     print()
+    print(f"{'kernel':7s} {'shape':18s} {'variant':>26s} {'ms':>9s} {'GB/s':>8s} {'/copy':>6s} bytes==CPU")
+    for name, shape, label, t, gbs, ratio, ok in rows:
+        print(f"{name:7s} {shape:18s} {label:>26s} {t:9.4f} {gbs:8.0f} {ratio:6.2f} {ok}")
+    print()
+    for name in ("mxfp8", "mxfp4"):
+        for shape in dict.fromkeys(r[1] for r in rows):
+            good = [
+                r for r in rows if r[0] == name and r[1] == shape and r[6] == "yes" and not r[2].startswith("conv.")
+            ]
+            if good:
+                best = min(good, key=lambda r: r[3])
+                print(f"best {name} {shape:18s}: {best[2]} {best[3]:.4f} ms {best[4]:.0f} GB/s {best[5]:.2f} of copy")
+    tk = triton_kernels
     print(
-        f"{'kernel':7s} {'shape':18s} {'launch GB/s':>11s} {'/copy':>6s} {'fn GB/s':>8s} {'copy GB/s':>9s}  best tile"
+        f"defaults: VARIANT={tk.VARIANT} words {tk.WORDS_BLOCK_R}x{tk.WORDS_BLOCK_C} w{tk.WORDS_NUM_WARPS}; "
+        f"generic BLOCK_R={tk.BLOCK_R} BLOCK_C={tk.BLOCK_C} NUM_WARPS={tk.NUM_WARPS}"
     )
-    for name, shape, gbs, ratio, fn_gbs, copy_gbs, best, moved in rows:
-        tile = f"{best[1]}x{best[2]} w{best[3]}: {moved / best[0] / 1e6:.0f} GB/s" if best[1] else "default"
-        print(f"{name:7s} {str(shape):18s} {gbs:11.0f} {ratio:6.2f} {fn_gbs:8.0f} {copy_gbs:9.0f}  {tile}")
-    print(
-        f"defaults: BLOCK_R={triton_kernels.BLOCK_R} BLOCK_C={triton_kernels.BLOCK_C} "
-        f"NUM_WARPS={triton_kernels.NUM_WARPS}"
-    )
+    return bad
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
     parser.add_argument("--tune", action="store_true", help="sweep tile shapes and warps per bench shape")
+    parser.add_argument("--quick", action="store_true", help="only the default tile of each variant")
     args = parser.parse_args(argv)
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -152,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.dry_run:
         os.environ["CONVERSION_CORE_BACKEND"] = "triton"  # fn on CPU tensors takes the kernel too
-    bench(conversions, bench_shapes, device, args.tune and not args.dry_run)
+    bad = bench(conversions, bench_shapes, device, args.tune and not args.dry_run, args.quick)
+    if bad:
+        print(f"{bad} benchmarked variant(s) with bytes != CPU torch path (or errors)")
+        return 1
     return 0
 
 

@@ -1,13 +1,23 @@
 # ruff: noqa: B023 -- the timed lambdas are called inside the loop iteration that makes them
-"""NVFP4 on the GPU: bytes equal to the CPU torch path, and speed against a device copy in the same run.
+"""NVFP4 on the GPU: every kernel variant's bytes equal the CPU torch path, and its speed against a same-run copy.
 
-``python benchmarks/gpu_nvfp4.py`` on a CUDA machine: (1) for every kernel (the global-scale amax
-pass, the one-pass quantizer given the amax, and the whole conversion) and several shapes, some not
-multiples of the tile, the GPU's packed values, e4m3 scales and global scale equal the CPU torch
-path's bytes; (2) ``triton.testing.do_bench`` medians of each kernel and of a device-to-device copy
-of the same input, GB/s counted as bytes in + bytes out, and the ratio to the copy; (3) exit code 1
-on any byte mismatch. ``--dry-run``: the same on CPU under TRITON_INTERPRET=1 with tiny shapes
-(proves the script, not the speed).
+``python3 benchmarks/gpu_nvfp4.py`` on a CUDA machine, for several shapes (some not multiples of
+the tile, 3-D expert stacks):
+
+1. the CPU torch path's packed values, e4m3 scales, global scale and amax are computed once;
+2. every variant is run and checked byte for byte: the amax pass (torch's ``abs().amax()`` and
+   the Triton words pass with a few grid sizes), the quantizer given the amax
+   (``triton_kernels.launch_values`` with ``variant`` = generic / words / words_magic /
+   words_fastdiv and a few tiles), and the whole conversion (``triton_kernels.launch``, with the torch amax and with the
+   Triton amax);
+3. each is timed by ``triton.testing.do_bench`` (median) next to ``dst.copy_(src)`` of the same
+   input; GB/s counts bytes in + bytes out (the amax pass: bytes in), ``/copy`` is the ratio;
+4. one table row per (shape, variant), then a "best" line per shape and kernel; exit 1 on any byte
+   mismatch. A variant that raises prints its error in its row and the run goes on.
+
+Also checked (bytes only): the generic fallback on a transposed bf16 and an fp32 source.
+``--dry-run``: the same on CPU under TRITON_INTERPRET=1 with tiny shapes (proves the script, not the
+speed). ``--quick``: only the default tile of each variant.
 """
 
 from __future__ import annotations
@@ -16,11 +26,34 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
+
+SHAPES = [(4096, 2048), (28672, 8192), (8192, 28672), (128, 1536, 2048), (128, 2048, 768), (4095, 2064)]
+DRY_SHAPES = [(16, 64), (9, 48), (2, 5, 32)]
+#: (variant, block_r, block_c, num_warps); None: the module default.
+QUANT_CONFIGS = [
+    ("generic", None, None, None),
+    ("words", None, None, None),
+    ("words_magic", None, None, None),
+    ("words_magic", 8, 256, 4),
+    ("words_magic", 32, 256, 8),
+    ("words_magic", 16, 512, 8),
+    ("words_magic", 8, 128, 4),
+    ("words_magic", 32, 256, 4),
+    ("words", 32, 256, 8),
+    ("words_fastdiv", None, None, None),
+    ("words_fastdiv", 32, 256, 8),
+    ("words_fastdiv", 16, 512, 8),
+    ("words_fastdiv", 8, 256, 4),
+]
+#: (block, programs per multiprocessor, num_warps) of the Triton amax pass.
+AMAX_CONFIGS = [(None, None, None), (8192, 4, 8), (4096, 8, 8), (2048, 8, 4), (8192, 2, 16)]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
+    parser.add_argument("--quick", action="store_true", help="default tiles only")
     args = parser.parse_args()
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -29,27 +62,57 @@ def main() -> int:
     from conversion_core_nvfp4 import numerics, triton_kernels
 
     device = "cpu" if args.dry_run else "cuda"
-    shapes = (
-        [(16, 64), (9, 48), (2, 5, 32)]
-        if args.dry_run
-        else [(4096, 2048), (28672, 8192), (8192, 28672), (128, 1536, 2048), (128, 2048, 768), (4095, 2064)]
-    )
+    shapes = DRY_SHAPES if args.dry_run else SHAPES
+    quant_configs = [c for c in QUANT_CONFIGS if not args.quick or c[1] is None]
+    amax_configs = AMAX_CONFIGS[:1] if args.quick or args.dry_run else AMAX_CONFIGS
+    if args.dry_run:
+        amax_configs = [(None, None, None), (16, 1, 1)]
 
-    def bench(fn, reps: int) -> float:  # milliseconds
+    def bench(fn: Callable[[], object], nbytes: int) -> float:  # milliseconds
         if args.dry_run:
             start = time.perf_counter()
             fn()
             return (time.perf_counter() - start) * 1e3
-        return float(triton.testing.do_bench(fn, rep=reps, return_mode="median"))
+        return float(
+            triton.testing.do_bench(fn, warmup=10, rep=40 if nbytes < (1 << 28) else 100, return_mode="median")
+        )
 
+    if not args.dry_run:
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     mismatches = 0
-    rows = []
+    rows: list[tuple[str, str, str, float, float, float, str]] = []
+
+    def row(shape: tuple[int, ...], kernel: str, name: str, t: float, nbytes: int, copy_gbs: float, ok: bool) -> None:
+        gbs = nbytes / t / 1e6
+        rows.append((str(shape), kernel, name, t, gbs, gbs / copy_gbs, "yes" if ok else "NO"))
+
+    # The generic fallback on sources without the words layout: bytes only.
+    for label, make in (
+        ("transposed bf16", lambda: torch.randn(96, 64).bfloat16().t()),
+        ("fp32", lambda: torch.randn(64, 96)),
+    ):
+        cpu = make()
+        a = numerics.tensor_amax(cpu)
+        wp = torch.empty(*cpu.shape[:-1], cpu.shape[-1] // 2, dtype=torch.uint8)
+        ws = torch.empty(*cpu.shape[:-1], cpu.shape[-1] // 16, dtype=torch.float8_e4m3fn)
+        numerics.quantize_with_amax(cpu, a, wp, ws, "nvfp4")
+        src = cpu.to(device)
+        p, s = (
+            torch.empty(wp.shape, dtype=torch.uint8, device=device),
+            torch.empty(ws.shape, dtype=ws.dtype, device=device),
+        )
+        triton_kernels.quantize_with_amax(src, a.to(device), p, s, "nvfp4")
+        ok = torch.equal(p.cpu(), wp) and torch.equal(s.cpu().view(torch.uint8), ws.view(torch.uint8))
+        mismatches += not ok
+        print(f"bytes generic fallback, {label}: {'ok' if ok else 'MISMATCH'}")
+
     for shape in shapes:
         g = torch.Generator().manual_seed(sum(shape))
         cpu = (
             torch.randn(shape, generator=g) * torch.exp2(torch.randint(-8, 4, shape, generator=g).float())
         ).bfloat16()
         cpu.reshape(-1, shape[-1])[0, :16] = 0
+        cpu.reshape(-1, shape[-1])[0, 16] = -0.0
         k = shape[-1]
         lead = shape[:-1]
         amax_cpu = numerics.tensor_amax(cpu)
@@ -61,40 +124,100 @@ def main() -> int:
         s = torch.empty(want_s.shape, dtype=torch.float8_e4m3fn, device=device)
         gout = torch.empty(1, device=device)
         flag = torch.zeros(1, dtype=torch.int32, device=device)
-        amax = numerics.tensor_amax(src)
-        triton_kernels.launch(src, amax, p, s, gout, flag, multiplier=False)
-        same = (
-            torch.equal(p.cpu(), want_p)
-            and torch.equal(s.cpu().view(torch.uint8), want_s.view(torch.uint8))
-            and torch.equal(gout.cpu(), want_g)
-            and torch.equal(amax.cpu(), amax_cpu)
-        )
-        mismatches += not same
-        gs = numerics.global_scale(amax)
+        gs = numerics.global_scale(amax_cpu.to(device))
         copy_dst = torch.empty_like(src)
         n_in = src.numel() * src.element_size()
         n_out = p.numel() + s.numel() + 4
-        reps = 50 if src.numel() < (1 << 26) else 200
-        t_copy = bench(lambda: copy_dst.copy_(src), reps)  # noqa: B023 (called in this iteration)
-        t_amax = bench(lambda: numerics.tensor_amax(src), reps)  # noqa: B023 (called in this iteration)
-        t_quant = bench(lambda: triton_kernels.launch_values(src, gs, p, s, flag), reps)  # noqa: B023 (called in this iteration)
-        t_all = bench(
-            lambda: triton_kernels.launch(src, numerics.tensor_amax(src), p, s, gout, flag, multiplier=False),  # noqa: B023
-            reps,
-        )
+        t_copy = bench(lambda: copy_dst.copy_(src), n_in)
         copy_gbs = 2 * n_in / t_copy / 1e6
-        for kernel, t, nbytes in (
-            ("amax (read only)", t_amax, n_in),
-            ("quantize given amax", t_quant, n_in + n_out),
-            ("whole conversion", t_all, n_in + n_out),
-        ):
-            gbs = nbytes / t / 1e6
-            rows.append((str(shape), kernel, t, gbs, copy_gbs, gbs / copy_gbs, "yes" if same else "NO"))
-    print(f"{'shape':>20} {'kernel':>22} {'ms':>9} {'GB/s':>9} {'copy GB/s':>10} {'/copy':>6} bytes==CPU")
+
+        def same_values() -> bool:
+            return torch.equal(p.cpu(), want_p) and torch.equal(s.cpu().view(torch.uint8), want_s.view(torch.uint8))
+
+        def attempt(kernel: str, name: str, fn: Callable[[], object], check: Callable[[], bool], nbytes: int) -> None:
+            nonlocal mismatches
+            try:
+                p.fill_(0xFF)
+                s.view(torch.uint8).fill_(0xFF)
+                flag.zero_()
+                fn()
+                ok = check() and int(flag.item()) == 0
+                mismatches += not ok
+                t = bench(fn, nbytes)
+                row(shape, kernel, name, t, nbytes, copy_gbs, ok)
+            except Exception as exc:  # noqa: BLE001 -- one variant's failure must not end the run
+                mismatches += 1
+                rows.append(
+                    (
+                        str(shape),
+                        kernel,
+                        name,
+                        float("nan"),
+                        float("nan"),
+                        float("nan"),
+                        f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}",
+                    )
+                )
+
+        attempt("amax", "torch abs().amax()", lambda: numerics.tensor_amax(src), lambda: True, n_in)
+        for blk, per_sm, nw in amax_configs:
+            progs = (
+                None
+                if per_sm is None
+                else (
+                    torch.cuda.get_device_properties(src.device).multi_processor_count * per_sm
+                    if device == "cuda"
+                    else per_sm
+                )
+            )
+            name = "triton words" + ("" if blk is None else f" b{blk} p{per_sm}/SM w{nw}")
+            attempt(
+                "amax",
+                name,
+                lambda: triton_kernels.tensor_amax(src, block=blk, programs=progs, num_warps=nw),
+                lambda: torch.equal(
+                    triton_kernels.tensor_amax(src, block=blk, programs=progs, num_warps=nw).cpu(), amax_cpu
+                ),
+                n_in,
+            )
+        for variant, br, bc, nw in quant_configs:
+            name = variant + ("" if br is None else f" {br}x{bc} w{nw}")
+            attempt(
+                "quantize given amax",
+                name,
+                lambda: triton_kernels.launch_values(
+                    src, gs, p, s, flag, variant=variant, block_r=br, block_c=bc, num_warps=nw
+                ),
+                same_values,
+                n_in + n_out,
+            )
+        for name, amax_fn in (("torch amax", numerics.tensor_amax), ("triton amax", triton_kernels.tensor_amax)):
+            attempt(
+                "whole conversion",
+                f"default + {name}",
+                lambda: triton_kernels.launch(src, amax_fn(src), p, s, gout, flag, multiplier=False),
+                lambda: same_values() and torch.equal(gout.cpu(), want_g),
+                n_in + n_out,
+            )
+
+    print(f"{'shape':>18} {'kernel':>19} {'variant':>30} {'ms':>9} {'GB/s':>8} {'/copy':>6} bytes==CPU")
     for r in rows:
-        print(f"{r[0]:>20} {r[1]:>22} {r[2]:9.4f} {r[3]:9.1f} {r[4]:10.1f} {r[5]:6.2f} {r[6]}")
+        print(f"{r[0]:>18} {r[1]:>19} {r[2]:>30} {r[3]:9.4f} {r[4]:8.1f} {r[5]:6.2f} {r[6]}")
+    print()
+    for shape in dict.fromkeys(r[0] for r in rows):
+        for kernel in ("amax", "quantize given amax", "whole conversion"):
+            good = [r for r in rows if r[0] == shape and r[1] == kernel and r[6] == "yes"]
+            if good:
+                best = min(good, key=lambda r: r[3])
+                print(f"best {kernel:>19} {shape:>18}: {best[2]} {best[3]:.4f} ms {best[5]:.2f} of copy")
+    tk = triton_kernels
+    print(
+        f"defaults: VARIANT={tk.VARIANT} words {tk.WORDS_BLOCK_R}x{tk.WORDS_GROUPS * 16} w{tk.WORDS_NUM_WARPS}; "
+        f"generic {tk.BLOCK_R}x{tk.BLOCK_C} w{tk.NUM_WARPS}; "
+        f"amax b{tk.AMAX_BLOCK} p{tk.AMAX_PROGRAMS_PER_SM}/SM w{tk.AMAX_NUM_WARPS}"
+    )
     if mismatches:
-        print(f"{mismatches} shape(s) with GPU bytes != CPU torch-path bytes", file=sys.stderr)
+        print(f"{mismatches} variant(s) with GPU bytes != CPU torch-path bytes (or errors)", file=sys.stderr)
         return 1
     return 0
 

@@ -1,17 +1,32 @@
-"""One-pass Triton kernel for MXFP8 and MXFP4: bit-identical to the torch path.
+"""One-pass Triton kernels for MXFP8 and MXFP4: bit-identical to the torch path.
 
-One program owns ``BLOCK_R`` rows x ``BLOCK_C`` columns (``BLOCK_C`` a multiple of 32, so whole
-groups) of the ``(E*N, K)`` row view: it loads the tile once (any strides, int64 offsets, masked
-edges), takes each group's amax, computes the E8M0 byte from the amax's bits, multiplies by the
-exact power of two ``2**(127 - byte)``, clamps to ``limit``, rounds and stores values and scale
-bytes. Rows never mix experts (a row is one expert's row), groups never cross rows.
+Two kernels compute the same bytes:
+
+- ``words`` (the default where it applies: a bf16 source with K contiguous and 4-byte aligned
+  rows, :func:`conversion_core.formats.fp4_triton.bf16_words`): the source is read as int32
+  words, two elements each, in a ``(BLOCK_R, GROUPS, 16)`` tile (a 32-group is 16 words) built
+  from pointer arithmetic (16-byte vector loads, no reshape or split anywhere); the group amax is
+  an integer max over the magnitude bits (exact; NaN/Inf show as bits >= Inf's); the per-group
+  multiplier broadcasts with ``[:, :, None]``; MXFP4 stores the byte of word ``i`` (its two
+  codes) at the same ``(r, g, i)``, MXFP8 the two e4m3 bytes of word ``i`` as one little-endian
+  int16 there: contiguous stores either way. A 1-D grid walks column blocks fastest; int32
+  offsets unless some offset reaches 2**31. ``variant="words_magic"`` (MXFP4) takes the e2m1
+  code from :func:`conversion_core.formats.fp4_triton._e2m1_magic`: the same codes.
+- ``generic`` (fp32, fp16, transposed or odd-strided sources): one program owns ``BLOCK_R`` rows
+  x ``BLOCK_C`` columns (``BLOCK_C`` a multiple of 32, so whole groups) of the ``(E*N, K)`` row
+  view and loads the tile once (any strides, int64 offsets, masked edges).
+
+Both take each group's amax, compute the E8M0 byte from the amax's bits, multiply by the exact
+power of two ``2**(127 - byte)``, clamp to ``limit``, round and store values and scale bytes.
+Rows never mix experts (a row is one expert's row), groups never cross rows.
 
 Bit-identity: every step but the rounding is exact (integer ops, multiplication by a power of
-two, min/max), so GPU and CPU agree without division tricks; e4m3 rounding is the shared
-``_to_e4m3`` (hardware RNE cast on GPUs, software RNE under the interpreter), e2m1 rounding is
-seven comparisons whose edges put every tie on the even code (compressed-tensors'
-``cast_to_fp4`` buckets). NaN/Inf set a device flag; the host reads it once per call (on that
-error the buffers' contents are unspecified; the torch path checks before writing).
+two, min/max; the one product feeds a min/max, never an add, so no FMA contraction), so GPU and
+CPU agree without division tricks; e4m3 rounding is the shared ``_to_e4m3`` (hardware RNE cast on
+GPUs, software RNE under the interpreter), e2m1 rounding is seven comparisons (or the magic adds)
+whose edges put every tie on the even code (compressed-tensors' ``cast_to_fp4`` buckets).
+NaN/Inf set a device flag; the host reads it once per call (on that error the buffers' contents
+are unspecified; the torch path checks before writing).
 """
 
 from __future__ import annotations
@@ -21,23 +36,43 @@ import triton
 import triton.language as tl
 
 from conversion_core.formats.e8m0 import MX_GROUP
+from conversion_core.formats.fp4_triton import (
+    _abs_bits_max,
+    _bf16_hi,
+    _bf16_lo,
+    _e2m1_cmp,
+    _e2m1_code,
+    _flag_non_finite,
+    _pack_nibbles,
+    bf16_words,
+    needs_int64,
+)
 from conversion_core.formats.fp8_triton import FLT_MAX, _to_e4m3
 
 from .numerics import MXFP8, MxFormat, check_k, non_finite_error
 
+#: The variants :func:`launch` accepts; "auto" is :data:`VARIANT` where the words layout applies, else generic.
+VARIANTS = ("generic", "words", "words_magic")
+VARIANT = "words_magic"
 #: Tile shape and warps (rows, columns, warps); columns are a multiple of 32. Tuned by benchmarks/gpu_mx.py.
 BLOCK_R = 16
 BLOCK_C = 256
 NUM_WARPS = 4
+#: words kernel: rows, columns (a multiple of 32: ``WORDS_BLOCK_C // 32`` groups) and warps per program.
+WORDS_BLOCK_R = 16
+WORDS_BLOCK_C = 512
+WORDS_NUM_WARPS = 4
 
 
 @triton.jit
-def _e2m1_code(v):
-    """Nibble code of float32 ``v`` (|v| <= 6): RNE by seven bucket edges, sign bit ``v < 0``."""
-    a = tl.abs(v)
-    idx = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-    idx += (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32)
-    return idx | ((v < 0.0).to(tl.int32) << 3)
+def _mx_scale(amax_bits, OFFSET: tl.constexpr, QMAX: tl.constexpr, SATURATE: tl.constexpr):
+    """(E8M0 byte, ``2**(127 - byte)``, limit) from the float32 bits of the group amax."""
+    field = (amax_bits + (1 << 21)) >> 23
+    code = tl.minimum(tl.maximum(field - OFFSET, 0), 254)
+    rfield = 254 - code
+    recip = tl.where(rfield > 0, rfield << 23, 1 << 22).to(tl.float32, bitcast=True)
+    limit = tl.minimum(recip * SATURATE, QMAX)
+    return code, recip, limit
 
 
 @triton.jit
@@ -79,16 +114,12 @@ def _mx_kernel(
         tl.store(flag_ptr, 1)
     g = tl.reshape(x, (BLOCK_R, G, 32))
     amax = tl.max(tl.abs(g), 2)  # (BLOCK_R, G)
-    field = (amax.to(tl.int32, bitcast=True) + (1 << 21)) >> 23
-    code = tl.minimum(tl.maximum(field - OFFSET, 0), 254)
-    rfield = 254 - code
-    recip = tl.where(rfield > 0, rfield << 23, 1 << 22).to(tl.float32, bitcast=True)
-    limit = tl.minimum(recip * SATURATE, QMAX)
+    code, recip, limit = _mx_scale(amax.to(tl.int32, bitcast=True), OFFSET, QMAX, SATURATE)
     v = g * recip[:, :, None]
     v = tl.minimum(tl.maximum(v, -limit[:, :, None]), limit[:, :, None])
     v = tl.reshape(v, (BLOCK_R, BLOCK_C))
     if FP4:
-        c = _e2m1_code(v)
+        c = _e2m1_cmp(v)
         lo, hi = tl.split(tl.reshape(c, (BLOCK_R, BLOCK_C // 2, 2)))
         byte = (lo | (hi << 4)).to(tl.uint8)
         pcols = pid_c.to(tl.int64) * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2).to(tl.int64)
@@ -102,6 +133,67 @@ def _mx_kernel(
     tl.store(s_ptr + rows[:, None] * (K // 32) + gcols[None, :], code.to(tl.uint8), mask=smask)
 
 
+@triton.jit
+def _mx_words_kernel(
+    w_ptr,
+    q_ptr,
+    s_ptr,
+    flag_ptr,
+    ROWS,
+    N,
+    GK,
+    stride_e,
+    stride_n,
+    OFFSET: tl.constexpr,
+    QMAX: tl.constexpr,
+    SATURATE: tl.constexpr,
+    FP4: tl.constexpr,
+    MAGIC: tl.constexpr,
+    INT64: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    """``w_ptr``: the bf16 source as int32 words (strides in words); GK = K // 32 groups per row.
+
+    ``q_ptr``: MXFP4 bytes, or MXFP8 values viewed as int16 (two e4m3 bytes per word, K // 2 per row).
+    """
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(GK, GROUPS)
+    pid_r = pid // col_blocks
+    pid_c = pid - pid_r * col_blocks
+    if INT64:
+        rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    else:
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    groups = pid_c * GROUPS + tl.arange(0, GROUPS)
+    e = rows // N
+    base = e * stride_e + (rows - e * N) * stride_n
+    col = groups[:, None] * 16 + tl.arange(0, 16)[None, :]  # word index in the row, (GROUPS, 16)
+    gmask = (rows[:, None] < ROWS) & (groups[None, :] < GK)
+    mask = gmask[:, :, None]
+    w = tl.load(w_ptr + base[:, None, None] + col[None, :, :], mask=mask, other=0, eviction_policy="evict_first")
+    amax_bits = tl.max(_abs_bits_max(w), 2)  # (BLOCK_R, GROUPS)
+    _flag_non_finite(flag_ptr, amax_bits)
+    code, recip, limit = _mx_scale(amax_bits, OFFSET, QMAX, SATURATE)
+    recip = recip[:, :, None]
+    limit = limit[:, :, None]
+    v_lo = _bf16_lo(w) * recip
+    v_hi = _bf16_hi(w) * recip
+    out = rows[:, None, None] * (GK * 16) + col[None, :, :]
+    if FP4:
+        # The clamp to ±limit is the code's own min(|v|, limit): the same codes.
+        byte = _pack_nibbles(_e2m1_code(v_lo, limit, MAGIC), _e2m1_code(v_hi, limit, MAGIC))
+        tl.store(q_ptr + out, byte, mask=mask, eviction_policy="evict_first")
+    else:
+        v_lo = tl.minimum(tl.maximum(v_lo, -limit), limit)
+        v_hi = tl.minimum(tl.maximum(v_hi, -limit), limit)
+        b_lo = _to_e4m3(v_lo, SOFT_ROUND).to(tl.uint8, bitcast=True).to(tl.int32)
+        b_hi = _to_e4m3(v_hi, SOFT_ROUND).to(tl.uint8, bitcast=True).to(tl.int32)
+        tl.store(q_ptr + out, (b_lo | (b_hi << 8)).to(tl.int16), mask=mask, eviction_policy="evict_first")
+    tl.store(s_ptr + rows[:, None] * GK + groups[None, :], code.to(tl.uint8), mask=gmask)
+
+
 def launch(
     src: torch.Tensor,
     q_out: torch.Tensor,
@@ -111,42 +203,95 @@ def launch(
     block_r: int | None = None,
     block_c: int | None = None,
     num_warps: int | None = None,
-) -> None:
-    """Enqueue the kernel; sets ``flag[0]`` on NaN/Inf. No host sync (whole-model plan, CUDA graphs)."""
+    *,
+    variant: str = "auto",
+) -> str:
+    """Enqueue the kernel; sets ``flag[0]`` on NaN/Inf. No host sync (whole-model plan, CUDA graphs).
+
+    ``variant``: "auto" (:data:`VARIANT` where the words layout applies, else "generic") or one of
+    :data:`VARIANTS` ("words*" on a source without that layout raises ValueError; "words_magic"
+    only changes MXFP4). ``block_r``, ``block_c`` (columns, a multiple of 32) and ``num_warps``
+    override the variant's tile. Returns the variant run.
+    """
     check_k(fmt.name, tuple(src.shape))
     x = src if src.dim() == 3 else src.unsqueeze(0)
     e, n, k = x.shape
-    br, bc = block_r or BLOCK_R, block_c or BLOCK_C
-    bc = min(bc, max(MX_GROUP, triton.next_power_of_2(k)))
-    grid = (triton.cdiv(e * n, br), triton.cdiv(k, bc))
-    _mx_kernel[grid](
-        x,
-        q_out,
+    if x.numel() == 0:
+        return "none"
+    words = bf16_words(x) if variant != "generic" else None
+    if variant == "auto":
+        variant = VARIANT if words is not None else "generic"
+    if variant not in VARIANTS:
+        raise ValueError(f"{fmt.name} triton: unknown variant {variant!r} (one of {VARIANTS})")
+    fp4 = fmt is not MXFP8
+    soft = src.device.type != "cuda"
+    if variant == "generic":
+        br, bc = block_r or BLOCK_R, block_c or BLOCK_C
+        bc = min(bc, max(MX_GROUP, triton.next_power_of_2(k)))
+        grid = (triton.cdiv(e * n, br), triton.cdiv(k, bc))
+        _mx_kernel[grid](
+            x,
+            q_out,
+            s_out,
+            flag,
+            e * n,
+            n,
+            k,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            OFFSET=fmt.offset,
+            QMAX=fmt.qmax,
+            SATURATE=fmt.saturate,
+            FP4=fp4,
+            SOFT_ROUND=soft,
+            BLOCK_R=br,
+            BLOCK_C=bc,
+            num_warps=num_warps or NUM_WARPS,
+        )
+        return variant
+    if words is None:
+        raise ValueError(
+            f"{fmt.name} triton: variant {variant!r} needs a bf16 source with K contiguous and 4-byte aligned "
+            f"rows; got {src.dtype} of shape {tuple(src.shape)}, strides {tuple(src.stride())}"
+        )
+    rows, gk = e * n, k // MX_GROUP
+    br = block_r or WORDS_BLOCK_R
+    groups = min((block_c or WORDS_BLOCK_C) // MX_GROUP, triton.next_power_of_2(gk))
+    n_arg, se = (rows, 0) if e == 1 or words.stride(0) == n * words.stride(1) else (n, words.stride(0))
+    q = q_out if fp4 else q_out.view(torch.int16)
+    _mx_words_kernel[(triton.cdiv(rows, br) * triton.cdiv(gk, groups),)](
+        words,
+        q,
         s_out,
         flag,
-        e * n,
-        n,
-        k,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
+        rows,
+        n_arg,
+        gk,
+        se,
+        words.stride(1),
         OFFSET=fmt.offset,
         QMAX=fmt.qmax,
         SATURATE=fmt.saturate,
-        FP4=fmt is not MXFP8,
-        SOFT_ROUND=src.device.type != "cuda",
+        FP4=fp4,
+        MAGIC=variant == "words_magic",
+        INT64=needs_int64(words, rows * k // 2),
+        SOFT_ROUND=soft,
         BLOCK_R=br,
-        BLOCK_C=bc,
-        num_warps=num_warps or NUM_WARPS,
+        GROUPS=groups,
+        num_warps=num_warps or WORDS_NUM_WARPS,
     )
+    return variant
 
 
-def quantize(src: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor, fmt: MxFormat) -> None:
+def quantize(
+    src: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor, fmt: MxFormat, *, variant: str = "auto"
+) -> None:
     """Triton twin of ``torch_path.quantize`` (same arguments, same bytes)."""
     if src.numel() == 0:
         check_k(fmt.name, tuple(src.shape))
         return
     flag = torch.zeros(1, dtype=torch.int32, device=src.device)
-    launch(src, q_out, s_out, flag, fmt)
+    launch(src, q_out, s_out, flag, fmt, variant=variant)
     if int(flag.item()):  # the one host sync of the call
         raise non_finite_error(fmt.name, src.shape)

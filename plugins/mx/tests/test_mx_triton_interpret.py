@@ -85,3 +85,69 @@ else:
         src[4, 40] = bad
         with pytest.raises(cc.ConversionInputError, match=r"\(5, 64\) holds NaN or Inf"):
             cc.load_registry().get(name).convert(src)
+
+    from conversion_core_mx import torch_path, triton_kernels
+    from conversion_core_mx.numerics import MXFP4, MXFP8
+
+    from conversion_core.formats.fp4_triton import bf16_words
+
+    def _split_experts(shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+        """A bf16 stack whose experts do not merge into rows (a spare row per expert), K contiguous."""
+        e, n, k = shape
+        return _weights((e, n + 1, k), torch.bfloat16, seed)[:, :n, :]
+
+    def _top_scale(shape: tuple[int, ...]) -> torch.Tensor:
+        x = _weights(shape, torch.bfloat16, seed=5)
+        x[1, :] = float(torch.finfo(torch.bfloat16).max)  # the top scale: limit 3 (e2m1), 240 (e4m3)
+        x[2, :32] = -float(torch.finfo(torch.bfloat16).max)
+        return x
+
+    VARIANT_CASES = [
+        ("1x32 bf16", lambda: _weights((1, 32), torch.bfloat16, 1)),
+        ("17x96 bf16 (odd rows)", lambda: _weights((17, 96), torch.bfloat16, 2)),
+        ("3x2048 bf16", lambda: _weights((3, 2048), torch.bfloat16, 3)),
+        ("2x2080 bf16 (K not a tile)", lambda: _weights((2, 2080), torch.bfloat16, 4)),
+        ("3x5x320 bf16 stack", lambda: _weights((3, 5, 320), torch.bfloat16, 5)),
+        ("3x5x64 bf16 split experts", lambda: _split_experts((3, 5, 64), 6)),
+        ("row-strided bf16", lambda: _weights((6, 160), torch.bfloat16, 7)[:, 64:]),
+        ("top scale bf16", lambda: _top_scale((4, 64))),
+        ("transposed bf16", lambda: _weights((64, 12), torch.bfloat16, 8).t()),
+        ("9x64 fp32", lambda: _weights((9, 64), torch.float32, 9)),
+        ("3x5x96 fp16", lambda: _weights((3, 5, 96), torch.float16, 10)),
+    ]
+
+    @pytest.mark.parametrize("fmt", [MXFP8, MXFP4], ids=["mxfp8", "mxfp4"])
+    @pytest.mark.parametrize("make", [c[1] for c in VARIANT_CASES], ids=[c[0] for c in VARIANT_CASES])
+    def test_every_variant_equals_torch_path(fmt, make):
+        src = make()
+        conversion = cc.load_registry().get(fmt.name)
+        want_q, want_s = conversion.allocate(src.shape, "cpu")
+        torch_path.quantize(src, want_q, want_s, fmt)
+        x = src if src.dim() == 3 else src.unsqueeze(0)
+        words = bf16_words(x) is not None
+        assert words == (src.dtype == torch.bfloat16 and src.stride(-1) == 1)
+        for variant in triton_kernels.VARIANTS if words else ("generic",):
+            tiles = [(None, None, None), (32, 1024, 8)] + ([(1, 32, 1), (4, 64, 2)] if src.numel() <= 2048 else [])
+            for tile in tiles:
+                q, s = conversion.allocate(src.shape, "cpu")
+                q.view(torch.uint8).fill_(0x7F)
+                s.fill_(0xFF)
+                flag = torch.zeros(1, dtype=torch.int32)
+                assert triton_kernels.launch(src, q, s, flag, fmt, *tile, variant=variant) == variant
+                assert int(flag) == 0
+                assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), (variant, tile)
+                assert torch.equal(s, want_s), (variant, tile)
+        if not words:
+            with pytest.raises(ValueError, match="needs a bf16 source"):
+                triton_kernels.launch(src, q, s, flag, fmt, variant="words")
+
+    @pytest.mark.parametrize("fmt", [MXFP8, MXFP4], ids=["mxfp8", "mxfp4"])
+    @pytest.mark.parametrize("variant", ["words", "words_magic"])
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+    def test_words_flag_non_finite(fmt, variant, bad):
+        src = torch.ones(5, 64, dtype=torch.bfloat16)
+        src[4, 41] = bad
+        q, s = cc.load_registry().get(fmt.name).allocate(src.shape, "cpu")
+        flag = torch.zeros(1, dtype=torch.int32)
+        triton_kernels.launch(src, q, s, flag, fmt, variant=variant)
+        assert int(flag) > 0

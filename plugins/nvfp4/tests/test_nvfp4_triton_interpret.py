@@ -1,4 +1,13 @@
-"""The Triton kernel under TRITON_INTERPRET=1 gives the torch path's bytes (small shapes: the interpreter is slow)."""
+"""The Triton kernels under TRITON_INTERPRET=1 give the torch path's bytes (small shapes: the interpreter is slow).
+
+Every variant of :func:`conversion_core_nvfp4.triton_kernels.launch_values` ("generic", "words",
+"words_magic", "words_fastdiv", its fallback to div_rn too) is checked against
+:func:`conversion_core_nvfp4.numerics.quantize_with_amax` on odd row counts, K = 32/48/96/2064,
+3-D stacks (merged and split experts), a transposed source and fp16/fp32 sources (which only the
+generic kernel takes); the shared e2m1 code helpers against
+:func:`conversion_core.formats.fp4.e2m1_codes` on every tie, its neighbours and every bf16 value;
+the amax pass against :func:`.numerics.tensor_amax`; NaN/Inf raise the device flag in every variant.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +20,14 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run with TRITON_INTERPRET=1", allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from conversion_core_nvfp4 import numerics, triton_kernels  # noqa: E402
+
+from conversion_core.formats import fp4  # noqa: E402
+from conversion_core.formats.fp4_triton import _e2m1_code, bf16_words  # noqa: E402
+
+TIES = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]
 
 
 def _source(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -20,41 +36,170 @@ def _source(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tens
     flat = x.reshape(-1, shape[-1])
     flat[0, :16] = 0.0
     flat[-1, -1] = 500.0
-    flat[0, 17] = -0.0
+    if shape[-1] > 17:
+        flat[0, 17] = -0.0
+    if shape[-1] >= 48:  # a group whose amax is 6: the grid's ties land on the step's multiples
+        flat[0, 32:48] = torch.tensor([*TIES, *(-t for t in TIES[:-1]), -0.0])
     return x.to(dtype)
 
 
-@pytest.mark.parametrize(
-    "shape, dtype, view",
-    [
-        ((8, 128), torch.bfloat16, None),
-        ((9, 48), torch.bfloat16, None),  # rows and K not multiples of the tile
-        ((3, 5, 32), torch.float16, None),  # stacked experts
-        ((16, 160), torch.float32, "t"),  # a transposed view
-    ],
-)
-def test_kernel_equals_torch_path(shape: tuple[int, ...], dtype: torch.dtype, view: str | None) -> None:
-    src = _source(shape, dtype, seed=sum(shape))
-    if view == "t":
-        src = src.t().contiguous().t()
+def _expected(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     amax = numerics.tensor_amax(src)
-    k = shape[-1]
-    want_p = torch.empty(*shape[:-1], k // 2, dtype=torch.uint8)
-    want_s = torch.empty(*shape[:-1], k // 16, dtype=torch.float8_e4m3fn)
+    k = src.shape[-1]
+    want_p = torch.empty(*src.shape[:-1], k // 2, dtype=torch.uint8)
+    want_s = torch.empty(*src.shape[:-1], k // 16, dtype=torch.float8_e4m3fn)
     gs = numerics.quantize_with_amax(src, amax, want_p, want_s, "nvfp4")
-    got_p, got_s = torch.full_like(want_p, 0xFF), torch.empty_like(want_s)
-    got_gs = triton_kernels.quantize_with_amax(src, amax, got_p, got_s, "nvfp4")
-    assert torch.equal(got_p, want_p)
-    assert torch.equal(got_s.view(torch.uint8), want_s.view(torch.uint8))
-    assert torch.equal(got_gs, gs)
+    return amax, want_p, want_s, gs
 
 
-def test_launch_flags_nan() -> None:
+def _variants(src: torch.Tensor) -> list[str]:
+    x = src if src.dim() == 3 else src.unsqueeze(0)
+    return list(triton_kernels.VARIANTS) if bf16_words(x) is not None else ["generic"]
+
+
+def _split_experts(shape: tuple[int, int, int], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A stack whose experts do not merge into rows (one spare row per expert), K contiguous."""
+    e, n, k = shape
+    return _source((e, n + 1, k), dtype, seed)[:, :n, :]
+
+
+def _with_tiny(x: torch.Tensor) -> torch.Tensor:
+    x[1, 3] = 1e-39  # a bf16 subnormal
+    x[2, 40] = -3e-25
+    return x
+
+
+CASES = [
+    ("8x128 bf16", lambda: _source((8, 128), torch.bfloat16, 1)),
+    ("9x48 bf16 (odd rows, K not a tile)", lambda: _source((9, 48), torch.bfloat16, 2)),
+    ("5x32 bf16", lambda: _source((5, 32), torch.bfloat16, 3)),
+    ("7x96 bf16", lambda: _source((7, 96), torch.bfloat16, 4)),
+    ("3x2064 bf16", lambda: _source((3, 2064), torch.bfloat16, 5)),
+    ("3x5x96 bf16 stack", lambda: _source((3, 5, 96), torch.bfloat16, 6)),
+    ("3x5x48 bf16 split experts", lambda: _split_experts((3, 5, 48), torch.bfloat16, 7)),
+    ("row-strided bf16", lambda: _source((6, 96), torch.bfloat16, 8)[:, 32:]),
+    ("bf16 with subnormals (fastdiv falls back)", lambda: _with_tiny(_source((4, 64), torch.bfloat16, 20))),
+    (
+        "bf16 of amax 1e-30 (steps out of the fastdiv range)",
+        lambda: (_source((4, 64), torch.float32, 21) * 1e-33).bfloat16(),
+    ),
+    ("3x5x32 fp16 stack", lambda: _source((3, 5, 32), torch.float16, 9)),
+    ("16x160 fp32 transposed", lambda: _source((160, 16), torch.float32, 10).t()),
+    ("12x64 bf16 transposed", lambda: _source((64, 12), torch.bfloat16, 11).t()),
+    ("9x48 fp32", lambda: _source((9, 48), torch.float32, 12)),
+]
+
+
+@pytest.mark.parametrize("make", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_every_variant_equals_torch_path(make) -> None:
+    src = make()
+    amax, want_p, want_s, gs = _expected(src)
+    variants = _variants(src)
+    if src.dtype == torch.bfloat16 and src.stride(-1) == 1:
+        assert "words" in variants  # the fast path applies to every bf16 case with K contiguous here
+    for variant in variants:
+        got_p, got_s = torch.full_like(want_p, 0xFF), torch.empty_like(want_s)
+        got_gs = triton_kernels.quantize_with_amax(src, amax, got_p, got_s, "nvfp4", variant=variant)
+        assert torch.equal(got_p, want_p), variant
+        assert torch.equal(got_s.view(torch.uint8), want_s.view(torch.uint8)), variant
+        assert torch.equal(got_gs, gs), variant
+
+
+@pytest.mark.parametrize(("block_r", "block_c", "num_warps"), [(1, 16, 1), (4, 64, 2), (16, 512, 8)])
+def test_words_tiles(block_r: int, block_c: int, num_warps: int) -> None:
+    src = _source((2, 7, 96), torch.bfloat16, 13)
+    amax, want_p, want_s, _ = _expected(src)
+    gs = numerics.global_scale(amax)
+    for variant in ("words", "words_magic", "words_fastdiv"):
+        p, s = torch.full_like(want_p, 0xFF), torch.empty_like(want_s)
+        flag = torch.zeros(1, dtype=torch.int32)
+        ran = triton_kernels.launch_values(
+            src, gs, p, s, flag, variant=variant, block_r=block_r, block_c=block_c, num_warps=num_warps
+        )
+        assert ran == variant and int(flag) == 0
+        assert torch.equal(p, want_p) and torch.equal(s.view(torch.uint8), want_s.view(torch.uint8))
+
+
+def test_auto_picks_words_for_bf16_and_generic_otherwise() -> None:
+    flag = torch.zeros(1, dtype=torch.int32)
+    gs = torch.ones(1)
+    for src, want in (
+        (torch.ones(4, 32, dtype=torch.bfloat16), triton_kernels.VARIANT),
+        (torch.ones(4, 32), "generic"),
+    ):
+        p, s = torch.empty(4, 16, dtype=torch.uint8), torch.empty(4, 2, dtype=torch.float8_e4m3fn)
+        assert triton_kernels.launch_values(src, gs, p, s, flag) == want
+    with pytest.raises(ValueError, match="needs a bf16 source"):
+        triton_kernels.launch_values(torch.ones(4, 32), gs, p, s, flag, variant="words")
+
+
+@pytest.mark.parametrize("variant", triton_kernels.VARIANTS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_launch_flags_non_finite(variant: str, bad: float) -> None:
     src = _source((4, 32), torch.bfloat16, seed=1)
-    src[2, 3] = float("nan")
+    src[2, 3] = bad
     p = torch.empty(4, 16, dtype=torch.uint8)
     s = torch.empty(4, 2, dtype=torch.float8_e4m3fn)
     g = torch.empty(1)
     flag = torch.zeros(1, dtype=torch.int32)
-    triton_kernels.launch(src, numerics.tensor_amax(src), p, s, g, flag, multiplier=False)
+    triton_kernels.launch(src, numerics.tensor_amax(src), p, s, g, flag, multiplier=False, variant=variant)
     assert int(flag.item()) > 0
+    # the kernel itself flags it, not only the amax check in launch:
+    flag.zero_()
+    triton_kernels.launch_values(src, torch.ones(1), p, s, flag, variant=variant)
+    assert int(flag.item()) > 0
+
+
+@triton.jit
+def _code_kernel(v_ptr, out_ptr, limit, n, MAGIC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(v_ptr + offs, mask=offs < n)
+    tl.store(out_ptr + offs, _e2m1_code(v, limit, MAGIC).to(tl.uint8), mask=offs < n)
+
+
+def _code_inputs() -> torch.Tensor:
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, *TIES, 5.5, 7.0, 1e30, 1e-30, 1e-45])
+    near = torch.cat([torch.nextafter(grid, torch.tensor(-1.0)), torch.nextafter(grid, torch.tensor(100.0))])
+    bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    bf16 = bf16[torch.isfinite(bf16)]
+    g = torch.Generator().manual_seed(0)
+    rnd = (torch.rand(20000, generator=g) * 14 - 7).float()
+    v = torch.cat([grid, near, bf16, rnd, torch.tensor([-0.0])])
+    return torch.cat([v, -v])
+
+
+@pytest.mark.parametrize("limit", [6.0, 3.0])
+@pytest.mark.parametrize("magic", [False, True])
+def test_e2m1_code_helpers_equal_torch_codes(magic: bool, limit: float) -> None:
+    v = _code_inputs()
+    out = torch.empty(v.shape, dtype=torch.uint8)
+    block = 4096
+    _code_kernel[(triton.cdiv(v.numel(), block),)](v, out, limit, v.numel(), MAGIC=magic, BLOCK=block)
+    want = fp4.e2m1_codes(v.clamp(-limit, limit))
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize(
+    "src",
+    [
+        _source((9, 48), torch.bfloat16, 14),
+        _source((3, 5, 2064), torch.bfloat16, 15),
+        -_source((3, 64), torch.bfloat16, 16).abs(),
+        torch.zeros(2, 32, dtype=torch.bfloat16),
+        _source((9, 48), torch.float32, 17),
+        _source((64, 12), torch.bfloat16, 18).t(),
+    ],
+    ids=["bf16", "bf16-stack", "negative", "zeros", "fp32-torch", "transposed-torch"],
+)
+def test_tensor_amax_equals_torch(src: torch.Tensor) -> None:
+    want = numerics.tensor_amax(src)
+    for block, programs in ((None, None), (8, 3), (64, 1)):
+        assert torch.equal(triton_kernels.tensor_amax(src, block=block, programs=programs), want)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_tensor_amax_keeps_non_finite(bad: float) -> None:
+    src = _source((9, 48), torch.bfloat16, 19)
+    src[4, 7] = bad
+    got = triton_kernels.tensor_amax(src, block=16, programs=2)
+    assert torch.isnan(got).all() if bad != bad else torch.isinf(got).all()
