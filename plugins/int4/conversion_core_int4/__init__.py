@@ -124,9 +124,7 @@ class Int4Format:
     def quantize(self, src: torch.Tensor, *buffers: torch.Tensor) -> None:
         packed, scale, shape, zp = self._split(buffers)
         check_groups(self.name, src.shape, self.group)
-        # The asymmetric kernel's bytes differ from the torch path on the H200 (benchmarks/gpu_int4.py,
-        # 2026-12-03: weight_packed and weight_zero_point): until fixed, CUDA takes the torch path.
-        if use_triton(src) and src.numel() and (self.symmetric or src.device.type != "cuda"):
+        if use_triton(src) and src.numel():
             from . import triton_kernels
 
             triton_kernels.quantize(src, packed, scale, shape, zp, self.group, self.name)
@@ -170,7 +168,7 @@ class Int4Format:
             compile_metadata=compile_metadata(self.group, self.symmetric),
             dequantize=self.dequantize,
             src_ndims=(2, 3),
-            launch=self.launch if self.symmetric else None,  # see quantize: no asymmetric kernel on CUDA
+            launch=self.launch,
             target_format=lambda qc: config.target_format(qc, self.group, self.symmetric),
             sharded=cc.BlockAmax(block=self.statistic_block, apply=self.apply_sharded) if self.symmetric else None,
         )

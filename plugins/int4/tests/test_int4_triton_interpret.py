@@ -1,6 +1,11 @@
 """The Triton kernel under TRITON_INTERPRET=1 gives the torch path's bytes (small shapes: the interpreter is slow).
 
-On a GPU, ``benchmarks/gpu_int4.py`` checks the compiled kernel against the CPU bytes.
+Every launch variant (``triton_kernels.VARIANTS``) is checked on odd rows, 3D stacks, a transposed
+source, fp32 and fp16 sources, zero, subnormal and tiny-scale groups, and NaN/Inf of any payload.
+The interpreter runs numpy: it cannot show what only the GPU compiler does (fused multiply-add,
+NVIDIA's NaN bits). The kernel has no float ``a * b + c`` and launches with
+``enable_fp_fusion=False``; ``test_bf16_rounding_keeps_nan`` feeds the GPU's NaN bits explicitly.
+On a GPU, ``benchmarks/gpu_int4.py`` checks the compiled variants against the CPU bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import torch
 import conversion_core as cc
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from conversion_core_int4.triton_kernels import _bf16  # noqa: E402
+
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 
@@ -85,3 +93,103 @@ def test_launch_sets_flag_without_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     src[0, 0] = float("nan")
     conversion.launch(src, *buffers, flag)
     assert int(flag) == 1
+
+
+def kernels():  # imported late: the plugin module imports triton
+    from conversion_core_int4 import triton_kernels
+
+    return triton_kernels
+
+
+@triton.jit
+def bf16_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n)
+    tl.store(y_ptr + i, _bf16(x), mask=i < n)
+
+
+from conversion_core_int4.triton_kernels import VARIANTS  # noqa: E402
+
+VARIANT_NAMES = sorted(VARIANTS)
+
+
+def variant_sources() -> list[tuple[str, torch.Tensor]]:
+    """Odd rows, 3D stacks, a transposed view, fp32 and fp16, zero groups, subnormal groups, an outlier."""
+    stack = source((2, 13, 256), torch.bfloat16, 11)
+    stack[1, 5, 128:] = 1e-38  # a scale below 2^-120: fast_div's fallback (or its 2^64 scaling)
+    wide = source((19, 128), torch.float32, 12)
+    wide[3, :] = torch.linspace(-1, 1, 128)  # quotients through every half-integer
+    t = source((256, 24), torch.bfloat16, 13).t()  # (24, 256), column-major
+    half = source((9, 128), torch.float16, 14)
+    return [("stack", stack), ("fp32", wide), ("transposed", t), ("fp16", half)]
+
+
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+@pytest.mark.parametrize("name", ["int4_w4a16_g128", "int4_w4a16_g32", "int4_w4a16_asym_g128", "int4_w4a16_asym_g32"])
+def test_variant_bytes_equal_torch_path(variant: str, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every launch variant (the benchmark picks among them) writes the torch path's bytes."""
+    from conversion_core_int4 import FORMATS
+
+    fmt, tk = FORMATS[name], kernels()
+    conversion = fmt.conversion()
+    for label, src in variant_sources():
+        want = run(conversion, src.contiguous(), "torch", monkeypatch)
+        got = conversion.allocate(src.shape)
+        packed, scale, shape_out, *zp = got
+        tk.quantize(src, packed, scale, shape_out, zp[0] if zp else None, fmt.group, name, tk.VARIANTS[variant])
+        for w, g, out in zip(want, got, conversion.outputs, strict=True):
+            assert same(w, g), f"{name} {variant} {label}: {out.name} differs"
+
+
+@pytest.mark.parametrize("variant", ["ref", "default", "dnp", "i64"])
+@pytest.mark.parametrize("name", ["int4_w4a16_g32", "int4_w4a16_asym_g128"])
+@pytest.mark.parametrize("bits", [0x7FC00000, 0x7FFFFFFF, -1, 0x7F800001, 0x7F800000, -0x800000])
+def test_variant_flags_nan_bits(variant: str, name: str, bits: int) -> None:
+    """NaN of any payload (NVIDIA's canonical 0x7FFFFFFF, 0xFFFFFFFF) and +-Inf set the flag.
+
+    Rounding such a NaN to bf16 by adding the bias carried it into -0.0 or 0 before the fix.
+    """
+    from conversion_core_int4 import FORMATS
+
+    fmt, tk = FORMATS[name], kernels()
+    src = source((9, 128), torch.float32, 2)
+    src.view(torch.int32)[4, 77] = bits
+    packed, scale, shape_out, *zp = fmt.conversion().allocate(src.shape)
+    flag = torch.zeros(1, dtype=torch.int32)
+    tk.launch(src, packed, scale, shape_out, zp[0] if zp else None, flag, fmt.group, tk.VARIANTS[variant])
+    assert int(flag) == 1
+
+
+def test_bf16_rounding_keeps_nan() -> None:
+    """The kernel's bf16 rounding equals torch's cast on every special bit pattern, NaN payloads included.
+
+    ``0x7FFFFFFF`` is the NaN an NVIDIA GPU returns for ``0 / 0`` (a zero group's ``min / s``); the
+    interpreter's numpy NaN is ``0xFFC00000``, so only explicit bits show the carry into -0.0.
+    """
+    words = [
+        0x7FFFFFFF,
+        -1,
+        0x7FC00000,
+        0x7F800001,
+        0xFFFF8000 - 2**32,
+        0x7F7FFFFF,
+        0x3F808000,
+        0x3F818000,
+        0x00008000,
+        1,
+    ]
+    x = torch.tensor(words, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    y = torch.empty_like(x)
+    bf16_kernel[(1,)](x, y, x.numel(), BLOCK=16)
+    want = x.to(torch.bfloat16).float()
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    keep = ~torch.isnan(want)
+    assert torch.equal(y[keep].view(torch.int32), want[keep].view(torch.int32))
+
+
+def test_k_not_a_multiple_of_the_group_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """K = 96 with group 128 (or 40 with 32): both backends refuse with the one-line error."""
+    conversion = cc.load_registry().get("int4_w4a16_asym_g128")
+    for backend in ("torch", "triton"):
+        with pytest.raises(cc.ConversionInputError, match="not a multiple of group_size"):
+            run(conversion, source((5, 96), torch.bfloat16, 4), backend, monkeypatch)
