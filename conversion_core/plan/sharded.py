@@ -369,12 +369,16 @@ def _tensor_amax_dims(job: _Job) -> tuple[int, ...]:
 
 
 def _local_tensor_amax(job: _Job) -> None:
-    """This rank's part of a ``shared_amax`` statistic; NaN becomes Inf (MAX keeps Inf on every backend)."""
+    """This rank's part of a ``shared_amax`` statistic; NaN becomes Inf (MAX keeps Inf on every backend).
+
+    ``posinf`` is given too: ``nan_to_num`` otherwise turns an Inf into float32's max, a finite
+    statistic that no rank flags (the holder's plugin then raised alone, its peers wrote bytes)."""
     local = job.src.to_local()
     if local.numel() == 0:
         job.tensor_amax = torch.zeros(1, dtype=torch.float32, device=local.device)
     else:
-        job.tensor_amax = torch.nan_to_num(local.abs().amax().float().reshape(1), nan=float("inf"))
+        inf = float("inf")
+        job.tensor_amax = torch.nan_to_num(local.abs().amax().float().reshape(1), nan=inf, posinf=inf)
 
 
 def _reduce(jobs: list[_Job], sharing: Sequence[_Job] = ()) -> None:

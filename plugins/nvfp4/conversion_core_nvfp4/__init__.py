@@ -50,8 +50,11 @@ def _checked_k(shape: tuple[int, ...], name: str) -> tuple[int, ...]:
 
 
 def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    *lead, k = _checked_k(tuple(shape), NAME)
-    return (*lead, k // 2)
+    """Two values per byte. Total, unlike :func:`scale_shape` (which refuses a K not a multiple of 16
+    for the whole tensor): the DTensor path asks it for a shard's local shape, and a shard that cuts
+    a 16-group (K = 48 over 4 ranks: 12 columns) is valid; a byte cut in two is refused by the core."""
+    *lead, k = tuple(shape)
+    return (*lead, -(-k // 2))
 
 
 def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
