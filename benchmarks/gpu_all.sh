@@ -31,14 +31,14 @@ run() {  # name, limit in seconds, command...
 
 for what in "$@"; do
     case $what in
-        tests) run tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/gpu ;;
-        mx) run mx 120 python3 benchmarks/gpu_mx.py ;;
-        nvfp4) run nvfp4 120 python3 benchmarks/gpu_nvfp4.py ;;
-        int4) run int4 150 python3 benchmarks/gpu_int4.py --sweep ;;
+        tests) run tests 90 python3 -m pytest -q -x -p no:cacheprovider tests/gpu ;;
+        mx) run mx 90 python3 benchmarks/gpu_mx.py --quick ;;
+        nvfp4) run nvfp4 90 python3 benchmarks/gpu_nvfp4.py --quick ;;
+        int4) run int4 150 python3 benchmarks/gpu_int4.py ;;
         quant) run quant 200 python3 benchmarks/gpu_grouped.py --sections check,quant ;;
-        peers) run peers 90 python3 benchmarks/gpu_peers.py ;;
+        peers) run peers 45 python3 benchmarks/gpu_peers.py ;;
         model) run model 300 python3 benchmarks/gpu_grouped.py --sections model ;;
-        formats) run formats 240 python3 benchmarks/gpu_model_formats.py ;;
+        formats) run formats 150 python3 benchmarks/gpu_model_formats.py --budget 120 ;;
         sync) run sync 120 python3 benchmarks/gpu_sync.py ;;
         *) echo "unknown: $what" ;;
     esac

@@ -127,13 +127,17 @@ def launch_apply_modelopt(
 
 
 def launch(src: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gs: torch.Tensor, flag: torch.Tensor) -> None:
-    launch_apply(src, numerics.tensor_amax(src), packed, scales, gs, flag)
+    from . import triton_kernels  # the amax in one read-only Triton pass (torch's abs().amax() writes a temporary)
+
+    launch_apply(src, triton_kernels.tensor_amax(src), packed, scales, gs, flag)
 
 
 def launch_modelopt(
     src: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, s2: torch.Tensor, flag: torch.Tensor
 ) -> None:
-    launch_apply_modelopt(src, numerics.tensor_amax(src), packed, scales, s2, flag)
+    from . import triton_kernels
+
+    launch_apply_modelopt(src, triton_kernels.tensor_amax(src), packed, scales, s2, flag)
 
 
 def sharded_apply(
