@@ -33,6 +33,8 @@ from .graph_step import SEGMENT_GROWTH, CapturedStep
 MANIFEST_VERSION = 2
 #: Streams a captured CUDA step spreads its launches over (see :meth:`Plan.run`).
 GRAPH_STREAMS = 8
+#: NaN/Inf flags of a plan: one per capture stream (more streams share them round-robin).
+FLAG_SLOTS = 64
 #: Tensors in the first graph segment of a captured step; each next one holds
 #: :data:`~conversion_core.plan.graph_step.SEGMENT_GROWTH` times as many.
 GRAPH_FIRST_SEGMENT = 32
@@ -69,6 +71,8 @@ class Plan:
         self.graph_first_segment = GRAPH_FIRST_SEGMENT
         self.graph_segment_growth = SEGMENT_GROWTH
         self._flag: torch.Tensor | None = None
+        self._flags: torch.Tensor = torch.zeros(1, dtype=torch.int32)
+        self._flag_slots: list[torch.Tensor] = []
         self._step: CapturedStep | None = None
         conversions = {id(e.conversion): e.conversion for e in self.entries}.values()
         self._all_launch = all(c.launch is not None or not c.quantizes for c in conversions) and shared.launchable(
@@ -150,7 +154,11 @@ class Plan:
             self._calls.extend(entry_calls(e, tensors))
             for o, t in zip(e.outputs, tensors, strict=True):
                 self._outputs[o.name] = t.view(o.shape)
-        self._flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        # One NaN/Inf flag per capture stream: a torch-op launch ORs into its flag with a
+        # read-modify-write (``flag.add_``), which two streams running at once could lose.
+        self._flags = torch.zeros(FLAG_SLOTS, dtype=torch.int32, device=self.device)
+        self._flag = self._flags[:1]
+        self._flag_slots = [self._flags[i : i + 1] for i in range(FLAG_SLOTS)]
         return dict(self._outputs)
 
     def dequantize(self, name: str) -> torch.Tensor:
@@ -289,6 +297,14 @@ class Plan:
         if self._shares:  # the sets' statistics first (sync-free: a NaN reaches the flag through launch)
             entries = [self._by_name[n] for n in dict.fromkeys(call.name for call in chosen)]
             amaxes = shared.set_amaxes(entries, state_dict, self._given_amax, check=False)
+            if streams:  # computed on this stream: the other streams' launches read them after
+                here = torch.cuda.current_stream()
+                for side in streams[1:]:
+                    side.wait_stream(here)
+
+        def flag(i: int) -> torch.Tensor:
+            return self._flag_slots[i % FLAG_SLOTS] if streams else self._flag
+
         grouped: dict[int, tuple[Conversion, list[tuple[Any, ...]]]] = {}
         for i, call in enumerate(chosen):
             src = state_dict[call.name]
@@ -300,19 +316,20 @@ class Plan:
                 continue
             ctx = torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext()
             with ctx:
+                slot = flag(i)
                 if call.name in amaxes:
                     assert conversion.shared_amax is not None and conversion.shared_amax.launch is not None
-                    conversion.shared_amax.launch(src, amaxes[call.name], *call.buffers, self._flag)
+                    conversion.shared_amax.launch(src, amaxes[call.name], *call.buffers, slot)
                 elif conversion.launch is not None:
-                    conversion.launch(src, *call.buffers, self._flag)
+                    conversion.launch(src, *call.buffers, slot)
                 else:
                     if src.dtype.is_floating_point:
-                        self._flag.add_(torch.isfinite(src).all().logical_not())
+                        slot.add_(torch.isfinite(src).all().logical_not())
                     conversion.raw_fn(src, *call.buffers)
         for j, (conversion, items) in enumerate(grouped.values()):
             assert conversion.launch_group is not None
             with torch.cuda.stream(streams[j % len(streams)]) if streams else contextlib.nullcontext():
-                conversion.launch_group(items, self._flag)
+                conversion.launch_group(items, flag(j))
 
     def _run_launched(self, state_dict: Mapping[str, Any]) -> None:
         """The fast step: every kernel queued (CUDA: graph replays), then one flag read.
@@ -327,21 +344,21 @@ class Plan:
                 self._step = CapturedStep(
                     [e.name for e in self.entries],
                     [calls_per_entry[e.name] for e in self.entries],
-                    self._flag,
+                    self._flags,  # every slot: the step clears them all
                     self.graph_streams,
                     self.graph_first_segment,
                     self.graph_segment_growth,
                 )
             self._step.run(state_dict, lambda calls, streams: self._queue(state_dict, calls, streams))
         else:
-            self._flag.zero_()
+            self._flags.zero_()
             self._queue(state_dict, slice(None))
         self._check_flag(state_dict)
 
     def _check_flag(self, state_dict: Mapping[str, Any]) -> None:
         """The one host sync of a launched step: on NaN/Inf, convert tensor by tensor to name it."""
         assert self._flag is not None
-        if int(self._flag.item()):
+        if bool(self._flags.any()):
             self._run_checked(state_dict)
             raise ConversionCoreError("a NaN/Inf was flagged during the step but no tensor failed when re-checked")
 
