@@ -302,8 +302,10 @@ class Plan:
                 for side in streams[1:]:
                     side.wait_stream(here)
 
+        main_flag = self._flag
+
         def flag(i: int) -> torch.Tensor:
-            return self._flag_slots[i % FLAG_SLOTS] if streams else self._flag
+            return self._flag_slots[i % FLAG_SLOTS] if streams else main_flag
 
         grouped: dict[int, tuple[Conversion, list[tuple[Any, ...]]]] = {}
         for i, call in enumerate(chosen):
