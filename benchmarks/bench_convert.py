@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.repeat):
         for c in cmds:
             c.run(src, dst, cold)
+            got = f"{c.times[-1]:.2f} s, {c.rss[-1] / 1e6:.0f} MB" if c.times and not c.error else c.error
+            print(f"  {c.key} {c.scheme}: {got}", flush=True)
         print(f"round {round_ + 1}/{args.repeat} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rows = report(cmds, startup, src, cache, (load_before, load_after))
