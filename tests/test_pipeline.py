@@ -123,6 +123,24 @@ def test_a_nan_in_a_kept_or_quantized_tensor_publishes_nothing(tmp_path, where):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_kept_tensor_check_finds_every_non_finite_value(dtype, bad):
+    """Every size around the vector widths and every position, judged by ``isfinite(x).all()``."""
+    g = torch.Generator().manual_seed(7)
+    for n in (1, 2, 7, 16, 33, 64, 127, 1000, 4099, 300_007):  # the last one spans threads
+        x = torch.randn(n, generator=g).to(dtype)
+        pipeline._finite("t", x)  # finite: accepted
+        for i in sorted({0, 1, n // 2, n // 2 + 1, n - 2, n - 1} & set(range(n))):
+            y = x.clone()
+            y[i] = bad
+            assert not bool(torch.isfinite(y).all())
+            with pytest.raises(ConversionInputError, match="'t'.*NaN or Inf"):
+                pipeline._finite("t", y.view(1, n) if n % 2 else y.view(2, n // 2))
+    pipeline._finite("t", torch.tensor(1.0, dtype=dtype))  # a 0-d tensor
+    pipeline._finite("t", torch.empty(0, 3, dtype=dtype))
+
+
 def test_kept_tensors_are_the_source_bytes_and_quantized_ones_the_plan_bytes(tmp_path):
     state = _state(3)
     src = _write(tmp_path / "src", state)

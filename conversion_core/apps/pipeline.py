@@ -2,13 +2,15 @@
 
 Three things run at once:
 
-- **read**: the source shard is memory-mapped; before a tensor is converted the kernel is asked
-  to read the next ones (``posix_fadvise(WILLNEED)``), so disk reads run while the CPU converts;
+- **read**: the source shards are memory-mapped; before a tensor is converted the kernel is asked
+  to read it and the next :data:`READ_AHEAD_BYTES` (``posix_fadvise(WILLNEED)``, into the next
+  shard at a shard's end), so disk reads run while the CPU converts;
 - **convert**: on the calling thread, one tensor at a time, through the plan (each conversion's
   checked ``fn``; the plugins' CPU paths may spread their chunks over every core);
 - **write**: one writer thread puts each output at its offset in the output shard (whose header
-  was written first from the plan), frees it, and makes each finished shard durable
-  (``fdatasync``) while the next one is converted.
+  was written first from the plan), starts its writeback to disk at once and frees it; a second
+  thread makes each finished shard durable (``fdatasync``), so the writer goes on with the next
+  shard's outputs while the disk catches up.
 
 Memory stays bounded: at most :data:`IN_FLIGHT_BYTES` of converted outputs wait for the writer
 (the converter blocks beyond that, except that one output of any size may always be in flight),
@@ -37,8 +39,9 @@ from .shard_files import MappedShard, ShardWriter
 
 #: Converted bytes allowed to wait for the writer.
 IN_FLIGHT_BYTES = 128 << 20
-#: Source tensors read ahead of the one being converted.
-READ_AHEAD = 2
+#: Source bytes asked of the disk ahead of the tensor being converted (at least the next tensor):
+#: page cache, not this process's memory, until a tensor is converted.
+READ_AHEAD_BYTES = 128 << 20
 
 
 class _Budget:
@@ -68,8 +71,17 @@ def passthrough(entry: PlanEntry) -> bool:
 
 
 def _finite(name: str, src: torch.Tensor) -> None:
-    if src.dtype.is_floating_point and src.numel() and not bool(torch.isfinite(src).all()):
-        raise non_finite_source(name, src)
+    """Refuse a NaN or Inf anywhere in ``src`` (a kept tensor: nothing else reads all of it).
+
+    One ``aminmax`` pass: min and max propagate NaN, and an Inf is the max or the min. It is a
+    vectorised, multi-threaded reduction with no temporary, ~40x faster on CPU than
+    ``isfinite(src).all()`` (a bool tensor the size of ``src``, then a second pass); that made
+    the check of a checkpoint's embeddings a fifth of ``convert``'s time.
+    """
+    if src.dtype.is_floating_point and src.numel():
+        lo, hi = torch.aminmax(src)
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            raise non_finite_source(name, src)
 
 
 def run_pipeline(
@@ -95,7 +107,9 @@ def run_pipeline(
     device = torch.device(device)
     budget = _Budget(IN_FLIGHT_BYTES if in_flight_bytes is None else in_flight_bytes)
     writer = ThreadPoolExecutor(1, thread_name_prefix="conversion-core-writer")
-    pending: list[tuple[str, Future[None]]] = []  # (file, its finish) in shard order
+    syncer = ThreadPoolExecutor(1, thread_name_prefix="conversion-core-sync")
+    # (file, the writer's hand-over of its finish to the syncer) in shard order
+    pending: list[tuple[str, Future[Future[None]]]] = []
     jobs: list[Future[None]] = []
     weight_map: dict[str, str] = {}
     bytes_in = bytes_out = 0
@@ -116,22 +130,50 @@ def run_pipeline(
         for job in [j for j in jobs if j.done()]:
             job.result()
             jobs.remove(job)
-        while pending and (block or pending[0][1].done()):
-            file, done = pending.pop(0)
-            done.result()
+        while pending and (block or _finished(pending[0][1])):
+            file, handed = pending.pop(0)
+            handed.result().result()
             on_shard_written(file)
 
-    opened: list[tuple[MappedShard, ShardWriter]] = []  # closed by their finish, or here on an error
+    def hand_over(shard: MappedShard, out_writer: ShardWriter) -> Future[None]:
+        """On the writer, after the shard's last write: its ``fdatasync`` goes to the syncer."""
+        return syncer.submit(_finish, shard, out_writer)
+
+    subs = [(file, plan.subset(names)) for file, names in shards]
+    order = [(k, entry.name) for k, (_, sub) in enumerate(subs) for entry in sub.entries]
+    sources: dict[int, MappedShard] = {}  # opened on first use (a prefetch may open the next one)
+    writers: list[ShardWriter] = []  # closed by their finish, or here on an error
+
+    def source(k: int) -> MappedShard:
+        if k not in sources:
+            sources[k] = MappedShard(src_dir / subs[k][0])
+        return sources[k]
+
+    ahead, asked = -1, 0  # the last position whose read was started; bytes started beyond the current one
+
+    def prefetch(position: int) -> None:
+        """Start reading :data:`READ_AHEAD_BYTES` of tensors after ``position``, across shard boundaries."""
+        nonlocal ahead, asked
+        if 0 <= position <= ahead:
+            k, name = order[position]
+            asked -= source(k).stored(name).nbytes
+        while ahead + 1 < len(order) and (ahead <= position + 1 or asked < READ_AHEAD_BYTES):
+            ahead += 1
+            k, name = order[ahead]
+            source(k).prefetch(name)
+            if ahead > position:
+                asked += source(k).stored(name).nbytes
+
     try:
-        for file, names in shards:
-            shard = MappedShard(src_dir / file)
-            sub = plan.subset(names)
+        position = -1
+        for k, (file, sub) in enumerate(subs):
+            shard = source(k)
             layout = [(o.name, o.dtype, o.shape) for e in sub.entries for o in e.outputs]
             out_writer = ShardWriter(dst_dir / file, layout)
-            opened.append((shard, out_writer))
-            for i, entry in enumerate(sub.entries):
-                for ahead in sub.entries[i + 1 : i + 1 + READ_AHEAD]:
-                    shard.prefetch(ahead.name)
+            writers.append(out_writer)
+            for entry in sub.entries:
+                position += 1
+                prefetch(position)
                 src = shard.tensor(entry.name)
                 nbytes = shard.stored(entry.name).nbytes
                 if passthrough(entry):
@@ -156,16 +198,24 @@ def run_pipeline(
                 bytes_in += nbytes
                 on_tensor(nbytes)
                 drain(block=False)
-            pending.append((file, writer.submit(_finish, shard, out_writer)))
+            pending.append((file, writer.submit(hand_over, shard, out_writer)))
         drain(block=True)
         for job in jobs:
             job.result()
     finally:
-        writer.shutdown(wait=True, cancel_futures=True)
-        for shard, out_writer in opened:
+        writer.shutdown(wait=True, cancel_futures=True)  # first: it hands work to the syncer
+        syncer.shutdown(wait=True, cancel_futures=True)
+        for out_writer in writers:
             out_writer.close()
+        for shard in sources.values():
             shard.close()
     return {"weight_map": weight_map, "bytes_in": bytes_in, "bytes_out": bytes_out}
+
+
+def _finished(handed: Future[Future[None]]) -> bool:
+    if not handed.done():
+        return False
+    return handed.exception() is not None or handed.result().done()
 
 
 def _finish(shard: MappedShard, out_writer: ShardWriter) -> None:
@@ -176,4 +226,4 @@ def _finish(shard: MappedShard, out_writer: ShardWriter) -> None:
         shard.close()
 
 
-__all__ = ["IN_FLIGHT_BYTES", "passthrough", "run_pipeline"]
+__all__ = ["IN_FLIGHT_BYTES", "READ_AHEAD_BYTES", "passthrough", "run_pipeline"]
