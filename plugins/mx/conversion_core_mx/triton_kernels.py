@@ -12,6 +12,20 @@ Two kernels compute the same bytes:
   int16 there: contiguous stores either way. A 1-D grid walks column blocks fastest; int32
   offsets unless some offset reaches 2**31. ``variant="words_magic"`` (MXFP4) takes the e2m1
   code from :func:`conversion_core.formats.fp4_triton._e2m1_magic`: the same codes.
+  MXFP8's e4m3 byte is :func:`_e4m3_byte` (integer RNE on the float32 bits plus one exact
+  magic add for the subnormal range): no fp8 cast, so the interpreter runs the very code the
+  GPU runs. ``variant="words_cvt"`` (MXFP8 only; MXFP4 runs words_magic) instead converts each
+  word's two values with one ``cvt.rn.satfinite.e4m3x2.f32`` (inline asm) straight into the
+  int16: fewest instructions, proven by the GPU byte check only (the interpreter, which has no
+  inline asm, runs :func:`_e4m3_byte` for it).
+
+  Why not ``.to(tl.float8e4nv)`` then a bitcast and the int16 pack (what "words" did before):
+  the H200 wrote other bytes than the CPU path on every shape. The PTX Triton 3.6 emits is
+  right, but ptxas (12.8, the one Triton 3.6 ships) fuses the pack into
+  ``F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C`` whose merge operand should be ``cvt_result >> 8``
+  and reads an unwritten register instead (the stack pointer ``R1``, or a never-written one),
+  so byte 2 of every 4-byte store (the even element of every second word) is garbage.
+  ``benchmarks/sass_check.py`` compiles the kernels to SASS on CPU and looks for such reads.
 - ``generic`` (fp32, fp16, transposed or odd-strided sources): one program owns ``BLOCK_R`` rows
   x ``BLOCK_C`` columns (``BLOCK_C`` a multiple of 32, so whole groups) of the ``(E*N, K)`` row
   view and loads the tile once (any strides, int64 offsets, masked edges).
@@ -52,8 +66,10 @@ from conversion_core.formats.fp8_triton import FLT_MAX, _to_e4m3
 from .numerics import MXFP8, MxFormat, check_k, non_finite_error
 
 #: The variants :func:`launch` accepts; "auto" is :data:`VARIANT` where the words layout applies, else generic.
-VARIANTS = ("generic", "words", "words_magic")
+VARIANTS = ("generic", "words", "words_magic", "words_cvt")
+#: The "auto" variant per format where the words layout applies.
 VARIANT = "words_magic"
+MXFP8_VARIANT = "words"
 #: Tile shape and warps (rows, columns, warps); columns are a multiple of 32. Tuned by benchmarks/gpu_mx.py.
 BLOCK_R = 16
 BLOCK_C = 256
@@ -73,6 +89,54 @@ def _mx_scale(amax_bits, OFFSET: tl.constexpr, QMAX: tl.constexpr, SATURATE: tl.
     recip = tl.where(rfield > 0, rfield << 23, 1 << 22).to(tl.float32, bitcast=True)
     limit = tl.minimum(recip * SATURATE, QMAX)
     return code, recip, limit
+
+
+#: ``bits(2**-6)``: the smallest normal e4m3 magnitude; below it e4m3 steps by ``2**-9``.
+_E4M3_MIN_NORMAL_BITS = tl.constexpr(0x3C800000)
+#: ``bits(2**14)``: ``bits(a + 2**14) - bits(2**14)`` is ``a / 2**-9`` rounded to nearest even, for ``0 <= a < 2**14``.
+_MAGIC_E4M3_SUB_BITS = tl.constexpr(0x46800000)
+#: Added to the magnitude bits before the shift by 20: the RNE half (``2**19 - 1``, the tie bit added apart)
+#: and the exponent rebias ``(127 - 7) << 3`` moved before the shift (a multiple of ``2**20``).
+_E4M3_NORMAL_ADD = tl.constexpr(0x7FFFF - (960 << 20))
+
+
+@triton.jit
+def _e4m3_byte(v, limit):
+    """e4m3fn byte (int32, 0..255) of float32 ``v`` clamped to ``±limit`` and rounded to nearest even.
+
+    ``limit`` (scalar or broadcastable) is an e4m3 value ``<= 448``, so RNE of the clamped value
+    is RNE of ``a = min(|v|, limit)``. Every step is exact on any hardware: for ``a >= 2**-6``
+    the byte is the float32 bits rounded to 3 mantissa bits (integer RNE: the carry runs into the
+    exponent) and rebiased; below, one float32 add of ``2**14`` (ulp ``2**-9``, e4m3's subnormal
+    step) rounds with IEEE RNE and the bits count the steps (0..8; 8 is ``2**-6``'s byte).
+    That add never sees a product (``a`` is a min of an abs), so no FMA contraction; a
+    flush-to-zero of a float32-subnormal ``a`` would still give 0, its true byte. Sign: bit 31
+    of ``v`` (so ``-0.0`` and a negative value rounding to zero give 0x80, as torch's cast does).
+    NaN gives an unspecified byte: callers flag NaN/Inf.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    a = tl.minimum(tl.abs(v), limit)
+    mag = a.to(tl.int32, bitcast=True)
+    tiny = (a + 16384.0).to(tl.int32, bitcast=True) - _MAGIC_E4M3_SUB_BITS
+    normal = (mag + _E4M3_NORMAL_ADD + ((mag >> 20) & 1)) >> 20
+    return tl.where(mag < _E4M3_MIN_NORMAL_BITS, tiny, normal) | ((bits >> 24) & 0x80)
+
+
+@triton.jit
+def _e4m3x2_cvt(hi, lo):
+    """int16 ``e4m3(lo) | e4m3(hi) << 8`` by one hardware RNE cast (``hi``, ``lo`` already clamped, float32).
+
+    GPU only (inline asm). The result is the store's own value: no byte extraction or repacking
+    follows the cast, the pattern ptxas 12.8 miscompiled (see the module docstring).
+    """
+    return tl.inline_asm_elementwise(
+        "cvt.rn.satfinite.e4m3x2.f32 $0, $1, $2;",
+        "=h,r,r",
+        [hi.to(tl.int32, bitcast=True), lo.to(tl.int32, bitcast=True)],
+        dtype=tl.int16,
+        is_pure=True,
+        pack=1,
+    )
 
 
 @triton.jit
@@ -149,6 +213,7 @@ def _mx_words_kernel(
     SATURATE: tl.constexpr,
     FP4: tl.constexpr,
     MAGIC: tl.constexpr,
+    CVT: tl.constexpr,
     INT64: tl.constexpr,
     SOFT_ROUND: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -157,6 +222,7 @@ def _mx_words_kernel(
     """``w_ptr``: the bf16 source as int32 words (strides in words); GK = K // 32 groups per row.
 
     ``q_ptr``: MXFP4 bytes, or MXFP8 values viewed as int16 (two e4m3 bytes per word, K // 2 per row).
+    CVT (MXFP8, not SOFT_ROUND): the hardware cast of :func:`_e4m3x2_cvt`, else :func:`_e4m3_byte`.
     """
     pid = tl.program_id(0)
     col_blocks = tl.cdiv(GK, GROUPS)
@@ -185,12 +251,13 @@ def _mx_words_kernel(
         # The clamp to ±limit is the code's own min(|v|, limit): the same codes.
         byte = _pack_nibbles(_e2m1_code(v_lo, limit, MAGIC), _e2m1_code(v_hi, limit, MAGIC))
         tl.store(q_ptr + out, byte, mask=mask, eviction_policy="evict_first")
-    else:
+    elif CVT and not SOFT_ROUND:
         v_lo = tl.minimum(tl.maximum(v_lo, -limit), limit)
         v_hi = tl.minimum(tl.maximum(v_hi, -limit), limit)
-        b_lo = _to_e4m3(v_lo, SOFT_ROUND).to(tl.uint8, bitcast=True).to(tl.int32)
-        b_hi = _to_e4m3(v_hi, SOFT_ROUND).to(tl.uint8, bitcast=True).to(tl.int32)
-        tl.store(q_ptr + out, (b_lo | (b_hi << 8)).to(tl.int16), mask=mask, eviction_policy="evict_first")
+        tl.store(q_ptr + out, _e4m3x2_cvt(v_hi, v_lo), mask=mask, eviction_policy="evict_first")
+    else:
+        pair = _e4m3_byte(v_lo, limit) | (_e4m3_byte(v_hi, limit) << 8)
+        tl.store(q_ptr + out, pair.to(tl.int16), mask=mask, eviction_policy="evict_first")
     tl.store(s_ptr + rows[:, None] * GK + groups[None, :], code.to(tl.uint8), mask=gmask)
 
 
@@ -208,9 +275,10 @@ def launch(
 ) -> str:
     """Enqueue the kernel; sets ``flag[0]`` on NaN/Inf. No host sync (whole-model plan, CUDA graphs).
 
-    ``variant``: "auto" (:data:`VARIANT` where the words layout applies, else "generic") or one of
-    :data:`VARIANTS` ("words*" on a source without that layout raises ValueError; "words_magic"
-    only changes MXFP4). ``block_r``, ``block_c`` (columns, a multiple of 32) and ``num_warps``
+    ``variant``: "auto" (:data:`MXFP8_VARIANT` / :data:`VARIANT` where the words layout applies,
+    else "generic") or one of :data:`VARIANTS` ("words*" on a source without that layout raises
+    ValueError; "words_magic" only changes MXFP4; "words_cvt" is MXFP8's hardware cast and
+    MXFP4's words_magic). ``block_r``, ``block_c`` (columns, a multiple of 32) and ``num_warps``
     override the variant's tile. Returns the variant run.
     """
     check_k(fmt.name, tuple(src.shape))
@@ -220,9 +288,7 @@ def launch(
         return "none"
     words = bf16_words(x) if variant != "generic" else None
     if variant == "auto":
-        # MXFP8 keeps the generic kernel: its words variants wrote other bytes than the CPU path on
-        # the H200 (benchmarks/results/h200_2026-12-04/mx.txt), though identical under the interpreter.
-        variant = VARIANT if words is not None and fmt is not MXFP8 else "generic"
+        variant = "generic" if words is None else MXFP8_VARIANT if fmt is MXFP8 else VARIANT
     if variant not in VARIANTS:
         raise ValueError(f"{fmt.name} triton: unknown variant {variant!r} (one of {VARIANTS})")
     fp4 = fmt is not MXFP8
@@ -276,7 +342,8 @@ def launch(
         QMAX=fmt.qmax,
         SATURATE=fmt.saturate,
         FP4=fp4,
-        MAGIC=variant == "words_magic",
+        MAGIC=variant in ("words_magic", "words_cvt"),
+        CVT=variant == "words_cvt",
         INT64=needs_int64(words, rows * k // 2),
         SOFT_ROUND=soft,
         BLOCK_R=br,
