@@ -3,7 +3,7 @@
 
 Run on CUDA (the lead's H200 batch)::
 
-    python benchmarks/gpu_mx.py            # checks, then the table; exit 1 on any byte mismatch
+    python benchmarks/gpu_mx.py            # checks, then the table (always); exit 1 on any byte mismatch
     python benchmarks/gpu_mx.py --tune     # also sweeps tile shapes/warps per shape and prints the best
 
 and on CPU, to prove the script end to end (Triton interpreter, tiny shapes)::
@@ -42,12 +42,15 @@ VARIANT_CONFIGS = [
     ("generic", None, None, None),
     ("words", None, None, None),
     ("words_magic", None, None, None),
-    ("words_magic", 16, 256, 4),
+    ("words_cvt", None, None, None),
     ("words_magic", 32, 512, 8),
     ("words_magic", 8, 1024, 4),
-    ("words_magic", 32, 256, 4),
+    ("words_cvt", 32, 512, 8),
+    ("words_cvt", 8, 1024, 4),
     ("words", 32, 512, 8),
 ]
+#: Mismatching bytes printed per failing check (flat index, source bits, CPU byte, GPU byte).
+SHOW_MISMATCHES = 3
 
 
 def _source(shape: tuple[int, ...], device: str, seed: int) -> torch.Tensor:
@@ -65,6 +68,36 @@ def _variants(src: torch.Tensor) -> list[str]:
 
     x = src if src.dim() == 3 else src.unsqueeze(0)
     return list(triton_kernels.VARIANTS) if bf16_words(x) is not None else ["generic"]
+
+
+def mismatch_lines(src: torch.Tensor, fmt, cpu_q, cpu_s, gpu_q, gpu_s, limit: int = SHOW_MISMATCHES) -> list[str]:
+    """The first ``limit`` differing value bytes and scale bytes: flat index, source element(s) bits, CPU, GPU.
+
+    A value byte ``i`` of MXFP8 is source element ``i``; of MXFP4 it packs elements ``2i`` (low
+    nibble) and ``2i + 1``. A scale byte ``g`` covers elements ``32g .. 32g + 31`` (its amax shown).
+    """
+    x = src.detach().cpu().contiguous().view(-1)
+    bits_dtype = {2: torch.int16, 4: torch.int32}[x.element_size()]
+    width = 2 * x.element_size()
+
+    def bits(j: int) -> int:
+        return int(x[j : j + 1].view(bits_dtype)) & ((1 << (8 * x.element_size())) - 1)
+
+    lines = []
+    for what, c, g in (("value", cpu_q, gpu_q), ("scale", cpu_s, gpu_s)):
+        c8, g8 = c.contiguous().view(torch.uint8).view(-1), g.cpu().contiguous().view(torch.uint8).view(-1)
+        diff = (c8 != g8).nonzero().view(-1)
+        for i in diff[:limit].tolist():
+            if what == "scale":
+                grp = x[32 * i : 32 * i + 32].float()
+                about = f"group amax {float(grp.abs().max()):.6g}"
+            else:
+                idx = [i] if fmt.per_byte == 1 else [2 * i, 2 * i + 1]
+                about = " ".join(f"x[{j}]=0x{bits(j):0{width}x} ({float(x[j]):.6g})" for j in idx)
+            lines.append(f"    {what} byte {i}: {about}: CPU 0x{int(c8[i]):02x} GPU 0x{int(g8[i]):02x}")
+        if len(diff) > limit:
+            lines.append(f"    ... {len(diff)} {what} bytes differ of {c8.numel()}")
+    return lines
 
 
 def check_bytes(conversions: dict, shapes: list, device: str) -> int:
@@ -91,13 +124,17 @@ def check_bytes(conversions: dict, shapes: list, device: str) -> int:
                         triton_kernels.quantize(src, gq, gs, fmt, variant=variant)
                         ok = torch.equal(gq.cpu().view(torch.uint8), cq.view(torch.uint8)) and torch.equal(gs.cpu(), cs)
                         verdict = "ok" if ok else "MISMATCH"
+                        details = [] if ok else mismatch_lines(src, fmt, cq, cs, gq, gs)
                     except Exception as exc:  # noqa: BLE001 -- report and go on
                         ok, verdict = (
                             False,
                             f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}",
                         )
+                        details = []
                     bad += not ok
                     print(f"bytes {name:6s} {str(shape):18s} {layout:10s} {variant:12s} {verdict}")
+                    for line in details:
+                        print(line)
     return bad
 
 
@@ -166,6 +203,10 @@ def bench(conversions: dict, shapes: list, device: str, tune: bool, quick: bool)
                         and torch.equal(s.cpu(), cs)
                         and int(flag.item()) == 0
                     )
+                    if not ok:
+                        print(f"bench bytes {name} {shape} {label}: MISMATCH (timed all the same)")
+                        for line in mismatch_lines(src, fmt, cq, cs, q, s):
+                            print(line)
                     t = _median_ms(fn, device)
                     gbs = moved / t / 1e6
                     rows.append((name, str(shape), label, t, gbs, gbs / copy_gbs, "yes" if ok else "NO"))
@@ -219,17 +260,15 @@ def main(argv: list[str] | None = None) -> int:
         f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}, "
         f"torch {torch.__version__}"
     )
-    bad = check_bytes(conversions, check_shapes, device)
-    if bad:
-        print(f"{bad} byte mismatch(es): GPU bytes differ from the CPU path")
-        return 1
+    bad_check = check_bytes(conversions, check_shapes, device)
+    if bad_check:
+        print(f"{bad_check} byte mismatch(es): GPU bytes differ from the CPU path; timing every variant all the same")
     if args.dry_run:
         os.environ["CONVERSION_CORE_BACKEND"] = "triton"  # fn on CPU tensors takes the kernel too
     bad = bench(conversions, bench_shapes, device, args.tune and not args.dry_run, args.quick)
     if bad:
         print(f"{bad} benchmarked variant(s) with bytes != CPU torch path (or errors)")
-        return 1
-    return 0
+    return 1 if bad or bad_check else 0
 
 
 if __name__ == "__main__":
