@@ -230,7 +230,8 @@ def bench(conversions: dict, shapes: list, device: str, tune: bool, quick: bool)
                 print(f"best {name} {shape:18s}: {best[2]} {best[3]:.4f} ms {best[4]:.0f} GB/s {best[5]:.2f} of copy")
     tk = triton_kernels
     print(
-        f"defaults: VARIANT={tk.VARIANT} words {tk.WORDS_BLOCK_R}x{tk.WORDS_BLOCK_C} w{tk.WORDS_NUM_WARPS}; "
+        f"defaults: VARIANT={tk.VARIANT} MXFP8_VARIANT={tk.MXFP8_VARIANT} "
+        f"words {tk.WORDS_BLOCK_R}x{tk.WORDS_BLOCK_C} w{tk.WORDS_NUM_WARPS}; "
         f"generic BLOCK_R={tk.BLOCK_R} BLOCK_C={tk.BLOCK_C} NUM_WARPS={tk.NUM_WARPS}"
     )
     return bad

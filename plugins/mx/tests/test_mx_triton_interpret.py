@@ -86,6 +86,8 @@ else:
         with pytest.raises(cc.ConversionInputError, match=r"\(5, 64\) holds NaN or Inf"):
             cc.load_registry().get(name).convert(src)
 
+    import triton
+    import triton.language as tl
     from conversion_core_mx import torch_path, triton_kernels
     from conversion_core_mx.numerics import MXFP4, MXFP8
 
@@ -141,8 +143,82 @@ else:
             with pytest.raises(ValueError, match="needs a bf16 source"):
                 triton_kernels.launch(src, q, s, flag, fmt, variant="words")
 
+    def _every_bf16_under(anchors: list[float], subnormals: bool = True) -> torch.Tensor:
+        """Groups of 32: one anchor (the group amax, so the scale) then every finite bf16 of magnitude <= it.
+
+        Every bf16 bit pattern at or below the anchor appears, both signs, ``-0.0`` included, so
+        each scale's rounding meets every mantissa, the e4m3/e2m1 subnormal range and its ties.
+        """
+        every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+        every = every[torch.isfinite(every)]
+        if not subnormals:
+            every = every[(every == 0) | (every.abs() >= 2.0**-126)]
+        groups = []
+        for anchor in anchors:
+            a = torch.tensor(anchor, dtype=torch.bfloat16)
+            vals = every[every.abs() <= a]
+            pad = (-len(vals)) % 31
+            vals = torch.cat([vals, torch.zeros(pad, dtype=torch.bfloat16)]).view(-1, 31)
+            groups.append(torch.cat([a.expand(len(vals), 1), vals], dim=1))
+        g = torch.cat(groups)
+        g = torch.cat([g, torch.zeros((-len(g)) % 8, 32, dtype=torch.bfloat16)])
+        return g.reshape(-1, 256)
+
+    #: Group amaxes: bf16's smallest subnormal and normal, tiny (scale byte 0), 1, 448, 3e4, bf16 max (top scale).
+    ANCHORS = [2.0**-133, 2.0**-126, 2.0**-110, 1.0, 448.0, 3.0e4, float(torch.finfo(torch.bfloat16).max)]
+
     @pytest.mark.parametrize("fmt", [MXFP8, MXFP4], ids=["mxfp8", "mxfp4"])
-    @pytest.mark.parametrize("variant", ["words", "words_magic"])
+    @pytest.mark.parametrize("variant", triton_kernels.VARIANTS)
+    def test_every_bf16_value(fmt, variant):
+        # The interpreter's own bf16 -> float32 cast mangles bf16 subnormals (the GPU's is exact), and
+        # only the generic kernel uses that cast (words read the bits): it gets no subnormal.
+        if variant == "generic":
+            src = _every_bf16_under([a for a in ANCHORS if a >= 2.0**-126], subnormals=False)
+        else:
+            src = _every_bf16_under(ANCHORS)
+        conversion = cc.load_registry().get(fmt.name)
+        want_q, want_s = conversion.allocate(src.shape, "cpu")
+        torch_path.quantize(src, want_q, want_s, fmt)
+        if True:
+            q, s = conversion.allocate(src.shape, "cpu")
+            flag = torch.zeros(1, dtype=torch.int32)
+            triton_kernels.launch(src, q, s, flag, fmt, variant=variant)
+            assert int(flag) == 0
+            assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), variant
+            assert torch.equal(s, want_s), variant
+
+    @triton.jit
+    def _e4m3_byte_kernel(v_ptr, out_ptr, limit, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(v_ptr + offs, mask=offs < n)
+        tl.store(out_ptr + offs, triton_kernels._e4m3_byte(v, limit), mask=offs < n)
+
+    def _e4m3_edges() -> torch.Tensor:
+        """float32 values at and around every e4m3 value and midpoint, float32 subnormals, random ones."""
+        grid = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+        mids = (grid[:-1] + grid[1:]) / 2  # exact in float32: the ties
+        base = torch.cat([grid, mids, torch.tensor([464.0, 480.0, 1.0e4, 2.0**-10, 2.0**-11, 3 * 2.0**-11])])
+        near = base.view(torch.int32)
+        around = torch.cat([near - 1, near, near + 1]).clamp(min=0).view(torch.float32)
+        sub = torch.tensor([1, 2, 0x7FFFFF, 0x800000, 0x800001], dtype=torch.int32).view(torch.float32)
+        rnd = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 2.0 ** torch.randint(
+            -20, 9, (4096,), generator=torch.Generator().manual_seed(1)
+        )
+        x = torch.cat([around, sub, rnd, torch.tensor([0.0])])
+        return torch.cat([x, -x])
+
+    @pytest.mark.parametrize("limit", [448.0, 240.0])
+    def test_e4m3_byte_is_torch_cast(limit):
+        """:func:`_e4m3_byte` (clamp to ±limit, RNE) equals torch's clamp then float8_e4m3fn cast, bit for bit."""
+        v = _e4m3_edges()
+        out = torch.empty(v.shape, dtype=torch.int32)
+        _e4m3_byte_kernel[(triton.cdiv(v.numel(), 1024),)](v, out, limit, v.numel(), BLOCK=1024)
+        want = v.clamp(-limit, limit).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+        bad = (out != want).nonzero().view(-1)[:5]
+        assert bad.numel() == 0, [(float(v[i]), int(out[i]), int(want[i])) for i in bad]
+
+    @pytest.mark.parametrize("fmt", [MXFP8, MXFP4], ids=["mxfp8", "mxfp4"])
+    @pytest.mark.parametrize("variant", ["words", "words_magic", "words_cvt"])
     @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
     def test_words_flag_non_finite(fmt, variant, bad):
         src = torch.ones(5, 64, dtype=torch.bfloat16)
