@@ -179,13 +179,12 @@ else:
         conversion = cc.load_registry().get(fmt.name)
         want_q, want_s = conversion.allocate(src.shape, "cpu")
         torch_path.quantize(src, want_q, want_s, fmt)
-        if True:
-            q, s = conversion.allocate(src.shape, "cpu")
-            flag = torch.zeros(1, dtype=torch.int32)
-            triton_kernels.launch(src, q, s, flag, fmt, variant=variant)
-            assert int(flag) == 0
-            assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), variant
-            assert torch.equal(s, want_s), variant
+        q, s = conversion.allocate(src.shape, "cpu")
+        flag = torch.zeros(1, dtype=torch.int32)
+        assert triton_kernels.launch(src, q, s, flag, fmt, variant=variant) == variant
+        assert int(flag) == 0
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+        assert torch.equal(s, want_s)
 
     @triton.jit
     def _e4m3_byte_kernel(v_ptr, out_ptr, limit, n, BLOCK: tl.constexpr):
