@@ -24,9 +24,21 @@ import sys
 import tempfile
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
+
+
+@triton.jit
+def _old_pack_control(w_ptr, q_ptr, BLOCK: tl.constexpr):
+    """The 2026-12-04 MXFP8 words pack (fp8 cast, bitcast, int16 pack): the positive control."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + offs)
+    lo = (w << 16).to(tl.float32, bitcast=True).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    hi = (w & -65536).to(tl.float32, bitcast=True).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    tl.store(q_ptr + offs, (lo | (hi << 8)).to(tl.int16))
+
 
 _NO_DEST = ("ST", "RED", "BAR", "EXIT", "BRA", "RET", "NOP", "WARPSYNC", "MEMBAR", "CCTL", "ERRBAR", "DEPBAR")
 
@@ -55,6 +67,8 @@ def scan(sass: str) -> tuple[int, int, list[str]]:
         addr = re.findall(r"\[([^\]]*)\]", rest)
         ops = [t.strip() for t in re.sub(r"\[[^\]]*\]", "ADDR", rest).split(",")]
         dest: list[int] = []
+        if op.startswith("SHFL") and ops and not _regs(ops[0]):
+            ops = ops[1:]  # SHFL writes a predicate, then its register
         if ops and not op.startswith(_NO_DEST):
             dest = _regs(ops[0])
             width = 4 if ".128" in op else 2 if (".64" in op or ".WIDE" in op) else 1
@@ -138,11 +152,12 @@ def main() -> int:
     for fmt in (MXFP8, MXFP4):
         fp4 = fmt is MXFP4
         common = dict(OFFSET=fmt.offset, QMAX=fmt.qmax, SATURATE=fmt.saturate, FP4=fp4, SOFT_ROUND=False)
-        for variant in ("words", "words_magic", "words_cvt"):
-            if fp4 and variant == "words_cvt":
+        for variant in ("words", "words_magic", "words_int", "words_cvt"):
+            if (fp4 and variant == "words_cvt") or (not fp4 and variant != "words" and variant != "words_cvt"):
                 continue
             for br, groups, warps in ((16, 1, 4), (tk.WORDS_BLOCK_R, tk.WORDS_BLOCK_C // 32, tk.WORDS_NUM_WARPS)):
-                ce = dict(common, MAGIC=variant != "words", CVT=variant == "words_cvt", INT64=False)
+                ce = dict(common, MAGIC=variant == "words_magic", CVT=variant == "words_cvt", INT64=False)
+                ce.update(E2M1_INT=variant == "words_int")
                 ce.update(BLOCK_R=br, GROUPS=groups)
                 sig = dict(words_sig, q_ptr="*u8" if fp4 else "*i16")
                 label = f"{fmt.name} {variant} {br}x{groups * 32} w{warps}"
@@ -151,6 +166,9 @@ def main() -> int:
         sig = dict(generic_sig, q_ptr="*u8" if fp4 else "*fp8e4nv")
         # Branches and masked loads' "other" halves make the linear scan report reads that are not bugs.
         configs.append((f"{fmt.name} generic (branchy: info)", tk._mx_kernel, sig, ce, tk.NUM_WARPS, False))
+    # Expected to show suspicious reads with the ptxas of Triton 3.6 (12.8): the old pattern.
+    control = ("control: old fp8 cast+pack", _old_pack_control, {"w_ptr": "*i32", "q_ptr": "*i16"}, {"BLOCK": 1024}, 4)
+    configs.append((*control, False))
     for label, fn, sig, ce, warps, strict in configs:
         try:
             count, f2fp, bad = scan(compile_sass(fn, sig, ce, warps))

@@ -137,3 +137,26 @@ def needs_int64(words: torch.Tensor, out_elements: int) -> bool:
     """Whether some source offset (in words) or output offset reaches 2**31 (then the kernels use int64)."""
     span = 1 + sum((n - 1) * s for n, s in zip(words.shape, words.stride(), strict=True))
     return max(span, out_elements) >= INT32_LIMIT
+
+
+#: ``bits(1.0)``: e2m1's smallest normal magnitude; below it e2m1 steps by 0.5.
+_E2M1_MIN_NORMAL_BITS = tl.constexpr(0x3F800000)
+#: Added to the magnitude bits before the shift by 22: the RNE half (``2**21 - 1``, the tie bit added
+#: apart) and the exponent rebias ``(127 - 1) << 1`` moved before the shift (a multiple of ``2**22``).
+_E2M1_NORMAL_ADD = tl.constexpr(0x1FFFFF - (252 << 22))
+
+
+@triton.jit
+def _e2m1_index_int(a):
+    """The index of :func:`_e2m1_index_cmp` for float32 ``0 <= a <= 6`` by integer rounding of its bits.
+
+    For ``a >= 1`` the index is ``a``'s bits rounded to one mantissa bit (integer RNE: the carry
+    runs into the exponent, 1.75 -> 2, 3.5 -> 4) and rebiased; below 1 one add of ``2**22`` (ulp
+    0.5, e2m1's subnormal step) rounds with IEEE RNE (0.25 -> 0, 0.75 -> 1) and its bits count the
+    steps. Fewer instructions than the magic-constant select and exact on any hardware: integer
+    ops and one add that sees a min (never a product, so no FMA contraction).
+    """
+    mag = a.to(tl.int32, bitcast=True)
+    tiny = (a + 4194304.0).to(tl.int32, bitcast=True) - _MAGIC_HALF_BITS
+    normal = (mag + _E2M1_NORMAL_ADD + ((mag >> 22) & 1)) >> 22
+    return tl.where(mag < _E2M1_MIN_NORMAL_BITS, tiny, normal)

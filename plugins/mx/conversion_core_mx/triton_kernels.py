@@ -11,7 +11,8 @@ Two kernels compute the same bytes:
   codes) at the same ``(r, g, i)``, MXFP8 the two e4m3 bytes of word ``i`` as one little-endian
   int16 there: contiguous stores either way. A 1-D grid walks column blocks fastest; int32
   offsets unless some offset reaches 2**31. ``variant="words_magic"`` (MXFP4) takes the e2m1
-  code from :func:`conversion_core.formats.fp4_triton._e2m1_magic`: the same codes.
+  code from :func:`conversion_core.formats.fp4_triton._e2m1_index_magic`, ``"words_int"``
+  from :func:`conversion_core.formats.fp4_triton._e2m1_index_int` (integer RNE): the same codes.
   MXFP8's e4m3 byte is :func:`_e4m3_byte` (integer RNE on the float32 bits plus one exact
   magic add for the subnormal range): no fp8 cast, so the interpreter runs the very code the
   GPU runs. ``variant="words_cvt"`` (MXFP8 only; MXFP4 runs words_magic) instead converts each
@@ -56,6 +57,7 @@ from conversion_core.formats.fp4_triton import (
     _bf16_lo,
     _e2m1_cmp,
     _e2m1_code,
+    _e2m1_index_int,
     _flag_non_finite,
     _pack_nibbles,
     bf16_words,
@@ -66,7 +68,7 @@ from conversion_core.formats.fp8_triton import FLT_MAX, _to_e4m3
 from .numerics import MXFP8, MxFormat, check_k, non_finite_error
 
 #: The variants :func:`launch` accepts; "auto" is :data:`VARIANT` where the words layout applies, else generic.
-VARIANTS = ("generic", "words", "words_magic", "words_cvt")
+VARIANTS = ("generic", "words", "words_magic", "words_int", "words_cvt")
 #: The "auto" variant per format where the words layout applies.
 VARIANT = "words_magic"
 MXFP8_VARIANT = "words"
@@ -115,11 +117,16 @@ def _e4m3_byte(v, limit):
     NaN gives an unspecified byte: callers flag NaN/Inf.
     """
     bits = v.to(tl.int32, bitcast=True)
-    a = tl.minimum(tl.abs(v), limit)
+    return _e4m3_mag(tl.minimum(tl.abs(v), limit)) | ((bits >> 24) & 0x80)
+
+
+@triton.jit
+def _e4m3_mag(a):
+    """The e4m3 magnitude byte (0..0x7E) of float32 ``0 <= a <= 448``, RNE: see :func:`_e4m3_byte`."""
     mag = a.to(tl.int32, bitcast=True)
     tiny = (a + 16384.0).to(tl.int32, bitcast=True) - _MAGIC_E4M3_SUB_BITS
     normal = (mag + _E4M3_NORMAL_ADD + ((mag >> 20) & 1)) >> 20
-    return tl.where(mag < _E4M3_MIN_NORMAL_BITS, tiny, normal) | ((bits >> 24) & 0x80)
+    return tl.where(mag < _E4M3_MIN_NORMAL_BITS, tiny, normal)
 
 
 @triton.jit
@@ -213,6 +220,7 @@ def _mx_words_kernel(
     SATURATE: tl.constexpr,
     FP4: tl.constexpr,
     MAGIC: tl.constexpr,
+    E2M1_INT: tl.constexpr,
     CVT: tl.constexpr,
     INT64: tl.constexpr,
     SOFT_ROUND: tl.constexpr,
@@ -247,7 +255,12 @@ def _mx_words_kernel(
     v_lo = _bf16_lo(w) * recip
     v_hi = _bf16_hi(w) * recip
     out = rows[:, None, None] * (GK * 16) + col[None, :, :]
-    if FP4:
+    if FP4 and E2M1_INT:
+        # Sign bit v < 0 per element (-0.0 gets code 0, unlike e4m3), the index from min(|v|, limit).
+        c_lo = _e2m1_index_int(tl.minimum(tl.abs(v_lo), limit)) | ((v_lo < 0.0).to(tl.int32) << 3)
+        c_hi = _e2m1_index_int(tl.minimum(tl.abs(v_hi), limit)) | ((v_hi < 0.0).to(tl.int32) << 3)
+        tl.store(q_ptr + out, _pack_nibbles(c_lo, c_hi), mask=mask, eviction_policy="evict_first")
+    elif FP4:
         # The clamp to ±limit is the code's own min(|v|, limit): the same codes.
         byte = _pack_nibbles(_e2m1_code(v_lo, limit, MAGIC), _e2m1_code(v_hi, limit, MAGIC))
         tl.store(q_ptr + out, byte, mask=mask, eviction_policy="evict_first")
@@ -256,7 +269,11 @@ def _mx_words_kernel(
         v_hi = tl.minimum(tl.maximum(v_hi, -limit), limit)
         tl.store(q_ptr + out, _e4m3x2_cvt(v_hi, v_lo), mask=mask, eviction_policy="evict_first")
     else:
-        pair = _e4m3_byte(v_lo, limit) | (_e4m3_byte(v_hi, limit) << 8)
+        # Magnitudes from |x| (the amax's bits, already there), signs straight from the word: the
+        # sign of x * 2**k is x's (bit 15 -> bit 7 of the pair, bit 31 -> bit 15), -0.0 included.
+        a_lo = tl.minimum(((w << 16) & 0x7FFFFFFF).to(tl.float32, bitcast=True) * recip, limit)
+        a_hi = tl.minimum((w & 0x7FFF0000).to(tl.float32, bitcast=True) * recip, limit)
+        pair = _e4m3_mag(a_lo) | (_e4m3_mag(a_hi) << 8) | ((w >> 8) & 0x80) | ((w >> 16) & 0x8000)
         tl.store(q_ptr + out, pair.to(tl.int16), mask=mask, eviction_policy="evict_first")
     tl.store(s_ptr + rows[:, None] * GK + groups[None, :], code.to(tl.uint8), mask=gmask)
 
@@ -277,8 +294,8 @@ def launch(
 
     ``variant``: "auto" (:data:`MXFP8_VARIANT` / :data:`VARIANT` where the words layout applies,
     else "generic") or one of :data:`VARIANTS` ("words*" on a source without that layout raises
-    ValueError; "words_magic" only changes MXFP4; "words_cvt" is MXFP8's hardware cast and
-    MXFP4's words_magic). ``block_r``, ``block_c`` (columns, a multiple of 32) and ``num_warps``
+    ValueError; "words_magic" and "words_int" only change MXFP4; "words_cvt" is MXFP8's hardware
+    cast and MXFP4's words_magic). ``block_r``, ``block_c`` (columns, a multiple of 32) and ``num_warps``
     override the variant's tile. Returns the variant run.
     """
     check_k(fmt.name, tuple(src.shape))
@@ -343,6 +360,7 @@ def launch(
         SATURATE=fmt.saturate,
         FP4=fp4,
         MAGIC=variant in ("words_magic", "words_cvt"),
+        E2M1_INT=variant == "words_int",
         CVT=variant == "words_cvt",
         INT64=needs_int64(words, rows * k // 2),
         SOFT_ROUND=soft,
