@@ -3,7 +3,7 @@
 
 Run on CUDA (the lead's H200 batch)::
 
-    python benchmarks/gpu_mx.py            # checks, then the table (always); exit 1 on any byte mismatch
+    python benchmarks/gpu_mx.py --quick    # checks, then the table (always); exit 1 on any byte mismatch
     python benchmarks/gpu_mx.py --tune     # also sweeps tile shapes/warps per shape and prints the best
 
 and on CPU, to prove the script end to end (Triton interpreter, tiny shapes)::
@@ -12,15 +12,18 @@ and on CPU, to prove the script end to end (Triton interpreter, tiny shapes)::
 
 (1) For every kernel (``mxfp8``, ``mxfp4``) and several shapes, including rows that are not a
 multiple of the tile, 3D expert stacks and a transposed source, the GPU kernel's value and scale
-bytes must equal the CPU torch path's on the same bf16 input. Every kernel variant
-that applies is checked (``words``/``words_magic``: bf16 with K contiguous; ``generic``: every source,
-the transposed and fp32 ones too). (2) Each variant and tile of :data:`VARIANT_CONFIGS` is timed with
+bytes must equal the CPU torch path's on the same bf16 input. Every distinct variant of the format
+that applies is checked (``triton_kernels.FORMAT_VARIANTS``; ``words*``: bf16 with K contiguous;
+``generic``: every source, the transposed and fp32 ones too); a failing check prints its first
+mismatching bytes (flat index, source bits, CPU byte, GPU byte) and the timing runs all the same.
+(2) Each variant and tile of :data:`VARIANT_CONFIGS` is timed with
 ``triton.testing.do_bench`` (median) against ``dst.copy_(src)`` of the same input in the same run,
 its bytes checked against the CPU torch path on the bench shape; GB/s counts bytes in plus bytes out
 (bf16 source; e4m3 or packed e2m1 values; one scale byte per 32). The plugin's launch path
 (``conv.launch``, what the whole-model plan calls) and the checked ``Conversion.fn`` are timed too.
 One row per (kernel, shape, variant), then a "best" line per kernel and shape. Target: kernel >= 0.92
-of copy on the bench shapes. ``--quick``: default tiles only; ``--tune``: also sweep the tiles.
+of copy on the bench shapes. ``--quick``: the default tiles and 32x512 w8 only (the lead's run, < 90 s);
+``--tune``: also sweep the tiles.
 """
 
 from __future__ import annotations
@@ -42,13 +45,19 @@ VARIANT_CONFIGS = [
     ("generic", None, None, None),
     ("words", None, None, None),
     ("words_magic", None, None, None),
+    ("words_int", None, None, None),
     ("words_cvt", None, None, None),
-    ("words_magic", 32, 512, 8),
-    ("words_magic", 8, 1024, 4),
-    ("words_cvt", 32, 512, 8),
-    ("words_cvt", 8, 1024, 4),
     ("words", 32, 512, 8),
+    ("words_int", 32, 512, 8),
+    ("words_cvt", 32, 512, 8),
+    ("words", 8, 1024, 4),
+    ("words_int", 8, 1024, 4),
+    ("words_cvt", 8, 1024, 4),
+    ("words_int", 32, 1024, 8),
+    ("words_cvt", 32, 1024, 8),
 ]
+#: ``--quick``: the default tiles and one larger tile of each format's candidates.
+QUICK_TILES = {(None, None, None), (32, 512, 8)}
 #: Mismatching bytes printed per failing check (flat index, source bits, CPU byte, GPU byte).
 SHOW_MISMATCHES = 3
 
@@ -61,13 +70,14 @@ def _source(shape: tuple[int, ...], device: str, seed: int) -> torch.Tensor:
     return x.to(torch.bfloat16).to(device)
 
 
-def _variants(src: torch.Tensor) -> list[str]:
+def _variants(src: torch.Tensor, name: str) -> list[str]:
+    """The format's distinct variants that apply to ``src`` (words*: bf16 with K contiguous)."""
     from conversion_core_mx import triton_kernels
 
     from conversion_core.formats.fp4_triton import bf16_words
 
     x = src if src.dim() == 3 else src.unsqueeze(0)
-    return list(triton_kernels.VARIANTS) if bf16_words(x) is not None else ["generic"]
+    return list(triton_kernels.FORMAT_VARIANTS[name]) if bf16_words(x) is not None else ["generic"]
 
 
 def mismatch_lines(src: torch.Tensor, fmt, cpu_q, cpu_s, gpu_q, gpu_s, limit: int = SHOW_MISMATCHES) -> list[str]:
@@ -118,7 +128,7 @@ def check_bytes(conversions: dict, shapes: list, device: str) -> int:
                 cpu = src.cpu()
                 cq, cs = conv.allocate(cpu.shape, "cpu")
                 torch_path.quantize(cpu, cq, cs, fmt)
-                for variant in _variants(src):
+                for variant in _variants(src, name):
                     try:
                         gq, gs = conv.allocate(src.shape, device)
                         triton_kernels.quantize(src, gq, gs, fmt, variant=variant)
@@ -185,10 +195,15 @@ def bench(conversions: dict, shapes: list, device: str, tune: bool, quick: bool)
             q, s = conv.allocate(src.shape, device)
             flag = torch.zeros(1, dtype=torch.int32, device=device)
             moved = src.numel() * 2 + q.numel() * q.element_size() + s.numel()
-            configs = [c for c in VARIANT_CONFIGS if not quick or c[1] is None]
+            configs = [
+                c
+                for c in VARIANT_CONFIGS
+                if c[0] in triton_kernels.FORMAT_VARIANTS[name] and (not quick or c[1:] in QUICK_TILES)
+            ]
             if tune:
                 configs += [("generic", br, bc, w) for br, bc, w in TUNE]
-                configs += [("words_magic", br, bc, w) for br, bc, w in WORDS_TUNE]
+                best_words = "words_cvt" if name == "mxfp8" else "words_int"
+                configs += [(best_words, br, bc, w) for br, bc, w in WORDS_TUNE]
             configs += [("conv.launch", None, None, None), ("conv.fn", None, None, None)]
             for variant, br, bc, w in configs:
                 label = variant + ("" if br is None else f" {br}x{bc} w{w}")

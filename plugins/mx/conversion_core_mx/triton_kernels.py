@@ -69,6 +69,11 @@ from .numerics import MXFP8, MxFormat, check_k, non_finite_error
 
 #: The variants :func:`launch` accepts; "auto" is :data:`VARIANT` where the words layout applies, else generic.
 VARIANTS = ("generic", "words", "words_magic", "words_int", "words_cvt")
+#: The variants that differ per format (the others repeat one of these: same constexprs, same kernel).
+FORMAT_VARIANTS = {
+    "mxfp8": ("generic", "words", "words_cvt"),
+    "mxfp4": ("generic", "words", "words_magic", "words_int"),
+}
 #: The "auto" variant per format where the words layout applies.
 VARIANT = "words_magic"
 MXFP8_VARIANT = "words"
@@ -359,9 +364,9 @@ def launch(
         QMAX=fmt.qmax,
         SATURATE=fmt.saturate,
         FP4=fp4,
-        MAGIC=variant in ("words_magic", "words_cvt"),
-        E2M1_INT=variant == "words_int",
-        CVT=variant == "words_cvt",
+        MAGIC=fp4 and variant in ("words_magic", "words_cvt"),
+        E2M1_INT=fp4 and variant == "words_int",
+        CVT=not fp4 and variant == "words_cvt",
         INT64=needs_int64(words, rows * k // 2),
         SOFT_ROUND=soft,
         BLOCK_R=br,

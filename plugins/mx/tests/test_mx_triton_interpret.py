@@ -128,7 +128,7 @@ else:
         x = src if src.dim() == 3 else src.unsqueeze(0)
         words = bf16_words(x) is not None
         assert words == (src.dtype == torch.bfloat16 and src.stride(-1) == 1)
-        for variant in triton_kernels.VARIANTS if words else ("generic",):
+        for variant in triton_kernels.FORMAT_VARIANTS[fmt.name] if words else ("generic",):
             tiles = [(None, None, None), (32, 1024, 8)] + ([(1, 32, 1), (4, 64, 2)] if src.numel() <= 2048 else [])
             for tile in tiles:
                 q, s = conversion.allocate(src.shape, "cpu")
@@ -167,8 +167,11 @@ else:
     #: Group amaxes: bf16's smallest subnormal and normal, tiny (scale byte 0), 1, 448, 3e4, bf16 max (top scale).
     ANCHORS = [2.0**-133, 2.0**-126, 2.0**-110, 1.0, 448.0, 3.0e4, float(torch.finfo(torch.bfloat16).max)]
 
-    @pytest.mark.parametrize("fmt", [MXFP8, MXFP4], ids=["mxfp8", "mxfp4"])
-    @pytest.mark.parametrize("variant", triton_kernels.VARIANTS)
+    @pytest.mark.parametrize(
+        ("fmt", "variant"),
+        [(f, v) for f in (MXFP8, MXFP4) for v in triton_kernels.FORMAT_VARIANTS[f.name]],
+        ids=lambda x: getattr(x, "name", x),
+    )
     def test_every_bf16_value(fmt, variant):
         # The interpreter's own bf16 -> float32 cast mangles bf16 subnormals (the GPU's is exact), and
         # only the generic kernel uses that cast (words read the bits): it gets no subnormal.
@@ -217,7 +220,21 @@ else:
         assert bad.numel() == 0, [(float(v[i]), int(out[i]), int(want[i])) for i in bad]
 
     @pytest.mark.parametrize("fmt", [MXFP8, MXFP4], ids=["mxfp8", "mxfp4"])
-    @pytest.mark.parametrize("variant", ["words", "words_magic", "words_cvt"])
+    def test_every_variant_name_is_accepted(fmt):
+        """Aliases (a variant that does not change this format) run the same kernel: same bytes."""
+        src = _weights((3, 64), torch.bfloat16, 11)
+        conversion = cc.load_registry().get(fmt.name)
+        want_q, want_s = conversion.allocate(src.shape, "cpu")
+        torch_path.quantize(src, want_q, want_s, fmt)
+        for variant in triton_kernels.VARIANTS:
+            q, s = conversion.allocate(src.shape, "cpu")
+            flag = torch.zeros(1, dtype=torch.int32)
+            assert triton_kernels.launch(src, q, s, flag, fmt, variant=variant) == variant
+            assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s), variant
+        assert set(triton_kernels.FORMAT_VARIANTS[fmt.name]) <= set(triton_kernels.VARIANTS)
+
+    @pytest.mark.parametrize("fmt", [MXFP8, MXFP4], ids=["mxfp8", "mxfp4"])
+    @pytest.mark.parametrize("variant", ["words", "words_magic", "words_int", "words_cvt"])
     @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
     def test_words_flag_non_finite(fmt, variant, bad):
         src = torch.ones(5, 64, dtype=torch.bfloat16)
