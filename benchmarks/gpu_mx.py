@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -175,7 +176,7 @@ def _timed(conv, triton_kernels, variant: str, args: tuple):
     return lambda: triton_kernels.launch(src, q, s, flag, fmt, br, bc, w, variant=variant)
 
 
-def bench(conversions: dict, shapes: list, device: str, tune: bool, quick: bool) -> int:
+def bench(conversions: dict, shapes: list, device: str, tune: bool, quick: bool, deadline: float = float("inf")) -> int:
     """One row per (shape, kernel, variant); every variant's bytes equal the CPU torch path's. Returns mismatches."""
     from conversion_core_mx import torch_path, triton_kernels
     from conversion_core_mx.numerics import MXFP4, MXFP8
@@ -183,6 +184,10 @@ def bench(conversions: dict, shapes: list, device: str, tune: bool, quick: bool)
     rows = []
     bad = 0
     for shape in shapes:
+        if time.monotonic() > deadline:
+            print(f"bench {shape}: skipped (past --budget; the table below still prints)")
+            continue
+        start = time.monotonic()
         src = _source(shape, device, 0)
         cpu = src.cpu()
         copy_dst = torch.empty_like(src)
@@ -230,6 +235,7 @@ def bench(conversions: dict, shapes: list, device: str, tune: bool, quick: bool)
                     msg = str(exc).splitlines()[0][:150] if str(exc) else ""
                     rows.append((name, str(shape), label, float("nan"), float("nan"), float("nan"), f"ERROR {msg}"))
                 bad += not ok
+        print(f"bench {shape}: {time.monotonic() - start:.1f} s")
     print()
     print(f"{'kernel':7s} {'shape':18s} {'variant':>26s} {'ms':>9s} {'GB/s':>8s} {'/copy':>6s} bytes==CPU")
     for name, shape, label, t, gbs, ratio, ok in rows:
@@ -256,8 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
     parser.add_argument("--tune", action="store_true", help="sweep tile shapes and warps per bench shape")
-    parser.add_argument("--quick", action="store_true", help="only the default tile of each variant")
+    parser.add_argument("--quick", action="store_true", help="the default tile and 32x512 w8 of each variant")
+    parser.add_argument(
+        "--budget", type=float, default=80.0, help="seconds; bench shapes that would start later are skipped"
+    )
     args = parser.parse_args(argv)
+    began = time.monotonic()
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("--dry-run needs TRITON_INTERPRET=1 in the environment (set before triton is imported)")
@@ -276,12 +286,16 @@ def main(argv: list[str] | None = None) -> int:
         f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}, "
         f"torch {torch.__version__}"
     )
+    t0 = time.monotonic()
     bad_check = check_bytes(conversions, check_shapes, device)
+    print(f"checks took {time.monotonic() - t0:.1f} s")
     if bad_check:
         print(f"{bad_check} byte mismatch(es): GPU bytes differ from the CPU path; timing every variant all the same")
     if args.dry_run:
         os.environ["CONVERSION_CORE_BACKEND"] = "triton"  # fn on CPU tensors takes the kernel too
-    bad = bench(conversions, bench_shapes, device, args.tune and not args.dry_run, args.quick)
+    t0 = time.monotonic()
+    bad = bench(conversions, bench_shapes, device, args.tune and not args.dry_run, args.quick, began + args.budget)
+    print(f"bench took {time.monotonic() - t0:.1f} s (whole run {time.monotonic() - began:.1f} s)")
     if bad:
         print(f"{bad} benchmarked variant(s) with bytes != CPU torch path (or errors)")
     return 1 if bad or bad_check else 0

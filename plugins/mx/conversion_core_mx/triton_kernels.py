@@ -37,9 +37,10 @@ Rows never mix experts (a row is one expert's row), groups never cross rows.
 
 Bit-identity: every step but the rounding is exact (integer ops, multiplication by a power of
 two, min/max; the one product feeds a min/max, never an add, so no FMA contraction), so GPU and
-CPU agree without division tricks; e4m3 rounding is the shared ``_to_e4m3`` (hardware RNE cast on
-GPUs, software RNE under the interpreter), e2m1 rounding is seven comparisons (or the magic adds)
-whose edges put every tie on the even code (compressed-tensors' ``cast_to_fp4`` buckets).
+CPU agree without division tricks; e4m3 rounding is :func:`_e4m3_byte`'s integer RNE (words), the
+hardware cast (words_cvt on GPUs) or the shared ``_to_e4m3`` (generic: hardware RNE cast on GPUs,
+software RNE under the interpreter); e2m1 rounding is seven comparisons, the magic adds or the
+integer RNE, all putting every tie on the even code (compressed-tensors' ``cast_to_fp4`` buckets).
 NaN/Inf set a device flag; the host reads it once per call (on that error the buffers' contents
 are unspecified; the torch path checks before writing).
 """
