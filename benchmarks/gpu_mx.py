@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true", help="sweep tile shapes and warps per bench shape")
     parser.add_argument("--quick", action="store_true", help="the default tile and 32x512 w8 of each variant")
     parser.add_argument(
-        "--budget", type=float, default=80.0, help="seconds; bench shapes that would start later are skipped"
+        "--budget", type=float, default=70.0, help="seconds; bench shapes that would start later are skipped"
     )
     args = parser.parse_args(argv)
     began = time.monotonic()
