@@ -394,8 +394,10 @@ class Conversion:
         short_form = not self.declares_outputs
         calls: list[tuple[Any, ...]] = []  # (src, *buffers), checked
         indices: list[int] = []  # their index in items (differs only after a DTensor item)
+        device: torch.device | None = None
+        one_device, empty = True, False
         for i, item in enumerate(items):
-            call = tuple(item)
+            call = item if type(item) is tuple else tuple(item)
             if short_form and len(call) == 2:
                 call = (*call, None)  # (src, out) for a scale-less short form
             src = call[0] if call else None
@@ -403,22 +405,28 @@ class Conversion:
                 if type(src) is not torch.Tensor and is_dtensor(src):
                     fn(*call)
                     continue
-                check(src, call[1:])
+                key = check(src, call[1:])
             except ConversionCoreError as exc:
                 raise type(exc)(f"convert_many item {i}: {exc}") from exc
+            # what the launch needs to know, read off the signature: (shape, dtype, device, ...)
+            assert key is not None  # checked: src is a tensor
+            if device is None:
+                device = key[2]
+            elif key[2] != device:
+                one_device = False
+            empty = empty or 0 in key[0]
             calls.append(call)
             indices.append(i)
         if not calls:
             return
-        first = calls[0][0]
-        device = first.device
+        assert device is not None
         run = fn.__cc_run__  # type: ignore[attr-defined]
-        if self.launch is None or not use_triton(first) or any(c[0].device != device for c in calls):
+        if self.launch is None or not one_device or not use_triton(calls[0][0]):
             for i, call in zip(indices, calls, strict=True):
                 self._run_named(i, call, run)
             return
         launched = calls
-        if any(not c[0].numel() for c in calls):  # empty sources: through fn, never a launch
+        if empty:  # sources with no elements: through fn, never a launch
             launched = [c for c in calls if c[0].numel()]
             for i, call in zip(indices, calls, strict=True):
                 if not call[0].numel():

@@ -211,3 +211,36 @@ def test_a_cached_signature_still_refuses_a_moved_device_or_rank() -> None:
     with pytest.raises(cc.ConversionInputError, match="expected 2-D or 3-D"):
         conversion.fn(torch.randn(24), out, scale)
     conversion.fn(src, out, scale)  # and the valid signature still passes afterwards
+
+
+def test_convert_many_runs_empty_sources_through_fn_and_groups_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain copy may take a source with no elements: never launched, written through ``fn``."""
+    monkeypatch.setattr(conversion_module, "use_triton", lambda t: True)
+    batches: list[int] = []
+
+    def copy(src: torch.Tensor, out: torch.Tensor, scale_out: Any = None) -> None:
+        out.copy_(src)
+
+    def launch(src: torch.Tensor, out: torch.Tensor, scale_out: Any, flag: torch.Tensor) -> None:
+        out.copy_(src)
+
+    def launch_group(items: Any, flag: torch.Tensor) -> None:
+        batches.append(len(items))
+        for src, out, _ in items:
+            assert src.numel(), "an empty source was launched"
+            out.copy_(src)
+
+    conversion = cc.Conversion(
+        name="toy_copy",
+        fn=copy,
+        requires_scale=False,
+        dst_dtype=torch.float32,
+        launch=launch,
+        launch_group=launch_group,
+    )
+    shapes = [(2, 3), (0, 3), (4, 1)]
+    items = [(torch.randn(s), torch.full(s, 7.0)) for s in shapes]  # (src, out): the short form
+    conversion.convert_many(items)
+    assert batches == [2]
+    for src, out in items:
+        assert torch.equal(out, src)
