@@ -107,3 +107,27 @@ def test_moving_sources_get_fresh_tables_every_step(monkeypatch: pytest.MonkeyPa
             want = _expected(conversion, sd[e.name])
             assert torch.equal(outputs[e.name], want[0]) and torch.equal(outputs[e.scale_name], want[1])
     assert grouped.batches == [2, 2, 2]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_non_finite_copied_source_in_a_launched_step_is_named(bad: float, which: int, monkeypatch) -> None:
+    """The copies' finiteness verdicts are reduced at once on one stream: any one of them flags."""
+    conversion = _toy(_Grouped())
+    sd = _state(0, grad=False)
+    sd["model.layers.0.post_attention_layernorm.weight"] = torch.randn(16)
+    kept = ["model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"]
+    monkeypatch.setattr(plan_local, "use_triton", lambda t: True)
+    registry = cc.Registry([], [(conversion, "test")], [])
+    plan = build_plan(sd, conversion=conversion.name, registry=registry, keep=["input_layernorm", "post_attention"])
+    plan.allocate("cpu")
+    assert [e.name for e in plan.kept] == kept and plan._launchable()
+    plan.run(sd)
+    broken = dict(sd)
+    broken[kept[which]] = sd[kept[which]].clone()
+    broken[kept[which]][3] = bad
+    with pytest.raises(cc.ConversionInputError, match=rf"tensor '{kept[which]}' .* holds NaN or Inf"):
+        plan.run(broken)
+    assert not plan.ready
+    plan.run(sd)  # the flags were cleared: the next clean step succeeds
+    assert plan.ready

@@ -324,6 +324,7 @@ class Plan:
         # (the torch-op launches and copies), as in the checked fn; one switch for the whole range
         with torch.no_grad():
             grouped: dict[int, tuple[Conversion, list[tuple[Any, ...]]]] = {}
+            finite: list[torch.Tensor] = []  # copies and casts: is the source all finite (one stream)
             for i, (name, index, conversion, buffers, group) in enumerate(chosen):
                 src = state_dict[name]  # the per-tensor work: look the source up, gather it
                 if index:
@@ -344,8 +345,13 @@ class Plan:
                         conversion.launch(src, *buffers, slot)
                     else:
                         if src.dtype.is_floating_point:
-                            slot.add_(torch.isfinite(src).all().logical_not())
+                            if streams:  # each stream ORs into its own slot
+                                slot.add_(torch.isfinite(src).all().logical_not())
+                            else:  # one stream: every copy's verdict reduced at once below
+                                finite.append(torch.isfinite(src).all())
                         conversion.raw_fn(src, *buffers)
+            if finite:
+                slots[0].add_(torch.stack(finite).logical_not().any())
             for j, (conversion, items) in enumerate(grouped.values()):
                 assert conversion.launch_group is not None
                 with torch.cuda.stream(streams[j % len(streams)]) if streams else contextlib.nullcontext():
