@@ -442,19 +442,53 @@ def _quant_one(
         for s_ in sorted(sweep, key=lambda s: s["ms"] or float("inf")):
             same = "same" if s_["same_bytes"] else "DIFF"
             print(f"    {_fmt(s_['ms'], '.3f'):>8} ms  {_fmt(s_['ratio'], '.3f')}  {same}  {s_['label']}", flush=True)
+    # The checked fn against the plugin's own function (same arguments; both end with the flag
+    # read): the difference is what the core's checks add per call. ``launch`` is the plugin's
+    # sync-free launch (its default configuration, no flag read) and ``host`` the checks' host
+    # time alone (perf_counter over many calls, nothing queued): the four split fn / kernel.
+    row["raw_fn_ms"] = report.guard(
+        f"quant {label} {name} raw_fn", lambda: _bench(lambda: conversion.raw_fn(src, out, scale), dry)
+    )
     row["fn_ms"] = report.guard(f"quant {label} {name} fn", lambda: _bench(lambda: conversion.fn(src, out, scale), dry))
+    if conversion.launch is not None:
+        row["launch_ms"] = report.guard(
+            f"quant {label} {name} launch", lambda: _bench(lambda: conversion.launch(src, out, scale, flag), dry)
+        )
     row["fn_ratio"] = ratio(row["fn_ms"])
     row["fn_over_kernel"] = row["kernel_ms"] / row["fn_ms"] if row["fn_ms"] else None
+    if row["fn_ms"] and row["raw_fn_ms"]:
+        row["fn_added_us"] = (row["fn_ms"] - row["raw_fn_ms"]) * 1e3
+    row["fn_check_host_us"] = report.guard(
+        f"quant {label} {name} fn checks host", lambda: _host_us(lambda: conversion.fn.__cc_check__(src, (out, scale)))
+    )
     if src.dim() == 3:  # per-expert views: convert_many (grouped) against fn per expert
         experts = [(src[j], out[j], scale[j]) for j in range(src.shape[0])]
+        row["experts"] = len(experts)
         row["many_ms"] = report.guard(
             f"quant {label} {name} convert_many", lambda: _bench(lambda: conversion.convert_many(experts), dry)
+        )
+        if conversion.launch_group is not None:  # the grouped kernels alone: tables built, no checks, no flag read
+            row["group_launch_ms"] = report.guard(
+                f"quant {label} {name} launch_group",
+                lambda: _bench(lambda: conversion.launch_group(experts, flag), dry),
+            )
+            row["group_tables_host_us_per_item"] = report.guard(
+                f"quant {label} {name} group tables host",
+                lambda: _host_us(lambda: _group_tables(experts), calls=20) / len(experts),
+            )
+        check = conversion.fn.__cc_check__
+        row["many_checks_host_us_per_item"] = report.guard(
+            f"quant {label} {name} convert_many checks host",
+            lambda: _host_us(lambda: [check(e[0], e[1:]) for e in experts], calls=20) / len(experts),
         )
         row["fn_loop_ms"] = report.guard(
             f"quant {label} {name} fn loop",
             lambda: _bench(lambda: [conversion.fn(*e) for e in experts], dry, rep=30),
         )
         row["many_ratio"], row["fn_loop_ratio"] = ratio(row["many_ms"]), ratio(row["fn_loop_ms"])
+        row["group_launch_ratio"] = ratio(row.get("group_launch_ms"))
+        if row["many_ms"] and row.get("group_launch_ms"):
+            row["many_over_group_launch"] = row["group_launch_ms"] / row["many_ms"]
     for peer, fn in peers(name).items():
         row[f"{peer}_ms"] = report.guard(f"quant {label} {peer}", lambda fn=fn: _bench(lambda: fn(src), dry))
         row[f"{peer}_ratio"] = ratio(row[f"{peer}_ms"])
@@ -467,17 +501,41 @@ def _quant_one(
         row["best_ratio"] and row["best_ratio"] >= 0.95 and (peer_best is None or row["best_ratio"] >= peer_best)
     )
     peer_text += f"  target(>=0.95{', >=peers' if peer_best else ''}) {'MET' if row['target_met'] else 'missed'}"
-    many = (
-        f"  convert_many {_fmt(row.get('many_ratio'), '.3f')} fn-loop {_fmt(row.get('fn_loop_ratio'), '.3f')}"
-        if "many_ms" in row
-        else ""
-    )
+    many = ""
+    if "many_ms" in row:
+        many = (
+            f"\n    {row['experts']} experts: convert_many {_fmt(row.get('many_ratio'), '.3f')}"
+            f" (launch_group alone {_fmt(row.get('group_launch_ratio'), '.3f')}, host per item: checks"
+            f" {_fmt(row.get('many_checks_host_us_per_item'), '.2f')} us + tables"
+            f" {_fmt(row.get('group_tables_host_us_per_item'), '.2f')} us)"
+            f"  fn-loop {_fmt(row.get('fn_loop_ratio'), '.3f')}"
+        )
     print(
         f"  {name:<30} kernel {_fmt(_gbps(3 * numel, row['kernel_ms']))} GB/s ratio {_fmt(row['kernel_ratio'], '.3f')}"
-        f"  best {_fmt(row['best_ratio'], '.3f')} [{best['label']}]  fn {_fmt(row['fn_ratio'], '.3f')}"
-        f" (fn/kernel {_fmt(row['fn_over_kernel'], '.3f')}){many}  {peer_text}",
+        f"  best {_fmt(row['best_ratio'], '.3f')} [{best['label']}]  launch {_fmt(ratio(row.get('launch_ms')), '.3f')}"
+        f"  raw_fn {_fmt(ratio(row.get('raw_fn_ms')), '.3f')}  fn {_fmt(row['fn_ratio'], '.3f')}"
+        f" (fn/kernel {_fmt(row['fn_over_kernel'], '.3f')}, fn adds {_fmt(row.get('fn_added_us'), '.1f')} us/call,"
+        f" checks {_fmt(row.get('fn_check_host_us'), '.2f')} us host){many}  {peer_text}",
         flush=True,
     )
+
+
+def _host_us(fn: Callable[[], Any], calls: int = 200) -> float:
+    """Median host microseconds per ``fn()`` (perf_counter, 5 rounds of ``calls``; nothing waited for)."""
+    fn()
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - start) / calls * 1e6)
+    return sorted(rounds)[2]
+
+
+def _group_tables(items: Sequence[tuple[Any, ...]]) -> Any:
+    from conversion_core.formats import group_table
+
+    return group_table.groups(items)
 
 
 # ---- 3. whole-model steps ---------------------------------------------------------------------

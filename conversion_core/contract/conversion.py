@@ -380,58 +380,80 @@ class Conversion:
         """Convert every ``(src, *buffers)`` of ``items`` into its own buffers, as ``fn`` would.
 
         For a trainer with its own loop over tensors: each item is checked as ``fn`` checks it
-        (nothing to recompute for shapes seen before), then, when the conversion has a ``launch``
-        and the backend picks Triton, every kernel is queued without a host sync (in one grouped
-        launch per run of same-shaped tensors with ``launch_group``) and one NaN/Inf flag is read
-        at the end; on a flag each item is re-run through ``fn`` to name the culprit. Otherwise
-        the items run one by one through the plugin's function. An error names the item's index.
-        On any error the buffers' contents are unspecified.
+        (a cheap signature compared with the item before, nothing recomputed for signatures seen
+        before), then, when the conversion has a ``launch`` and the backend picks Triton, every
+        kernel is queued without a host sync (in one grouped launch per run of same-shaped tensors
+        with ``launch_group``) and one NaN/Inf flag is read at the end; on a flag each item is
+        re-run through ``fn`` to name the culprit. Otherwise the items run one by one through the
+        plugin's function. An error names the item's index. No autograd graph is recorded (a
+        trainer's ``requires_grad`` weights), as in ``fn``. On any error the buffers' contents are
+        unspecified.
         """
-        check = self.fn.__cc_check__  # type: ignore[attr-defined]
-        calls: list[tuple[int, tuple[Any, ...]]] = []  # (index in items, (src, *buffers))
+        fn = self.fn
+        check = fn.__cc_check__  # type: ignore[attr-defined]
+        short_form = not self.declares_outputs
+        calls: list[tuple[Any, ...]] = []  # (src, *buffers), checked
+        indices: list[int] = []  # their index in items (differs only after a DTensor item)
+        device: torch.device | None = None
+        one_device, empty = True, False
         for i, item in enumerate(items):
-            src, *buffers = item
-            if not self.declares_outputs and len(buffers) == 1:
-                buffers.append(None)
+            call = item if type(item) is tuple else tuple(item)
+            if short_form and len(call) == 2:
+                call = (*call, None)  # (src, out) for a scale-less short form
+            src = call[0] if call else None
             try:
                 if type(src) is not torch.Tensor and is_dtensor(src):
-                    self.fn(src, *buffers)
+                    fn(*call)
                     continue
-                check(src, buffers)
+                key = check(src, call[1:])
             except ConversionCoreError as exc:
                 raise type(exc)(f"convert_many item {i}: {exc}") from exc
-            calls.append((i, (src, *buffers)))
+            # what the launch needs to know, read off the signature: (shape, dtype, device, ...)
+            assert key is not None  # checked: src is a tensor
+            if device is None:
+                device = key[2]
+            elif key[2] != device:
+                one_device = False
+            empty = empty or 0 in key[0]
+            calls.append(call)
+            indices.append(i)
         if not calls:
             return
-        first = calls[0][1][0]
-        if self.launch is None or not use_triton(first) or any(c[0].device != first.device for _, c in calls):
-            for i, call in calls:
-                self._run_named(i, call)
+        assert device is not None
+        run = fn.__cc_run__  # type: ignore[attr-defined]
+        if self.launch is None or not one_device or not use_triton(calls[0][0]):
+            for i, call in zip(indices, calls, strict=True):
+                self._run_named(i, call, run)
             return
-        launched = [(i, c) for i, c in calls if c[0].numel()]
-        for i, call in calls:
-            if not call[0].numel():
-                self._run_named(i, call)
-        flag = flags.device_flag(first.device)
+        launched = calls
+        if empty:  # sources with no elements: through fn, never a launch
+            launched = [c for c in calls if c[0].numel()]
+            for i, call in zip(indices, calls, strict=True):
+                if not call[0].numel():
+                    self._run_named(i, call, run)
+        flag = flags.device_flag(device)
         try:
-            if self.launch_group is not None:
-                self.launch_group([c for _, c in launched], flag)
-            else:
-                for _, call in launched:
-                    self.launch(*call, flag)
+            with torch.no_grad():  # a requires_grad source: bytes out, never a graph on the buffers
+                if self.launch_group is not None:
+                    self.launch_group(launched, flag)
+                else:
+                    launch = self.launch
+                    for call in launched:
+                        launch(*call, flag)
         except BaseException:
             flags.reset(flag)
             raise
         if flags.flagged(flag):
-            for i, call in launched:
-                self._run_named(i, call)
+            for i, call in zip(indices, calls, strict=True):
+                if call[0].numel():
+                    self._run_named(i, call, fn)
             raise ConversionCoreError(
                 f"conversion {self.name!r}: a NaN/Inf was flagged in convert_many but no item failed when re-run"
             )
 
-    def _run_named(self, index: int, call: tuple[Any, ...]) -> None:
+    def _run_named(self, index: int, call: tuple[Any, ...], run: Callable[..., None]) -> None:
         try:
-            self.fn(*call)
+            run(*call)
         except ConversionCoreError as exc:
             raise type(exc)(f"convert_many item {index}: {exc}") from exc
 
@@ -456,11 +478,6 @@ def check_buffer(where: str, what: str, buf: Any, shape: Shape, dtype: torch.dty
         raise ConversionInputError(f"{where}: {what} is not contiguous; {expected}")
 
 
-def _storages(buffers: Sequence[Any]) -> list[tuple[int, torch.Size, tuple[int, ...]]]:
-    """Address, shape and strides of every buffer: what a ``set_`` or ``resize_`` would change."""
-    return [(b.data_ptr(), b.shape, b.stride()) for b in buffers if b is not None]
-
-
 #: Argument signatures a checked ``fn`` remembers as valid, per conversion (then cleared).
 SEEN_SIGNATURES = 256
 
@@ -468,49 +485,79 @@ SEEN_SIGNATURES = 256
 def _signature(src: torch.Tensor, buffers: Sequence[Any]) -> tuple[Any, ...] | None:
     """Everything ``check_buffers`` reads: equal signatures pass or fail the checks alike.
 
-    None when an argument is not a tensor (the full check then explains what is wrong)."""
-    key: list[Any] = [src.shape, src.dtype, src.device]
+    Cheap identity only (shapes, strides, dtypes, devices; a buffer's contiguity follows from its
+    shape and strides): no address, so buffers at new addresses hit the cache, and no device
+    sync. None when an argument is not a tensor (the full check then explains what is wrong)."""
+    key: tuple[Any, ...] = (src.shape, src.dtype, src.device)
     for b in buffers:
         if b is None:
-            key.append(None)
+            key += (None,)
         elif isinstance(b, torch.Tensor):
-            key += (b.shape, b.dtype, b.device, b.is_contiguous())
+            key += (b.shape, b.stride(), b.dtype, b.device)
         else:
             return None
-    return tuple(key)
+    return key
+
+
+def _storages(buffers: Sequence[Any]) -> list[Any]:
+    """Address, shape and strides of every buffer: what a ``set_`` or ``resize_`` would change."""
+    out: list[Any] = []
+    for b in buffers:
+        if b is not None:
+            out += (b.data_ptr(), b.shape, b.stride())
+    return out
+
+
+def _unmoved(buffers: Sequence[Any], key: tuple[Any, ...], addresses: Sequence[int]) -> bool:
+    """The buffers still sit at ``addresses`` with the shapes and strides of their signature ``key``."""
+    at, n = 3, 0  # a buffer's (shape, stride, dtype, device) follow the source's three fields
+    for b in buffers:
+        if b is None:
+            at += 1
+            continue
+        if b.data_ptr() != addresses[n] or b.shape != key[at] or b.stride() != key[at + 1]:
+            return False
+        at, n = at + 4, n + 1
+    return True
 
 
 def _checked(conversion: Conversion, raw: ConvertFn) -> ConvertFn:
-    """The checked ``fn``: full checks the first time a signature is seen, a lookup afterwards."""
+    """The checked ``fn``: full checks the first time a signature is seen, a lookup afterwards.
+
+    What it adds per call when nothing changed is host time only (no device sync): one signature
+    compared with the last call's, one ``set`` lookup when it differs, the buffers' addresses
+    read before and after the plugin's function, grad mode switched off around it."""
     seen: set[tuple[Any, ...]] = set()
     last: list[Any] = [None]  # the last valid signature: compared before hashing into ``seen``
+    short_form = not conversion.declares_outputs
+    grad_enabled = torch.is_grad_enabled
+    set_grad = torch._C._set_grad_enabled
 
-    def check(src: Any, buffers: Sequence[Any]) -> None:
+    def check(src: Any, buffers: Sequence[Any]) -> tuple[Any, ...] | None:
+        """Refuse wrong arguments; returns their signature (None: not all tensors, checked in full)."""
         key = _signature(src, buffers) if isinstance(src, torch.Tensor) else None
         if key is not None and (key == last[0] or key in seen):
             last[0] = key
-            return
+            return key
         conversion.check_buffers(src, *buffers)
         if key is not None:
             if len(seen) >= SEEN_SIGNATURES:
                 seen.clear()
             seen.add(key)
             last[0] = key
+        return key
 
-    @functools.wraps(raw)
-    def fn(src: torch.Tensor, *buffers: Any) -> None:
-        if type(src) is not torch.Tensor and is_dtensor(src):
-            sharded_executor().convert_into(conversion, src, *buffers)
-            return None
-        if not conversion.declares_outputs and len(buffers) == 1:
-            buffers = (buffers[0], None)  # fn(src, out) for a scale-less short form
-        check(src, buffers)
-        before = _storages(buffers)
+    def run(src: torch.Tensor, *buffers: Any, key: tuple[Any, ...] | None = None) -> None:
+        """The plugin's function on checked arguments (``key``: their signature, when known), and
+        the checks of what it did."""
+        before = _storages(buffers) if key is None else [b.data_ptr() for b in buffers if b is not None]
+        # a trainer's requires_grad weight: bytes out, never an autograd graph (detached, since
+        # grad mode is per thread and a plugin may convert on worker threads)
+        grad = grad_enabled()
+        if grad:
+            set_grad(False)
         try:
-            # a trainer's requires_grad weight: bytes out, never an autograd graph (detached, since
-            # no_grad is per thread and a plugin may convert on worker threads)
-            with torch.no_grad():
-                result = raw(src.detach(), *buffers)  # type: ignore[func-returns-value]
+            result = raw(src.detach() if src.requires_grad else src, *buffers)  # type: ignore[func-returns-value]
         except KeyboardInterrupt as exc:  # the user's Ctrl-C still stops, saying what was running
             exc.add_note(f"conversion-core: interrupted in conversion {conversion.name!r}")
             raise
@@ -521,20 +568,33 @@ def _checked(conversion: Conversion, raw: ConvertFn) -> ConvertFn:
                 f"conversion {conversion.name!r}: fn raised {type(exc).__name__}({exc}); "
                 "a conversion must write its buffers or raise an Exception"
             ) from exc
+        finally:
+            if grad:
+                set_grad(True)
         if result is not None:
             raise ConversionTypeError(
                 f"conversion {conversion.name!r}: fn returned a {type(result).__name__}; it must write into the "
                 "buffers it is given and return None (a returned tensor would be lost)"
             )
-        after = _storages(buffers)
-        if after != before:
+        if not (_unmoved(buffers, key, before) if key is not None else _storages(buffers) == before):
             raise ConversionTypeError(
                 f"conversion {conversion.name!r}: fn moved or resized a buffer's storage (set_, resize_, ...); "
                 "it must write into the buffers in place"
             )
 
+    @functools.wraps(raw)
+    def fn(src: torch.Tensor, *buffers: Any) -> None:
+        if type(src) is not torch.Tensor and is_dtensor(src):
+            sharded_executor().convert_into(conversion, src, *buffers)
+            return None
+        if short_form and len(buffers) == 1:
+            buffers = (buffers[0], None)  # fn(src, out) for a scale-less short form
+        run(src, *buffers, key=check(src, buffers))
+        return None
+
     fn.__cc_raw__ = raw  # type: ignore[attr-defined]
     fn.__cc_check__ = check  # type: ignore[attr-defined]
+    fn.__cc_run__ = run  # type: ignore[attr-defined]
     return fn
 
 

@@ -53,11 +53,6 @@ class Group:
     contiguous_k: bool
 
 
-def _strides3(src: torch.Tensor) -> tuple[int, int, int]:
-    stride = src.stride()
-    return (0, *stride) if len(stride) == 2 else stride  # type: ignore[return-value]
-
-
 def groups(calls: Sequence[tuple[Any, ...]], max_group: int = MAX_GROUP) -> list[Group]:
     """Split ``calls`` (``(src, *buffers)``, one device, no ``None`` buffer) into launchable groups.
 
@@ -90,36 +85,53 @@ def _capturing(calls: Sequence[tuple[Any, ...]]) -> bool:
 
 
 def _build(calls: Sequence[tuple[Any, ...]], max_group: int) -> list[Group]:
-    by_key: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
+    """One pass over the calls gathers, per group key, the calls and the ints of their table rows
+    (every tensor's address, then the source's ``(E, N, K)`` strides) in an ``array`` of int64;
+    each group's table is then that buffer as a tensor and a few whole-table ops (:func:`_group`)."""
+    by_key: dict[tuple[Any, ...], tuple[list[tuple[Any, ...]], array[int]]] = {}
+    address = torch.Tensor.data_ptr
     for call in calls:
         src = call[0]
-        by_key.setdefault((src.shape, src.dtype, src.stride(-1) == 1), []).append(call)
+        stride = src.stride()
+        key = (src.shape, src.dtype, stride[-1] == 1)
+        found = by_key.get(key)
+        if found is None:
+            found = by_key[key] = ([], array("q"))
+        found[0].append(call)
+        ints = found[1]
+        ints.extend(map(address, call))
+        if len(stride) == 2:
+            ints.append(0)
+        ints.extend(stride)
     out: list[Group] = []
-    for members in by_key.values():
+    for members, ints in by_key.values():
+        row = len(ints) // len(members)
+        if len(members) <= max_group:
+            out.append(_group(members, ints))
+            continue
         for start in range(0, len(members), max_group):
-            out.append(_group(members[start : start + max_group]))
+            out.append(_group(members[start : start + max_group], ints[start * row : (start + max_group) * row]))
     return out
 
 
-def _group(calls: Sequence[tuple[Any, ...]]) -> Group:
+def _group(calls: Sequence[tuple[Any, ...]], ints: array[int]) -> Group:
     first = calls[0]
     bases = tuple(first)
     width = len(bases)
-    flat = array("q")
-    for call in calls:
-        flat.extend([t.data_ptr() for t in call])
-        flat.extend(_strides3(call[0]))
-    table = torch.frombuffer(flat, dtype=torch.int64).view(len(calls), width + 3).clone()
-    base_ptrs = torch.tensor([t.data_ptr() for t in bases], dtype=torch.int64)
+    table = torch.frombuffer(ints, dtype=torch.int64).view(len(calls), width + 3)  # shares ``ints``
     sizes = torch.tensor([t.element_size() for t in bases], dtype=torch.int64)
-    delta = table[:, :width] - base_ptrs
+    delta = table[:, :width] - table[0, :width]
     if bool((delta % sizes).any()):  # only a misaligned view (frombuffer at an odd address) does this
         raise ValueError("grouped launch: a tensor's address is not a multiple of its element size")
     table[:, :width] = delta // sizes
-    aligned = bool((table[:, : width + 2] % ALIGN_ELEMENTS == 0).all()) and all(p % 16 == 0 for p in base_ptrs.tolist())
+    aligned = bool((table[:, : width + 2] % ALIGN_ELEMENTS == 0).all()) and all(ints[i] % 16 == 0 for i in range(width))
     src = first[0]
     shape3 = tuple(src.shape) if src.dim() == 3 else (1, *src.shape)
-    device_table = table.to(src.device, non_blocking=True) if src.device.type != "cpu" else table
+    device_table = table
+    if src.device.type == "cuda":  # staged in pinned memory: the copy is queued, the host goes on
+        device_table = table.pin_memory().to(src.device, non_blocking=True)
+    elif src.device.type != "cpu":
+        device_table = table.to(src.device)
     return Group(
         shape=shape3,  # type: ignore[arg-type]
         calls=calls,

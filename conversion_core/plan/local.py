@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -70,9 +71,14 @@ class Plan:
         #: factor each next segment grows by. Changing a setting makes the next step start anew.
         self.graph_first_segment = GRAPH_FIRST_SEGMENT
         self.graph_segment_growth = SEGMENT_GROWTH
-        self._flag: torch.Tensor | None = None
+        #: NaN/Inf flags: one int32 slot per capture stream (:data:`FLAG_SLOTS`), views of one tensor
+        #: that a step clears and reads at once; a step on one stream ORs into slot 0.
         self._flags: torch.Tensor = torch.zeros(1, dtype=torch.int32)
         self._flag_slots: list[torch.Tensor] = []
+        #: Per call of ``_calls``, what the queue needs of it (:meth:`_queue_records`), built once.
+        self._records: list[tuple[Any, ...]] | None = None
+        #: Per entry, (name, source shape, source dtype), for :meth:`validate`.
+        self._expected = [(e.name, e.src_shape, e.src_dtype) for e in self.entries]
         self._step: CapturedStep | None = None
         conversions = {id(e.conversion): e.conversion for e in self.entries}.values()
         self._all_launch = all(c.launch is not None or not c.quantizes for c in conversions) and shared.launchable(
@@ -81,6 +87,11 @@ class Plan:
         self._shares = any(e.shared_with for e in self.entries)
         #: Statistics of set members outside this run's state dict (``run(shared_amax=...)``).
         self._given_amax: Mapping[str, torch.Tensor] = {}
+
+    @property
+    def _flag(self) -> torch.Tensor | None:
+        """The flag slot of a step on one stream (None before :meth:`allocate`)."""
+        return self._flag_slots[0] if self._flag_slots else None
 
     # ---- decisions -------------------------------------------------------------------------
     def __getitem__(self, name: str) -> PlanEntry:
@@ -139,6 +150,7 @@ class Plan:
             from .sharded import allocate_plan
 
             self.arena, self._calls, self._outputs = allocate_plan(self, like)
+            self._records = None
             self.device, self._ready, self._sharded = self.arena.device, False, True
             return dict(self._outputs)
         self._sharded = False
@@ -157,8 +169,8 @@ class Plan:
         # One NaN/Inf flag per capture stream: a torch-op launch ORs into its flag with a
         # read-modify-write (``flag.add_``), which two streams running at once could lose.
         self._flags = torch.zeros(FLAG_SLOTS, dtype=torch.int32, device=self.device)
-        self._flag = self._flags[:1]
         self._flag_slots = [self._flags[i : i + 1] for i in range(FLAG_SLOTS)]
+        self._records = None
         return dict(self._outputs)
 
     def dequantize(self, name: str) -> torch.Tensor:
@@ -201,24 +213,28 @@ class Plan:
             raise ConversionInputError(
                 f"{len(missing)} planned tensor(s) missing from the state dict, e.g. {missing[:5]}"
             )
-        if strict:
+        if strict and len(state_dict) != len(self._by_name):  # every name present, as many: no extra
             extra = [n for n in state_dict if n not in self._by_name]
             if extra:
                 raise ConversionInputError(
                     f"{len(extra)} tensor(s) the plan does not know, e.g. {extra[:5]}; rebuild the plan "
                     "for this model (or run with strict=False to ignore them)"
                 )
-        for e in self.entries:
-            src = state_dict[e.name]
-            if not isinstance(src, torch.Tensor):
-                raise ConversionTypeError(f"tensor {e.name!r}: expected a torch.Tensor, got {type(src).__name__}")
-            got = (tuple(src.shape), src.dtype, src.device)
-            want = (e.src_shape, e.src_dtype, self.device)
-            if got != want:
-                raise ConversionInputError(
-                    f"tensor {e.name!r}: got shape {got[0]}, dtype {dtype_name(got[1])}, device {got[2]}; "
-                    f"the plan expects shape {want[0]}, dtype {dtype_name(want[1])}, device {want[2]}"
-                )
+        device = self.device
+        tensor = torch.Tensor
+        for name, shape, dtype in self._expected:  # per tensor: the reads, compared in place
+            src = state_dict[name]
+            if not isinstance(src, tensor) or src.dtype != dtype or src.shape != shape or src.device != device:
+                self._refuse(name, src, shape, dtype)
+
+    def _refuse(self, name: str, src: Any, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """The one-line error for a source that is not what the plan expects."""
+        if not isinstance(src, torch.Tensor):
+            raise ConversionTypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(src).__name__}")
+        raise ConversionInputError(
+            f"tensor {name!r}: got shape {tuple(src.shape)}, dtype {dtype_name(src.dtype)}, device {src.device}; "
+            f"the plan expects shape {shape}, dtype {dtype_name(dtype)}, device {self.device}"
+        )
 
     def run(
         self,
@@ -291,47 +307,73 @@ class Plan:
         launches find the tables the warm-up built in the capture session). None: on the current
         stream, the capture's warm-up (compiles the kernels the capture records). A copy or cast
         (no ``launch``) ORs a NaN/Inf in its source into the flag as well."""
-        assert self._flag is not None
-        chosen = self._calls[calls]
+        assert self._flag_slots
+        if self._records is None:
+            self._records = self._queue_records()
+        chosen = self._records[calls]
         amaxes = {}
         if self._shares:  # the sets' statistics first (sync-free: a NaN reaches the flag through launch)
-            entries = [self._by_name[n] for n in dict.fromkeys(call.name for call in chosen)]
+            entries = [self._by_name[n] for n in dict.fromkeys(r[0] for r in chosen)]
             amaxes = shared.set_amaxes(entries, state_dict, self._given_amax, check=False)
             if streams:  # computed on this stream: the other streams' launches read them after
                 here = torch.cuda.current_stream()
                 for side in streams[1:]:
                     side.wait_stream(here)
+        slots = self._flag_slots if streams else self._flag_slots[:1]
+        # a trainer's requires_grad sources: bytes out, never an autograd graph on the outputs
+        # (the torch-op launches and copies), as in the checked fn; one switch for the whole range
+        with torch.no_grad():
+            grouped: dict[int, tuple[Conversion, list[tuple[Any, ...]]]] = {}
+            finite: list[torch.Tensor] = []  # copies and casts: is the source all finite (one stream)
+            for i, (name, index, conversion, buffers, group) in enumerate(chosen):
+                src = state_dict[name]  # the per-tensor work: look the source up, gather it
+                if index:
+                    src = src[index]
+                if group is not None and name not in amaxes:
+                    if group:  # a source with no elements has nothing to launch
+                        run = grouped.get(id(conversion))
+                        if run is None:
+                            run = grouped[id(conversion)] = (conversion, [])
+                        run[1].append((src, *buffers))
+                    continue
+                with torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext():
+                    slot = slots[i % len(slots)]
+                    if name in amaxes:
+                        assert conversion.shared_amax is not None and conversion.shared_amax.launch is not None
+                        conversion.shared_amax.launch(src, amaxes[name], *buffers, slot)
+                    elif conversion.launch is not None:
+                        conversion.launch(src, *buffers, slot)
+                    else:
+                        if src.dtype.is_floating_point:
+                            if streams:  # each stream ORs into its own slot
+                                slot.add_(torch.isfinite(src).all().logical_not())
+                            else:  # one stream: every copy's verdict reduced at once below
+                                finite.append(torch.isfinite(src).all())
+                        conversion.raw_fn(src, *buffers)
+            if finite:
+                slots[0].add_(torch.stack(finite).logical_not().any())
+            for j, (conversion, items) in enumerate(grouped.values()):
+                assert conversion.launch_group is not None
+                with torch.cuda.stream(streams[j % len(streams)]) if streams else contextlib.nullcontext():
+                    conversion.launch_group(items, slots[j % len(slots)])
 
-        main_flag = self._flag
-
-        def flag(i: int) -> torch.Tensor:
-            return self._flag_slots[i % FLAG_SLOTS] if streams else main_flag
-
-        grouped: dict[int, tuple[Conversion, list[tuple[Any, ...]]]] = {}
-        for i, call in enumerate(chosen):
-            src = state_dict[call.name]
-            src = src[call.index] if call.index else src
-            conversion = self._by_name[call.name].conversion
-            if call.name not in amaxes and conversion.launch_group is not None:
-                if src.numel():
-                    grouped.setdefault(id(conversion), (conversion, []))[1].append((src, *call.buffers))
-                continue
-            ctx = torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext()
-            with ctx:
-                slot = flag(i)
-                if call.name in amaxes:
-                    assert conversion.shared_amax is not None and conversion.shared_amax.launch is not None
-                    conversion.shared_amax.launch(src, amaxes[call.name], *call.buffers, slot)
-                elif conversion.launch is not None:
-                    conversion.launch(src, *call.buffers, slot)
-                else:
-                    if src.dtype.is_floating_point:
-                        slot.add_(torch.isfinite(src).all().logical_not())
-                    conversion.raw_fn(src, *call.buffers)
-        for j, (conversion, items) in enumerate(grouped.values()):
-            assert conversion.launch_group is not None
-            with torch.cuda.stream(streams[j % len(streams)]) if streams else contextlib.nullcontext():
-                conversion.launch_group(items, flag(j))
+    def _queue_records(self) -> list[tuple[Any, ...]]:
+        """Per call, what :meth:`_queue` reads every step, looked up once: its name, source index,
+        conversion, buffers, and for a ``launch_group`` conversion whether the source has elements
+        (None: launched on its own). The sources' shapes are the plan's: :meth:`validate` holds
+        every step to them."""
+        records = []
+        for call in self._calls:
+            entry = self._by_name[call.name]
+            conversion = entry.conversion
+            group = None
+            if conversion.launch_group is not None:
+                shape = entry.src_shape
+                if call.index:  # a fused shard: the rows it reads
+                    shape = tuple(torch.empty(shape, device="meta")[call.index].shape)
+                group = math.prod(shape) > 0
+            records.append((call.name, call.index, conversion, call.buffers, group))
+        return records
 
     def _run_launched(self, state_dict: Mapping[str, Any]) -> None:
         """The fast step: every kernel queued (CUDA: graph replays), then one flag read.

@@ -179,3 +179,68 @@ def test_the_flag_is_reused_per_thread_and_cleared_when_read() -> None:
     thread.start()
     thread.join()
     assert other[0] is not flag
+
+
+def test_convert_many_launches_build_no_autograd_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trainer's ``requires_grad`` weights: bytes out, never a graph on the buffers (as ``fn``)."""
+    monkeypatch.setattr(conversion_module, "use_triton", lambda t: True)
+    conversion = _toy(launch=_launch, launch_group=_Grouped())
+    items = [(src.requires_grad_(), out, scale) for src, out, scale in _items(conversion, 3)]
+    conversion.convert_many(items)
+    for src, out, scale in items:
+        assert not out.requires_grad and not scale.requires_grad
+        want_out, want_scale = conversion.convert(src)
+        assert not want_out.requires_grad
+        assert torch.equal(out, want_out) and torch.equal(scale, want_scale)
+
+
+def test_a_cached_signature_still_refuses_a_moved_device_or_rank() -> None:
+    """The cache key is cheap identity (shapes, strides, dtypes, devices): a buffer at another
+    address passes, a buffer whose strides, dtype or shape changed is checked in full again."""
+    conversion = _toy()
+    src = torch.randn(4, 6)
+    out, scale = conversion.allocate(src.shape)
+    conversion.fn(src, out, scale)
+    other_out, other_scale = conversion.allocate(src.shape)  # new addresses: same signature, passes
+    conversion.fn(src, other_out, other_scale)
+    assert torch.equal(other_out, out)
+    with pytest.raises(cc.ConversionInputError, match="dtype"):
+        conversion.fn(src, out.half(), scale)
+    with pytest.raises(cc.ConversionInputError, match="not contiguous"):
+        conversion.fn(src, torch.empty(4, 12)[:, ::2], scale)  # same shape, a stride of 2
+    with pytest.raises(cc.ConversionInputError, match="expected 2-D or 3-D"):
+        conversion.fn(torch.randn(24), out, scale)
+    conversion.fn(src, out, scale)  # and the valid signature still passes afterwards
+
+
+def test_convert_many_runs_empty_sources_through_fn_and_groups_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain copy may take a source with no elements: never launched, written through ``fn``."""
+    monkeypatch.setattr(conversion_module, "use_triton", lambda t: True)
+    batches: list[int] = []
+
+    def copy(src: torch.Tensor, out: torch.Tensor, scale_out: Any = None) -> None:
+        out.copy_(src)
+
+    def launch(src: torch.Tensor, out: torch.Tensor, scale_out: Any, flag: torch.Tensor) -> None:
+        out.copy_(src)
+
+    def launch_group(items: Any, flag: torch.Tensor) -> None:
+        batches.append(len(items))
+        for src, out, _ in items:
+            assert src.numel(), "an empty source was launched"
+            out.copy_(src)
+
+    conversion = cc.Conversion(
+        name="toy_copy",
+        fn=copy,
+        requires_scale=False,
+        dst_dtype=torch.float32,
+        launch=launch,
+        launch_group=launch_group,
+    )
+    shapes = [(2, 3), (0, 3), (4, 1)]
+    items = [(torch.randn(s), torch.full(s, 7.0)) for s in shapes]  # (src, out): the short form
+    conversion.convert_many(items)
+    assert batches == [2]
+    for src, out in items:
+        assert torch.equal(out, src)
