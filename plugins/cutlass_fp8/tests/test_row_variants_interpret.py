@@ -43,35 +43,29 @@ else:
     from conversion_core_cutlass_fp8 import triton_kernels as tk
 
     import conversion_core as cc
-    from conversion_core.testing import (
-        assert_same_bytes,
-        convert_on_backend,
-        e4m3_rounding_row,
-        poisoned_allocate,
-        spread_weights,
-    )
+    from conversion_core import testing as kit
 
     def _extremes() -> torch.Tensor:
         """The rounding row at scales 1, 2^-20 and 2^60, a row near float32's max, a zero row."""
-        row = e4m3_rounding_row()
+        row = kit.e4m3_rounding_row()
         huge = torch.full((11,), 3.0e38)
         huge[2] = -3.4028234663852886e38
         return torch.stack([row, row * 2.0**-20, row * 2.0**60, huge, torch.zeros(11)])
 
     def _sources() -> list[tuple[str, torch.Tensor]]:
         return [
-            ("37x300 bf16", spread_weights((37, 300), torch.bfloat16, 1)),
-            ("2x13x257 bf16", spread_weights((2, 13, 257), torch.bfloat16, 2)),
-            ("9x1024 fp32", spread_weights((9, 1024), torch.float32, 3)),
-            ("1x700 fp16", spread_weights((1, 700), torch.float16, 4)),
-            ("transposed", spread_weights((300, 14), torch.bfloat16, 5).t()),
-            ("column slice", spread_weights((14, 600), torch.float16, 6)[:, ::2]),
-            ("experts permuted", spread_weights((13, 3, 200), torch.bfloat16, 7).permute(1, 0, 2)),
+            ("37x300 bf16", kit.spread_weights((37, 300), torch.bfloat16, 1)),
+            ("2x13x257 bf16", kit.spread_weights((2, 13, 257), torch.bfloat16, 2)),
+            ("9x1024 fp32", kit.spread_weights((9, 1024), torch.float32, 3)),
+            ("1x700 fp16", kit.spread_weights((1, 700), torch.float16, 4)),
+            ("transposed", kit.spread_weights((300, 14), torch.bfloat16, 5).t()),
+            ("column slice", kit.spread_weights((14, 600), torch.float16, 6)[:, ::2]),
+            ("experts permuted", kit.spread_weights((13, 3, 200), torch.bfloat16, 7).permute(1, 0, 2)),
             ("extremes fp32", _extremes()),
         ]
 
     def _launch(src: torch.Tensor, config: tk.RowConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-        out, scale = poisoned_allocate(cc.load_registry().get(CHANNEL), src.shape)
+        out, scale = kit.poisoned_allocate(cc.load_registry().get(CHANNEL), src.shape)
         flag = torch.zeros(1, dtype=torch.int32)
         tk.launch_rows(src, out, scale, flag, config)
         return out, scale, int(flag)
@@ -82,14 +76,14 @@ else:
         for label, src in _sources():
             if config.single and src.shape[-1] > config.block_k:
                 continue  # a single load holds the whole row
-            want = convert_on_backend(cc.load_registry().get(CHANNEL), src, "torch")
+            want = kit.convert_on_backend(cc.load_registry().get(CHANNEL), src, "torch")
             q, s, flag = _launch(src, config)
-            assert_same_bytes((q, s), want, label)
+            kit.assert_same_bytes((q, s), want, label)
             assert flag == 0, label
 
     @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
     def test_variants_flag_non_finite(bad: float) -> None:
-        src = spread_weights((3, 5, 130), torch.bfloat16, seed=8)
+        src = kit.spread_weights((3, 5, 130), torch.bfloat16, seed=8)
         src.view(-1)[src.numel() - 7] = bad  # in the last row
         for variant in VARIANTS:
             assert _launch(src, tk.RowConfig(**variant))[2] == 1, variant

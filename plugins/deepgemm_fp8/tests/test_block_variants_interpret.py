@@ -49,18 +49,12 @@ else:
     from conversion_core_deepgemm_fp8 import triton_kernels as tk
 
     import conversion_core as cc
-    from conversion_core.testing import (
-        assert_same_bytes,
-        convert_on_backend,
-        e4m3_rounding_row,
-        poisoned_allocate,
-        spread_weights,
-    )
+    from conversion_core import testing as kit
 
     def _extremes() -> torch.Tensor:
         """The rounding row at scales 1, 2^-20 and 2^60 (464 past 448), and one block of amax near
         float32's max (UE8M0 scale 2^120, where the 240 limit binds)."""
-        row = e4m3_rounding_row()
+        row = kit.e4m3_rounding_row()
         src = torch.zeros(256, 140)
         src[:3, :11] = torch.stack([row, row * 2.0**-20, row * 2.0**60])
         src[128:132, 128:133] = 3.0e38
@@ -71,18 +65,16 @@ else:
     def _sources() -> list[tuple[str, torch.Tensor]]:
         """Many magnitudes per row and element (some blocks below UE8M0's 1e-4 floor)."""
         return [
-            ("200x300 bf16", spread_weights((200, 300), torch.bfloat16, 1)),
-            ("2x130x257 bf16", spread_weights((2, 130, 257), torch.bfloat16, 2)),
-            ("129x127 fp32", spread_weights((129, 127), torch.float32, 3)),
-            ("1x700 fp16", spread_weights((1, 700), torch.float16, 4)),
-            ("transposed", spread_weights((300, 140), torch.bfloat16, 5).t()),
-            ("column slice", spread_weights((140, 600), torch.float16, 6)[:, ::2]),
-            ("experts permuted", spread_weights((130, 3, 200), torch.bfloat16, 7).permute(1, 0, 2)),
+            ("200x300 bf16", kit.spread_weights((200, 300), torch.bfloat16, 1)),
+            ("2x130x257 bf16", kit.spread_weights((2, 130, 257), torch.bfloat16, 2)),
+            ("129x127 fp32", kit.spread_weights((129, 127), torch.float32, 3)),
+            ("1x700 fp16", kit.spread_weights((1, 700), torch.float16, 4)),
+            *((view, kit.non_contiguous_view(view, kit.spread_weights, seed=5)) for view in kit.NON_CONTIGUOUS_VIEWS),
             ("extremes fp32", _extremes()),
         ]
 
     def _launch(name: str, src: torch.Tensor, config: tk.BlockConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-        out, scale = poisoned_allocate(cc.load_registry().get(name), src.shape)
+        out, scale = kit.poisoned_allocate(cc.load_registry().get(name), src.shape)
         flag = torch.zeros(1, dtype=torch.int32)
         tk.launch_blocks(src, out, scale, flag, (128, 128), ue8m0=name == UE8M0, config=config)
         return out, scale, int(flag)
@@ -95,15 +87,15 @@ else:
     def test_variant_bytes_match(name: str, variant: dict) -> None:
         config = tk.BlockConfig(**variant)
         for label, src in _sources():
-            want = convert_on_backend(cc.load_registry().get(name), src, "torch")
+            want = kit.convert_on_backend(cc.load_registry().get(name), src, "torch")
             q, s, flag = _launch(name, src, config)
-            assert_same_bytes((q, s), want, label)
+            kit.assert_same_bytes((q, s), want, label)
             assert flag == 0, label
 
     @pytest.mark.parametrize("name", [BLOCK, UE8M0])
     @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
     def test_variants_flag_non_finite(name: str, bad: float) -> None:
-        src = spread_weights((3, 40, 130), torch.bfloat16, seed=8)
+        src = kit.spread_weights((3, 40, 130), torch.bfloat16, seed=8)
         src.view(-1)[src.numel() - 7] = bad  # in the last, partial block
         for variant in VARIANTS[3:5]:
             assert _launch(name, src, tk.BlockConfig(**variant))[2] == 1, variant
