@@ -302,6 +302,32 @@ def spread_weights(
     return x.to(dtype)
 
 
+#: The strided layouts a kernel must read correctly (:func:`non_contiguous_view`).
+NON_CONTIGUOUS_VIEWS = ("transposed", "column_slice", "experts_permuted")
+
+
+def non_contiguous_view(
+    view: str, make: Callable[[tuple[int, ...], torch.dtype, int], torch.Tensor], seed: int = 1
+) -> torch.Tensor:
+    """A non-contiguous source of ``make(shape, dtype, seed)``: ``"transposed"`` (a bf16 300x140
+    transposed: 140x300), ``"column_slice"`` (every second column of fp16 140x600) or
+    ``"experts_permuted"`` (a bf16 130x3x200 with its first two dims swapped: 3 experts whose rows
+    are 600 elements apart). Seeds ``seed``, ``seed + 1``, ``seed + 2`` in that order.
+
+    Each crosses 128-element block edges, so the kernels' strided loads and masks both show.
+    """
+    if view == "transposed":
+        src = make((300, 140), torch.bfloat16, seed).t()
+    elif view == "column_slice":
+        src = make((140, 600), torch.float16, seed + 1)[:, ::2]
+    elif view == "experts_permuted":
+        src = make((130, 3, 200), torch.bfloat16, seed + 2).permute(1, 0, 2)
+    else:
+        raise ValueError(f"view {view!r} is not one of {', '.join(NON_CONTIGUOUS_VIEWS)}")
+    assert not src.is_contiguous(), view
+    return src
+
+
 def e4m3_rounding_row() -> torch.Tensor:
     """Eleven float32 values whose amax is 448 (scale 1): ties to even (17, 19, -17 between 16, 18
     and 20; 232 between 224 and 240), subnormal ties (3 * 2^-10, ±2^-10), ±0 and 240.

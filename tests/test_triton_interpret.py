@@ -31,7 +31,14 @@ else:
     import conversion_core as cc
     from conversion_core.backend import use_triton
     from conversion_core.errors import ConversionInputError
-    from conversion_core.testing import assert_same_bytes, convert_on_backend, e4m3_rounding_row, spread_weights
+    from conversion_core.testing import (
+        NON_CONTIGUOUS_VIEWS,
+        assert_same_bytes,
+        convert_on_backend,
+        e4m3_rounding_row,
+        non_contiguous_view,
+        spread_weights,
+    )
 
     def _convert(name: str, src: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         out, scale = convert_on_backend(cc.load_registry().get(name), src, backend)
@@ -74,15 +81,9 @@ else:
         _assert_same_bytes(name, _weights((6, 9000), torch.bfloat16, seed=7))
 
     @pytest.mark.parametrize("name", [BLOCK, CHANNEL])
-    @pytest.mark.parametrize("view", ["transposed", "column_slice", "experts_permuted"])
+    @pytest.mark.parametrize("view", NON_CONTIGUOUS_VIEWS)
     def test_non_contiguous_sources(name: str, view: str) -> None:
-        if view == "transposed":
-            src = _weights((300, 140), torch.bfloat16, seed=1).t()
-        elif view == "column_slice":
-            src = _weights((140, 600), torch.float16, seed=2)[:, ::2]
-        else:
-            src = _weights((130, 3, 200), torch.bfloat16, seed=3).permute(1, 0, 2)
-        assert not src.is_contiguous()
+        src = non_contiguous_view(view, _weights)
         _assert_same_bytes(name, src)
 
     @pytest.mark.parametrize("name", [BLOCK, CHANNEL])

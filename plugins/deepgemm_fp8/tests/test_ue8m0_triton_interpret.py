@@ -30,7 +30,14 @@ else:
     import conversion_core as cc
     from conversion_core.backend import use_triton
     from conversion_core.errors import ConversionInputError
-    from conversion_core.testing import assert_same_bytes, convert_on_backend, e4m3_rounding_row, spread_weights
+    from conversion_core.testing import (
+        NON_CONTIGUOUS_VIEWS,
+        assert_same_bytes,
+        convert_on_backend,
+        e4m3_rounding_row,
+        non_contiguous_view,
+        spread_weights,
+    )
 
     def _convert(src: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         out, scale = convert_on_backend(cc.load_registry().get(NAME), src, backend)
@@ -64,15 +71,9 @@ else:
     def test_source_dtypes(dtype: torch.dtype) -> None:
         _assert_same_bytes(_weights((2, 130, 257), dtype, seed=11))
 
-    @pytest.mark.parametrize("view", ["transposed", "column_slice", "experts_permuted"])
+    @pytest.mark.parametrize("view", NON_CONTIGUOUS_VIEWS)
     def test_non_contiguous_sources(view: str) -> None:
-        if view == "transposed":
-            src = _weights((300, 140), torch.bfloat16, seed=1).t()
-        elif view == "column_slice":
-            src = _weights((140, 600), torch.float16, seed=2)[:, ::2]
-        else:
-            src = _weights((130, 3, 200), torch.bfloat16, seed=3).permute(1, 0, 2)
-        assert not src.is_contiguous()
+        src = non_contiguous_view(view, _weights)
         _assert_same_bytes(src)
 
     def test_zero_block_floor_and_448_boundary() -> None:
