@@ -29,29 +29,22 @@ if not INTERPRETING:
 
 else:
     import conversion_core as cc
+    from conversion_core import testing as kit
     from conversion_core.backend import use_triton
     from conversion_core.errors import ConversionInputError
-    from conversion_core.testing import (
-        NON_CONTIGUOUS_VIEWS,
-        assert_same_bytes,
-        convert_on_backend,
-        e4m3_rounding_row,
-        non_contiguous_view,
-        spread_weights,
-    )
 
     def _convert(name: str, src: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-        out, scale = convert_on_backend(cc.load_registry().get(name), src, backend)
+        out, scale = kit.convert_on_backend(cc.load_registry().get(name), src, backend)
         return out.view(torch.uint8), scale
 
     def _assert_same_bytes(name: str, src: torch.Tensor) -> None:
         q_triton, s_triton = _convert(name, src, "triton")
-        assert_same_bytes((q_triton, s_triton), _convert(name, src, "torch"), f"{name} {tuple(src.shape)}")
+        kit.assert_same_bytes((q_triton, s_triton), _convert(name, src, "torch"), f"{name} {tuple(src.shape)}")
         assert not torch.isnan(s_triton).any()
 
     def _weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
         """Rows and blocks of very different size (every e4m3 regime, subnormals too), a signed zero."""
-        return spread_weights(shape, dtype, seed, row_exponents=(-6.0, 6.0))
+        return kit.spread_weights(shape, dtype, seed, row_exponents=(-6.0, 6.0))
 
     def test_interpreter_really_runs_the_triton_kernels() -> None:
         from conversion_core_cutlass_fp8 import triton_kernels as channel_kernels
@@ -81,9 +74,9 @@ else:
         _assert_same_bytes(name, _weights((6, 9000), torch.bfloat16, seed=7))
 
     @pytest.mark.parametrize("name", [BLOCK, CHANNEL])
-    @pytest.mark.parametrize("view", NON_CONTIGUOUS_VIEWS)
+    @pytest.mark.parametrize("view", kit.NON_CONTIGUOUS_VIEWS)
     def test_non_contiguous_sources(name: str, view: str) -> None:
-        src = non_contiguous_view(view, _weights)
+        src = kit.non_contiguous_view(view, _weights)
         _assert_same_bytes(name, src)
 
     @pytest.mark.parametrize("name", [BLOCK, CHANNEL])
@@ -91,7 +84,7 @@ else:
         # amax 448 makes the scale exactly 1, so x itself is the e4m3 input: 17 and 19 sit halfway
         # between e4m3 neighbours (16, 18, 20) and go to the even mantissa (16, 20); 3*2**-10 and
         # 2**-10 sit halfway between subnormals (2**-8 and 0 win); 464 would round past 448.
-        row = e4m3_rounding_row()
+        row = kit.e4m3_rounding_row()
         src = torch.stack([row, row * 2.0**-20, row * 2.0**60]).to(torch.float32)
         _assert_same_bytes(name, src)
         q, _ = _convert(name, src, "triton")

@@ -28,30 +28,23 @@ if not INTERPRETING:
 
 else:
     import conversion_core as cc
+    from conversion_core import testing as kit
     from conversion_core.backend import use_triton
     from conversion_core.errors import ConversionInputError
-    from conversion_core.testing import (
-        NON_CONTIGUOUS_VIEWS,
-        assert_same_bytes,
-        convert_on_backend,
-        e4m3_rounding_row,
-        non_contiguous_view,
-        spread_weights,
-    )
 
     def _convert(src: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-        out, scale = convert_on_backend(cc.load_registry().get(NAME), src, backend)
+        out, scale = kit.convert_on_backend(cc.load_registry().get(NAME), src, backend)
         return out.view(torch.uint8), scale
 
     def _assert_same_bytes(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q_triton, s_triton = _convert(src, "triton")
-        assert_same_bytes((q_triton, s_triton), _convert(src, "torch"), f"{tuple(src.shape)}")
+        kit.assert_same_bytes((q_triton, s_triton), _convert(src, "torch"), f"{tuple(src.shape)}")
         assert bool(((s_triton.view(torch.int32) & 0x7FFFFF) == 0).all()), "a scale is not a power of two"
         return q_triton, s_triton
 
     def _weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
         """Rows and blocks of very different size, some below the 1e-4 floor, and a signed zero."""
-        return spread_weights(shape, dtype, seed)
+        return kit.spread_weights(shape, dtype, seed)
 
     def test_interpreter_really_runs_the_triton_kernel() -> None:
         from conversion_core_deepgemm_fp8 import triton_kernels
@@ -71,9 +64,9 @@ else:
     def test_source_dtypes(dtype: torch.dtype) -> None:
         _assert_same_bytes(_weights((2, 130, 257), dtype, seed=11))
 
-    @pytest.mark.parametrize("view", NON_CONTIGUOUS_VIEWS)
+    @pytest.mark.parametrize("view", kit.NON_CONTIGUOUS_VIEWS)
     def test_non_contiguous_sources(view: str) -> None:
-        src = non_contiguous_view(view, _weights)
+        src = kit.non_contiguous_view(view, _weights)
         _assert_same_bytes(src)
 
     def test_zero_block_floor_and_448_boundary() -> None:
@@ -99,7 +92,7 @@ else:
         assert q[8 * 128 + 9, 100].item() == 448.0
 
     def test_round_half_to_even_and_saturation() -> None:
-        row = e4m3_rounding_row()
+        row = kit.e4m3_rounding_row()
         src = torch.stack([row, row * 2.0**-20, row * 2.0**60])
         q, _ = _assert_same_bytes(src)
         expected = torch.tensor([448.0, 16.0, 20.0, -16.0, 2.0**-8, 0.0, -0.0, 0.0, -0.0, 240.0, 224.0])
