@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
+from .backend import BACKEND_ENV
 from .contract import Conversion
 from .errors import ConversionCoreError
 from .selection import accepts
@@ -238,6 +246,268 @@ def e4m3_reference_bytes(values: torch.Tensor) -> torch.Tensor:
     take_hi = (above < below) | ((above == below) & (hi % 2 == 0))  # ties go to the even mantissa
     byte = torch.where(take_hi, hi, lo) | (torch.signbit(v).long() << 7)
     return byte.to(torch.uint8).reshape(values.shape)
+
+
+# --------------------------------------------------------------------------- kernels under Triton's interpreter
+
+#: The environment of a run whose Triton kernels execute in Triton's CPU interpreter.
+INTERPRETER_ENV = {"TRITON_INTERPRET": "1", "CONVERSION_CORE_BACKEND": "triton"}
+
+
+def under_triton_interpreter() -> bool:
+    """True in a process started with :data:`INTERPRETER_ENV`.
+
+    ``TRITON_INTERPRET`` is read when a kernel is decorated, so it cannot be switched on inside a
+    running test: a test file checks this at import, defines its real tests only when it holds and
+    otherwise one test that calls :func:`rerun_under_triton_interpreter`.
+    """
+    return all(os.environ.get(k) == v for k, v in INTERPRETER_ENV.items())
+
+
+def rerun_under_triton_interpreter(test_file: str, timeout_s: float = 900) -> None:
+    """Run ``test_file``'s tests in a child pytest with :data:`INTERPRETER_ENV`; raise unless all passed.
+
+    A child in which every test was skipped (Triton missing, a plugin not installed) fails here
+    too: it would prove nothing about the kernels. The error carries the tail of the child's output.
+    """
+    env = dict(os.environ, **INTERPRETER_ENV)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", test_file]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise AssertionError(proc.stdout[-6000:] + proc.stderr[-2000:])
+    if " passed" not in proc.stdout or "skipped" in proc.stdout.splitlines()[-1]:
+        raise AssertionError(f"{test_file}: the interpreted run passed nothing or skipped: {proc.stdout[-2000:]}")
+
+
+def spread_weights(
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    seed: int,
+    row_exponents: tuple[float, float] = (-14.0, 6.0),
+    element_exponents: tuple[float, float] | None = (-4.0, 0.0),
+) -> torch.Tensor:
+    """A normal draw times ``e**u`` per row (``u`` uniform in ``row_exponents``) and per element
+    (``element_exponents``; None: no per-element factor), element 3 set to -0.0.
+
+    Rows and scale blocks of very different size reach every rounding regime of a low-precision
+    format (subnormals, the scale floor); the signed zero checks the sign bit of a zero code.
+    """
+    shape = tuple(int(s) for s in shape)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    x *= torch.exp(torch.empty(shape[:-1] + (1,)).uniform_(*row_exponents, generator=g))
+    if element_exponents is not None:
+        x *= torch.exp(torch.empty(shape).uniform_(*element_exponents, generator=g))
+    x.view(-1)[min(3, x.numel() - 1)] = -0.0
+    return x.to(dtype)
+
+
+#: The strided layouts a kernel must read correctly (:func:`non_contiguous_view`).
+NON_CONTIGUOUS_VIEWS = ("transposed", "column_slice", "experts_permuted")
+
+
+def non_contiguous_view(
+    view: str, make: Callable[[tuple[int, ...], torch.dtype, int], torch.Tensor], seed: int = 1
+) -> torch.Tensor:
+    """A non-contiguous source of ``make(shape, dtype, seed)``: ``"transposed"`` (a bf16 300x140
+    transposed: 140x300), ``"column_slice"`` (every second column of fp16 140x600) or
+    ``"experts_permuted"`` (a bf16 130x3x200 with its first two dims swapped: 3 experts whose rows
+    are 600 elements apart). Seeds ``seed``, ``seed + 1``, ``seed + 2`` in that order.
+
+    Each crosses 128-element block edges, so the kernels' strided loads and masks both show.
+    """
+    if view == "transposed":
+        src = make((300, 140), torch.bfloat16, seed).t()
+    elif view == "column_slice":
+        src = make((140, 600), torch.float16, seed + 1)[:, ::2]
+    elif view == "experts_permuted":
+        src = make((130, 3, 200), torch.bfloat16, seed + 2).permute(1, 0, 2)
+    else:
+        raise ValueError(f"view {view!r} is not one of {', '.join(NON_CONTIGUOUS_VIEWS)}")
+    assert not src.is_contiguous(), view
+    return src
+
+
+def e4m3_rounding_row() -> torch.Tensor:
+    """Eleven float32 values whose amax is 448 (scale 1): ties to even (17, 19, -17 between 16, 18
+    and 20; 232 between 224 and 240), subnormal ties (3 * 2^-10, ±2^-10), ±0 and 240.
+
+    Scaled by a power of two the row keeps its ties, so one row shows rounding at any scale.
+    """
+    return torch.tensor([448.0, 17.0, 19.0, -17.0, 3 * 2.0**-10, 2.0**-10, -(2.0**-10), 0.0, -0.0, 240.0, 232.0])
+
+
+def poisoned_allocate(
+    conversion: Conversion, shape: Sequence[int], device: str | torch.device = "cpu", byte: int = NAN_POISON
+) -> tuple[torch.Tensor, ...]:
+    """``conversion.allocate(shape, device)`` with every byte of every buffer set to ``byte``.
+
+    With :data:`NAN_POISON` an element a kernel forgot to write stays NaN, so it differs from any
+    real result when bytes are compared.
+    """
+    buffers = conversion.allocate(tuple(shape), torch.device(device))
+    return tuple(poison(b, byte) for b in buffers if b is not None)
+
+
+def convert_on_backend(conversion: Conversion, src: torch.Tensor, backend: str) -> tuple[torch.Tensor, ...]:
+    """``conversion.fn`` into poisoned buffers with ``CONVERSION_CORE_BACKEND=backend``, then restored.
+
+    The same source through ``"torch"`` and ``"triton"`` (under the interpreter) is the test that a
+    kernel writes its torch path's bytes.
+    """
+    buffers = poisoned_allocate(conversion, src.shape, src.device)
+    old = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = backend
+    try:
+        conversion.fn(src, *buffers)
+    finally:
+        if old is None:
+            del os.environ[BACKEND_ENV]
+        else:
+            os.environ[BACKEND_ENV] = old
+    return buffers
+
+
+def assert_same_bytes(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], what: str) -> None:
+    """Every buffer of ``got`` has the bytes of the same buffer of ``want``; the error names ``what``,
+    the output's index and how many bytes differ."""
+    assert len(got) == len(want), f"{what}: {len(got)} buffers, expected {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        bg, bw = as_bytes(g), as_bytes(w)
+        assert bg.shape == bw.shape, f"{what}: output {i} has {bg.numel()} bytes, expected {bw.numel()}"
+        differing = int((bg != bw).sum())
+        assert differing == 0, f"{what}: output {i}: {differing} of {bw.numel()} bytes differ"
+
+
+# --------------------------------------------------------------------------- DTensor worlds on gloo
+
+#: What a world's body records per case: ``"ok"`` or the traceback (:func:`record`), or any JSON value.
+WorldResults = dict[str, object]
+
+
+def dtensor_placements(spec: str | Sequence[str]) -> list:
+    """``"S1"`` or ``("S0", "R")`` (one per mesh dim) as DTensor placements: ``Shard(1)`` / ``Replicate()``."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    return [Replicate() if p == "R" else Shard(int(p[1:])) for p in specs]
+
+
+def local_bytes(ref: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's bytes of the unsharded ``ref`` cut as the DTensor ``like`` is (DTensor's own slicing,
+    ``src_data_rank=None``: no communication), an expectation independent of the sharded code."""
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh, placements = like.device_mesh, like.placements  # type: ignore[attr-defined]
+    return as_bytes(distribute_tensor(ref, mesh, placements, src_data_rank=None).to_local())
+
+
+def assert_sharded_outputs(
+    got: Sequence[torch.Tensor],
+    want: Sequence[torch.Tensor],
+    placements: Sequence[Sequence[object]],
+    what: str,
+    gathered: bool = False,
+) -> None:
+    """Each DTensor output of ``got`` has the shape, dtype and ``placements[i]`` expected, and this
+    rank's bytes of the unsharded ``want``; ``gathered``: its gathered whole too (one collective per
+    output, so only for dtypes gloo can gather)."""
+    from torch.distributed.tensor import DTensor
+
+    assert len(got) == len(want) == len(placements), f"{what}: {len(got)} outputs, expected {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert isinstance(g, DTensor), f"{what}: output {i} is a {type(g).__name__}, not a DTensor"
+        assert tuple(g.shape) == tuple(w.shape) and g.dtype == w.dtype, (what, i, g.shape, g.dtype)
+        assert list(g.placements) == list(placements[i]), (what, i, g.placements)
+        assert torch.equal(as_bytes(g.to_local()), local_bytes(w, g)), f"{what}: output {i}: this rank's bytes differ"
+        if gathered:
+            assert torch.equal(as_bytes(g.full_tensor()), as_bytes(w)), f"{what}: output {i}: gathered bytes differ"
+
+
+def record(results: WorldResults, key: str, fn: Callable[..., object], *args: object) -> None:
+    """Run ``fn(*args)``; ``results[key]`` is ``"ok"`` or its traceback, so one case's failure leaves
+    the world running the rest and reaches the test that names the case.
+
+    pytest's ``fail`` and ``raises`` failures are BaseExceptions, so everything but an interrupt
+    or an exit is recorded.
+    """
+    try:
+        fn(*args)
+        results[key] = "ok"
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:
+        results[key] = traceback.format_exc()
+
+
+def _world_worker(
+    rank: int, world: int, body: Callable[[int, int, WorldResults], None], store: str, result_dir: str
+) -> None:
+    import torch.distributed as dist
+
+    from . import load_registry
+
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    load_registry()
+    results: WorldResults = {}
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        )
+        try:
+            body(rank, world, results)
+        finally:
+            dist.destroy_process_group()
+    except Exception:
+        results["error"] = traceback.format_exc()
+    finally:
+        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+
+
+def run_gloo_world(
+    body: Callable[[int, int, WorldResults], None], world: int, deadline_s: float = 240
+) -> list[WorldResults]:
+    """Run ``body(rank, world, results)`` on ``world`` forked CPU processes in one gloo process group;
+    return each rank's ``results`` (JSON round-tripped), rank by rank.
+
+    One world runs every case of a test file (starting processes costs seconds), and each case is its
+    own test reading :func:`world_failures`. Fork: the children reuse the parent's imported torch
+    and DTensor modules (import them at module level, before the fixture runs). Raises
+    ``AssertionError`` when the world passes ``deadline_s`` (its processes are killed) or when a
+    rank failed outside :func:`record` (``results["error"]``).
+    """
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        context = mp.start_processes(
+            _world_worker,
+            args=(world, body, os.path.join(tmp, "store"), tmp),
+            nprocs=world,
+            start_method="fork",
+            join=False,
+        )
+        deadline = time.monotonic() + deadline_s
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
+                raise AssertionError(f"the {world}-process gloo world did not finish within {deadline_s} s")
+        out = []
+        for rank in range(world):
+            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
+                out.append(json.load(f))
+    for rank, res in enumerate(out):
+        assert "error" not in res, f"rank {rank}: {res['error']}"
+    return out
+
+
+def world_failures(results: Sequence[WorldResults], key: str) -> str:
+    """The ranks on which case ``key`` was not ``"ok"``, with their tracebacks ("" when none)."""
+    return "\n".join(
+        f"rank {r}: {res.get(key, 'did not run')}" for r, res in enumerate(results) if res.get(key) != "ok"
+    )
 
 
 # --------------------------------------------------------------------------- checks

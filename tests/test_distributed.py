@@ -9,24 +9,18 @@ communication) under the placements the test states; scales of outlier blocks ar
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-import traceback
 import zlib
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 # Imported here, before the workers fork, so the children share them (seconds of CPU each).
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
 from torch.distributed.tensor.debug import CommDebugMode
 
 import conversion_core as cc
+from conversion_core import testing as kit
 from conversion_core.plan import sharded as distributed
 
 BLOCK = "fp8_128x128"
@@ -156,10 +150,6 @@ def _cases_4() -> list[Case]:
     ]
 
 
-def _placements(spec: tuple[str, ...]) -> list:
-    return [Replicate() if p == "R" else Shard(int(p[1:])) for p in spec]
-
-
 def _source(case: Case) -> torch.Tensor:
     gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
     full = (torch.randn(case.shape, generator=gen) * 3).to(case.dtype)
@@ -168,19 +158,10 @@ def _source(case: Case) -> torch.Tensor:
     return full
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
-
-
-def _expected_local(ref: torch.Tensor, like) -> torch.Tensor:
-    """This rank's slice of an unsharded result under ``like``'s placements (DTensor's slicing, no comm)."""
-    return _bits(distribute_tensor(ref, like.device_mesh, like.placements, src_data_rank=None).to_local())
-
-
 def _run_case(case: Case, mesh) -> None:
     conv = cc.load_registry().get(case.conversion)
     full = _source(case)
-    placements = _placements(case.placements)
+    placements = kit.dtensor_placements(case.placements)
     src = distribute_tensor(full, mesh, placements, src_data_rank=None)
     with CommDebugMode() as comm:
         out, scale = conv.convert(src)
@@ -189,16 +170,16 @@ def _run_case(case: Case, mesh) -> None:
     assert comm.get_total_counts() == case.all_reduces, f"{comm.get_total_counts()} collectives"
     assert tuple(out.shape) == tuple(full.shape) and out.dtype == conv.dst_dtype
     assert tuple(out.placements) == tuple(placements), out.placements
-    assert torch.equal(_bits(out.to_local()), _expected_local(ref_out, out)), "q bytes differ from the unsharded"
+    assert torch.equal(kit.as_bytes(out.to_local()), kit.local_bytes(ref_out, out)), "q bytes differ from the unsharded"
     if case.scale_placements is None:
         assert scale is None and ref_scale is None
         return
-    assert tuple(scale.placements) == tuple(_placements(case.scale_placements)), scale.placements
+    assert tuple(scale.placements) == tuple(kit.dtensor_placements(case.scale_placements)), scale.placements
     assert tuple(scale.shape) == tuple(ref_scale.shape)
-    want_scale = distribute_tensor(ref_scale, mesh, _placements(case.scale_placements), src_data_rank=None)
-    assert torch.equal(_bits(scale.to_local()), _bits(want_scale.to_local())), "scales differ"
+    want_scale = distribute_tensor(ref_scale, mesh, kit.dtensor_placements(case.scale_placements), src_data_rank=None)
+    assert torch.equal(kit.as_bytes(scale.to_local()), kit.as_bytes(want_scale.to_local())), "scales differ"
     gathered = scale.full_tensor()
-    assert torch.equal(_bits(gathered), _bits(ref_scale))
+    assert torch.equal(kit.as_bytes(gathered), kit.as_bytes(ref_scale))
     if case.outlier_block is not None:  # independent of both code paths: the outlier sets its block's scale
         assert gathered[case.outlier_block].item() == (torch.tensor(1000.0) / 448.0).item()
 
@@ -235,10 +216,10 @@ def _check_plan(mesh, placements: dict, default: list, all_reduces: dict[str, in
         assert plan.ready and sorted(got) == sorted(want) and len(want) == len(fulls) + 3
         for key, ref in want.items():
             if key == "model.norm.weight":
-                assert not isinstance(got[key], DTensor) and torch.equal(_bits(got[key]), _bits(ref))
+                assert not isinstance(got[key], DTensor) and torch.equal(kit.as_bytes(got[key]), kit.as_bytes(ref))
                 continue
             assert isinstance(got[key], DTensor) and tuple(got[key].shape) == tuple(ref.shape), key
-            assert torch.equal(_bits(got[key].to_local()), _expected_local(ref, got[key])), (conversion, key)
+            assert torch.equal(kit.as_bytes(got[key].to_local()), kit.local_bytes(ref, got[key])), (conversion, key)
         with pytest.raises(cc.ConversionInputError, match="full_tensor"):
             plan.dequantize("model.layers.0.self_attn.q_proj.weight")
         arena = plan.arena
@@ -261,8 +242,8 @@ def _run_extra(name: str, mesh, rank: int) -> None:
         out, scale = distributed.allocate(block, src)
         block.fn(src, out, scale)
         ref_out, ref_scale = block.convert(full)
-        assert torch.equal(_bits(out.to_local()), _expected_local(ref_out, out))
-        assert torch.equal(_bits(scale.to_local()), _expected_local(ref_scale, scale))
+        assert torch.equal(kit.as_bytes(out.to_local()), kit.local_bytes(ref_out, out))
+        assert torch.equal(kit.as_bytes(scale.to_local()), kit.local_bytes(ref_scale, scale))
         with pytest.raises(cc.ConversionTypeError, match="must be a DTensor"):
             block.fn(src, torch.empty(300, 200, dtype=torch.float8_e4m3fn), scale)
         with pytest.raises(cc.ConversionInputError, match="placements"):
@@ -282,9 +263,9 @@ def _run_extra(name: str, mesh, rank: int) -> None:
         assert comm.get_total_counts() == 1
         for full, (conv, _, _, _), (out, scale) in zip([*fulls[:3], fulls[2], fulls[2]], items, results, strict=True):
             ref_out, ref_scale = conv.convert(full)
-            assert torch.equal(_bits(out.to_local()), _expected_local(ref_out, out)), conv.name
+            assert torch.equal(kit.as_bytes(out.to_local()), kit.local_bytes(ref_out, out)), conv.name
             if ref_scale is not None:
-                assert torch.equal(_bits(scale.to_local()), _expected_local(ref_scale, scale)), conv.name
+                assert torch.equal(kit.as_bytes(scale.to_local()), kit.local_bytes(ref_scale, scale)), conv.name
     elif name == "nan_raises_on_every_rank":
         full = torch.randn(300, 256, generator=gen).bfloat16()
         full[200, 3] = float("nan")  # rank 1's half of a block rank 0 also holds
@@ -356,61 +337,29 @@ EXTRA_2 = [
 ]
 
 
-def _worker(rank: int, world: int, store_path: str, result_dir: str) -> None:
-    torch.set_num_threads(1)
-    cc.load_registry()
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    results: dict[str, str] = {}
+def _body(rank: int, world: int, results: kit.WorldResults) -> None:
     meshes: dict[tuple[int, ...], object] = {}
-    cases = _cases_2() if world == 2 else _cases_4()
-    try:
-        for case in cases:
-            if case.mesh not in meshes:
-                meshes[case.mesh] = init_device_mesh("cpu", case.mesh)
-            try:
-                _run_case(case, meshes[case.mesh])
-                results[case.name] = "ok"
-            except Exception:
-                results[case.name] = traceback.format_exc()
-        if world == 4:
-            try:  # 2x2: q_proj reduces over both mesh dims, down_proj over dim 1: two groups, 2 + 1 all-reduces
-                _check_plan(
-                    meshes[(2, 2)],
-                    {
-                        "model.layers.0.self_attn.q_proj.weight": [Shard(0), Shard(1)],
-                        "model.layers.0.mlp.experts.down_proj": [Shard(0), Shard(2)],
-                        "model.norm.weight": [Replicate(), Replicate()],
-                    },
-                    default=[Shard(0), Replicate()],
-                    all_reduces={BLOCK: 3, CHANNEL: 1},
-                )
-                results["plan_2d_mesh"] = "ok"
-            except Exception:
-                results["plan_2d_mesh"] = traceback.format_exc()
-        if world == 2:
-            for name in EXTRA_2:
-                try:
-                    _run_extra(name, meshes[(2,)], rank)
-                    results[name] = "ok"
-                except Exception:
-                    results[name] = traceback.format_exc()
-    finally:
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+    for case in _cases_2() if world == 2 else _cases_4():
+        if case.mesh not in meshes:
+            meshes[case.mesh] = init_device_mesh("cpu", case.mesh)
+        kit.record(results, case.name, _run_case, case, meshes[case.mesh])
+    if world == 4:  # 2x2: q_proj reduces over both mesh dims, down_proj over dim 1: two groups, 2 + 1 all-reduces
+        placements = {
+            "model.layers.0.self_attn.q_proj.weight": [Shard(0), Shard(1)],
+            "model.layers.0.mlp.experts.down_proj": [Shard(0), Shard(2)],
+            "model.norm.weight": [Replicate(), Replicate()],
+        }
+        all_reduces = {BLOCK: 3, CHANNEL: 1}
+        kit.record(
+            results, "plan_2d_mesh", _check_plan, meshes[(2, 2)], placements, [Shard(0), Replicate()], all_reduces
+        )
+    if world == 2:
+        for name in EXTRA_2:
+            kit.record(results, name, _run_extra, name, meshes[(2,)], rank)
 
 
-def _run_world(world: int) -> list[dict[str, str]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        # fork: the children reuse the imported torch (seconds saved per process on a shared CPU)
-        mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), tmp), nprocs=world, start_method="fork")
-        out = []
-        for rank in range(world):
-            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
-                out.append(json.load(f))
-        return out
+def _run_world(world: int) -> list[kit.WorldResults]:
+    return kit.run_gloo_world(_body, world, deadline_s=600)
 
 
 def _needs_builtin_plugins() -> None:
@@ -421,29 +370,29 @@ def _needs_builtin_plugins() -> None:
 
 
 @pytest.fixture(scope="module")
-def world2() -> list[dict[str, str]]:
+def world2() -> list[kit.WorldResults]:
     _needs_builtin_plugins()
     return _run_world(2)
 
 
 @pytest.fixture(scope="module")
-def world4() -> list[dict[str, str]]:
+def world4() -> list[kit.WorldResults]:
     _needs_builtin_plugins()
     return _run_world(4)
 
 
-def _check(results: list[dict[str, str]], name: str) -> None:
-    failures = [f"rank {r}: {res.get(name, 'did not run')}" for r, res in enumerate(results) if res.get(name) != "ok"]
-    assert not failures, "\n".join(failures)
+def _check(results: list[kit.WorldResults], name: str) -> None:
+    failures = kit.world_failures(results, name)
+    assert not failures, failures
 
 
 @pytest.mark.parametrize("name", [c.name for c in _cases_2()] + EXTRA_2)
-def test_two_processes(world2: list[dict[str, str]], name: str) -> None:
+def test_two_processes(world2: list[kit.WorldResults], name: str) -> None:
     _check(world2, name)
 
 
 @pytest.mark.parametrize("name", [c.name for c in _cases_4()] + ["plan_2d_mesh"])
-def test_four_processes(world4: list[dict[str, str]], name: str) -> None:
+def test_four_processes(world4: list[kit.WorldResults], name: str) -> None:
     _check(world4, name)
 
 

@@ -12,32 +12,27 @@ a child with ``TRITON_INTERPRET=1`` and ``CONVERSION_CORE_BACKEND=triton``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from conversion_core.testing import rerun_under_triton_interpreter, under_triton_interpreter
+
 pytest.importorskip("triton")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("CONVERSION_CORE_BACKEND") == "triton"
+INTERPRETING = under_triton_interpreter()
 NAMES = ["fp8_128x128", "fp8_128x128_ue8m0", "cutlass_fp8_e4m3_per_channel"]
 
 
 if not INTERPRETING:
 
     def test_grouped_launches_under_interpreter() -> None:
-        env = dict(os.environ, TRITON_INTERPRET="1", CONVERSION_CORE_BACKEND="triton")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-        assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+        rerun_under_triton_interpreter(__file__, timeout_s=900)
 
 else:
     import conversion_core as cc
     from conversion_core.formats import group_table
     from conversion_core.plan import build_plan
+    from conversion_core.testing import spread_weights
 
     def _conversion(name: str) -> cc.Conversion:
         registry = cc.load_registry()
@@ -47,11 +42,7 @@ else:
 
     def _weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
         """Rows of very different magnitude (every e4m3 rounding regime) and a signed zero."""
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=g)
-        x *= torch.exp(torch.empty(shape[:-1] + (1,)).uniform_(-6, 6, generator=g))
-        x.view(-1)[min(3, x.numel() - 1)] = -0.0
-        return x.to(dtype)
+        return spread_weights(shape, dtype, seed, row_exponents=(-6.0, 6.0), element_exponents=None)
 
     def _sources() -> list[torch.Tensor]:
         stack = _weights((3, 130, 257), torch.bfloat16, seed=1)

@@ -9,16 +9,14 @@ instructions: tests/gpu compares GPU bytes with CPU bytes for that.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from conversion_core.testing import rerun_under_triton_interpreter, under_triton_interpreter
+
 pytest.importorskip("triton")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("CONVERSION_CORE_BACKEND") == "triton"
+INTERPRETING = under_triton_interpreter()
 
 BLOCK = "fp8_128x128"
 CHANNEL = "cutlass_fp8_e4m3_per_channel"
@@ -27,44 +25,26 @@ CHANNEL = "cutlass_fp8_e4m3_per_channel"
 if not INTERPRETING:
 
     def test_kernels_match_torch_path_under_interpreter() -> None:
-        env = dict(os.environ, TRITON_INTERPRET="1", CONVERSION_CORE_BACKEND="triton")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-        assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+        rerun_under_triton_interpreter(__file__, timeout_s=600)
 
 else:
     import conversion_core as cc
+    from conversion_core import testing as kit
     from conversion_core.backend import use_triton
     from conversion_core.errors import ConversionInputError
 
-    def _convert(name: str, src: torch.Tensor, backend: str, monkeypatch: pytest.MonkeyPatch):
-        monkeypatch.setenv("CONVERSION_CORE_BACKEND", backend)
-        conversion = cc.load_registry().get(name)
-        out, scale = conversion.allocate(src.shape, src.device)
-        out.view(torch.uint8).fill_(0x7F)  # poison: NaN bytes wherever nothing is written
-        assert scale is not None
-        scale.fill_(float("nan"))
-        conversion.fn(src, out, scale)
-        return out.view(torch.uint8).clone(), scale.clone()
+    def _convert(name: str, src: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out, scale = kit.convert_on_backend(cc.load_registry().get(name), src, backend)
+        return out.view(torch.uint8), scale
 
-    def _assert_same_bytes(name: str, src: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
-        q_triton, s_triton = _convert(name, src, "triton", monkeypatch)
-        q_torch, s_torch = _convert(name, src, "torch", monkeypatch)
-        differing = int((q_triton != q_torch).sum())
-        assert differing == 0, f"{differing} of {q_torch.numel()} e4m3 bytes differ for {tuple(src.shape)}"
-        assert torch.equal(s_triton.view(torch.int32), s_torch.view(torch.int32)), (s_triton, s_torch)
+    def _assert_same_bytes(name: str, src: torch.Tensor) -> None:
+        q_triton, s_triton = _convert(name, src, "triton")
+        kit.assert_same_bytes((q_triton, s_triton), _convert(name, src, "torch"), f"{name} {tuple(src.shape)}")
         assert not torch.isnan(s_triton).any()
 
     def _weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-        """Random weights spanning many magnitudes (rows and blocks of very different size),
-        plus a signed zero, so every rounding regime of e4m3 shows up, subnormals included."""
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=g)
-        x *= torch.exp(torch.empty(shape[:-1] + (1,)).uniform_(-6, 6, generator=g))
-        x *= torch.exp(torch.empty(shape).uniform_(-4, 0, generator=g))
-        x.view(-1)[min(3, x.numel() - 1)] = -0.0
-        return x.to(dtype)
+        """Rows and blocks of very different size (every e4m3 regime, subnormals too), a signed zero."""
+        return kit.spread_weights(shape, dtype, seed, row_exponents=(-6.0, 6.0))
 
     def test_interpreter_really_runs_the_triton_kernels() -> None:
         from conversion_core_cutlass_fp8 import triton_kernels as channel_kernels
@@ -80,40 +60,34 @@ else:
         [(200, 300), (2, 130, 257), (1, 1), (128, 128), (129, 127)],
         ids=lambda s: "x".join(map(str, s)),
     )
-    def test_bytes_match(name: str, shape: tuple[int, ...], monkeypatch) -> None:
-        _assert_same_bytes(name, _weights(shape, torch.bfloat16, seed=sum(shape)), monkeypatch)
+    def test_bytes_match(name: str, shape: tuple[int, ...]) -> None:
+        _assert_same_bytes(name, _weights(shape, torch.bfloat16, seed=sum(shape)))
 
     @pytest.mark.parametrize("name", [BLOCK, CHANNEL])
     @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-    def test_source_dtypes(name: str, dtype: torch.dtype, monkeypatch) -> None:
-        _assert_same_bytes(name, _weights((2, 130, 257), dtype, seed=11), monkeypatch)
+    def test_source_dtypes(name: str, dtype: torch.dtype) -> None:
+        _assert_same_bytes(name, _weights((2, 130, 257), dtype, seed=11))
 
     @pytest.mark.parametrize("name", [BLOCK, CHANNEL])
-    def test_long_rows_take_the_chunked_path(name: str, monkeypatch) -> None:
+    def test_long_rows_take_the_chunked_path(name: str) -> None:
         # K past the single-load limit: the per-channel kernel walks each row in chunks, twice
-        _assert_same_bytes(name, _weights((6, 9000), torch.bfloat16, seed=7), monkeypatch)
+        _assert_same_bytes(name, _weights((6, 9000), torch.bfloat16, seed=7))
 
     @pytest.mark.parametrize("name", [BLOCK, CHANNEL])
-    @pytest.mark.parametrize("view", ["transposed", "column_slice", "experts_permuted"])
-    def test_non_contiguous_sources(name: str, view: str, monkeypatch) -> None:
-        if view == "transposed":
-            src = _weights((300, 140), torch.bfloat16, seed=1).t()
-        elif view == "column_slice":
-            src = _weights((140, 600), torch.float16, seed=2)[:, ::2]
-        else:
-            src = _weights((130, 3, 200), torch.bfloat16, seed=3).permute(1, 0, 2)
-        assert not src.is_contiguous()
-        _assert_same_bytes(name, src, monkeypatch)
+    @pytest.mark.parametrize("view", kit.NON_CONTIGUOUS_VIEWS)
+    def test_non_contiguous_sources(name: str, view: str) -> None:
+        src = kit.non_contiguous_view(view, _weights)
+        _assert_same_bytes(name, src)
 
     @pytest.mark.parametrize("name", [BLOCK, CHANNEL])
-    def test_round_half_to_even_and_extremes(name: str, monkeypatch) -> None:
+    def test_round_half_to_even_and_extremes(name: str) -> None:
         # amax 448 makes the scale exactly 1, so x itself is the e4m3 input: 17 and 19 sit halfway
         # between e4m3 neighbours (16, 18, 20) and go to the even mantissa (16, 20); 3*2**-10 and
         # 2**-10 sit halfway between subnormals (2**-8 and 0 win); 464 would round past 448.
-        row = torch.tensor([448.0, 17.0, 19.0, -17.0, 3 * 2.0**-10, 2.0**-10, -(2.0**-10), 0.0, -0.0, 240.0, 232.0])
+        row = kit.e4m3_rounding_row()
         src = torch.stack([row, row * 2.0**-20, row * 2.0**60]).to(torch.float32)
-        _assert_same_bytes(name, src, monkeypatch)
-        q, _ = _convert(name, src, "triton", monkeypatch)
+        _assert_same_bytes(name, src)
+        q, _ = _convert(name, src, "triton")
         expected = torch.tensor([448.0, 16.0, 20.0, -16.0, 2.0**-8, 0.0, -0.0, 0.0, -0.0, 240.0, 224.0])
         expected_bytes = expected.to(torch.float8_e4m3fn).view(torch.uint8)
         if name == CHANNEL:  # every row has its own scale, so every row gives the same bytes
@@ -123,7 +97,7 @@ else:
             assert torch.equal(q[2], expected_bytes), (q[2], expected_bytes)
         huge = torch.full((4, 5), 3.0e38)
         huge[1, 2] = -3.4028234663852886e38
-        _assert_same_bytes(name, huge, monkeypatch)
+        _assert_same_bytes(name, huge)
 
     @pytest.mark.parametrize("name", [BLOCK, CHANNEL])
     @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

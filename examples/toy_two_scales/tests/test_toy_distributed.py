@@ -9,15 +9,9 @@ sees is computed here.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-import time
-import traceback
 import zlib
 from dataclasses import dataclass
-from datetime import timedelta
 
 import pytest
 import torch
@@ -28,12 +22,11 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
-
 # Imported before the workers fork, so the children share them.
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh  # noqa: E402
 from torch.distributed.tensor.debug import CommDebugMode  # noqa: E402
 
+from conversion_core import testing as kit  # noqa: E402
 from conversion_core.plan import build_plan  # noqa: E402
 
 NAME = "toy_two_scales"
@@ -74,30 +67,14 @@ EXTRA = [
 ]
 
 
-def _placement(p: str) -> list:
-    return [Replicate() if p == "R" else Shard(int(p[1:]))]
-
-
 def _source(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     return (torch.randn(shape, generator=gen) * 3).to(dtype)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _expected_local(ref: torch.Tensor, like: DTensor) -> torch.Tensor:
-    return _bits(distribute_tensor(ref, like.device_mesh, like.placements, src_data_rank=None).to_local())
-
-
 def _check_same(got: tuple, want: tuple, src_placements: list, companion_placements: list) -> None:
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert isinstance(g, DTensor), i
-        assert tuple(g.shape) == tuple(w.shape) and g.dtype == w.dtype, (i, g.shape, g.dtype)
-        assert list(g.placements) == (src_placements if i == 0 else companion_placements), (i, g.placements)
-        assert torch.equal(_bits(g.to_local()), _expected_local(w, g)), f"output {i}: local bytes differ"
-        assert torch.equal(_bits(g.full_tensor()), _bits(w)), f"output {i}: gathered bytes differ"
+    placements = [src_placements] + [companion_placements] * (len(want) - 1)
+    kit.assert_sharded_outputs(got, want, placements, "toy", gathered=True)
 
 
 def _run_case(case: Case, mesh) -> None:
@@ -105,13 +82,13 @@ def _run_case(case: Case, mesh) -> None:
     full = _source(case.name, case.shape, case.dtype)
     if case.outlier is not None:
         full[case.outlier] = 1000.0
-    placements = _placement(case.placement)
+    placements = kit.dtensor_placements(case.placement)
     src = distribute_tensor(full, mesh, placements, src_data_rank=None)
     with CommDebugMode() as comm:
         got = conv.convert(src)
     assert comm.get_total_counts() == case.all_reduces, f"{comm.get_total_counts()} collectives"
     want = conv.convert(full)
-    _check_same(got, want, placements, _placement(case.companions))
+    _check_same(got, want, placements, kit.dtensor_placements(case.companions))
     if case.outlier is not None:  # independent of both code paths: the outlier sets its row's scale
         row = case.outlier[:-1]
         s = torch.tensor(1000.0) / torch.tensor(127.0)
@@ -169,11 +146,11 @@ def _run_extra(name: str, mesh, rank: int) -> None:
     if name == "preallocated_fn":
         for placement in ("S0", "S1"):
             full = torch.randn(31, 45, generator=gen).bfloat16()
-            src = distribute_tensor(full, mesh, _placement(placement), src_data_rank=None)
+            src = distribute_tensor(full, mesh, kit.dtensor_placements(placement), src_data_rank=None)
             buffers = sharded.allocate(conv, src)
             conv.fn(src, *buffers)
-            companions = _placement("S0" if placement == "S0" else "R")
-            _check_same(buffers, conv.convert(full), _placement(placement), companions)
+            companions = kit.dtensor_placements("S0" if placement == "S0" else "R")
+            _check_same(buffers, conv.convert(full), kit.dtensor_placements(placement), companions)
     elif name == "nan_raises_on_every_rank":
         full = torch.randn(16, 300, generator=gen)
         full[3, 250] = float("nan")  # rank 1's part of row 3: the row's all-reduce carries the flag
@@ -208,11 +185,11 @@ def _run_extra(name: str, mesh, rank: int) -> None:
                 g = out[key]
                 assert g is got[key] or g.to_local().data_ptr() == got[key].to_local().data_ptr(), key
                 if key == "model.norm.weight":
-                    assert not isinstance(g, DTensor) and torch.equal(_bits(g), _bits(w))
+                    assert not isinstance(g, DTensor) and torch.equal(kit.as_bytes(g), kit.as_bytes(w))
                     continue
                 assert isinstance(g, DTensor) and tuple(g.shape) == tuple(w.shape) and g.dtype == w.dtype, key
-                assert torch.equal(_bits(g.to_local()), _expected_local(w, g)), (step, key)
-                assert torch.equal(_bits(g.full_tensor()), _bits(w)), (step, key)
+                assert torch.equal(kit.as_bytes(g.to_local()), kit.local_bytes(w, g)), (step, key)
+                assert torch.equal(kit.as_bytes(g.full_tensor()), kit.as_bytes(w)), (step, key)
         assert list(got["model.layers.0.mlp.gate_proj.weight_scale"].placements) == [Shard(0)]
         assert list(got["model.layers.0.mlp.down_proj.weight_shift"].placements) == [Replicate()]
         assert tuple(got["model.layers.0.mlp.down_proj.weight_scale"].shape) == (40, 1)
@@ -245,57 +222,22 @@ def _run_extra(name: str, mesh, rank: int) -> None:
         raise AssertionError(f"unknown extra case {name}")
 
 
-def _worker(rank: int, world: int, store_path: str, result_dir: str) -> None:
-    torch.set_num_threads(1)
-    cc.load_registry()
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    results: dict[str, str] = {}
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        for case in CASES:
-            try:
-                _run_case(case, mesh)
-                results[case.name] = "ok"
-            except Exception:
-                results[case.name] = traceback.format_exc()
-        for name in EXTRA:
-            try:
-                _run_extra(name, mesh, rank)
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-    finally:
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+def _body(rank: int, world: int, results: kit.WorldResults) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    for case in CASES:
+        kit.record(results, case.name, _run_case, case, mesh)
+    for name in EXTRA:
+        kit.record(results, name, _run_extra, name, mesh, rank)
 
 
 @pytest.fixture(scope="module")
-def world() -> list[dict[str, str]]:
+def world() -> list[kit.WorldResults]:
     if NAME not in cc.load_registry(reload=True).names():
         pytest.fail("toy_two_scales is not registered: pip install -e examples/toy_two_scales")
-    with tempfile.TemporaryDirectory() as tmp:
-        # fork: the children reuse the imported torch (seconds saved per process)
-        context = mp.start_processes(
-            _worker, args=(WORLD, os.path.join(tmp, "store"), tmp), nprocs=WORLD, start_method="fork", join=False
-        )
-        deadline = time.monotonic() + DEADLINE_S
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    if process.is_alive():
-                        process.kill()
-                pytest.fail(f"the {WORLD}-process gloo world did not finish within {DEADLINE_S} s")
-        out = []
-        for rank in range(WORLD):
-            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
-                out.append(json.load(f))
-        return out
+    return kit.run_gloo_world(_body, WORLD, deadline_s=DEADLINE_S)
 
 
 @pytest.mark.parametrize("name", [c.name for c in CASES] + EXTRA)
-def test_two_processes(world: list[dict[str, str]], name: str) -> None:
-    failures = [f"rank {r}: {res.get(name, 'did not run')}" for r, res in enumerate(world) if res.get(name) != "ok"]
-    assert not failures, "\n".join(failures)
+def test_two_processes(world: list[kit.WorldResults], name: str) -> None:
+    failures = kit.world_failures(world, name)
+    assert not failures, failures

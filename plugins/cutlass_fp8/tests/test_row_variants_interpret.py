@@ -10,16 +10,14 @@ the benchmark's check section.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from conversion_core.testing import rerun_under_triton_interpreter, under_triton_interpreter
+
 pytest.importorskip("triton")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("CONVERSION_CORE_BACKEND") == "triton"
+INTERPRETING = under_triton_interpreter()
 
 CHANNEL = "cutlass_fp8_e4m3_per_channel"
 
@@ -39,78 +37,53 @@ def _label(variant: dict) -> str:
 if not INTERPRETING:
 
     def test_variants_match_torch_path_under_interpreter() -> None:
-        env = dict(os.environ, TRITON_INTERPRET="1", CONVERSION_CORE_BACKEND="triton")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-        assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+        rerun_under_triton_interpreter(__file__, timeout_s=900)
 
 else:
     from conversion_core_cutlass_fp8 import triton_kernels as tk
 
     import conversion_core as cc
-
-    def _weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-        """Many magnitudes per row and element, a signed zero."""
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=g)
-        x *= torch.exp(torch.empty(shape[:-1] + (1,)).uniform_(-14, 6, generator=g))
-        x *= torch.exp(torch.empty(shape).uniform_(-4, 0, generator=g))
-        x.view(-1)[min(3, x.numel() - 1)] = -0.0
-        return x.to(dtype)
+    from conversion_core import testing as kit
 
     def _extremes() -> torch.Tensor:
-        """Ties to even, subnormal e4m3 ties, ±0, rows at scale 1, 2^-20 and 2^60, a row near float32's max."""
-        row = torch.tensor([448.0, 17.0, 19.0, -17.0, 3 * 2.0**-10, 2.0**-10, -(2.0**-10), 0.0, -0.0, 240.0, 232.0])
+        """The rounding row at scales 1, 2^-20 and 2^60, a row near float32's max, a zero row."""
+        row = kit.e4m3_rounding_row()
         huge = torch.full((11,), 3.0e38)
         huge[2] = -3.4028234663852886e38
         return torch.stack([row, row * 2.0**-20, row * 2.0**60, huge, torch.zeros(11)])
 
     def _sources() -> list[tuple[str, torch.Tensor]]:
         return [
-            ("37x300 bf16", _weights((37, 300), torch.bfloat16, 1)),
-            ("2x13x257 bf16", _weights((2, 13, 257), torch.bfloat16, 2)),
-            ("9x1024 fp32", _weights((9, 1024), torch.float32, 3)),
-            ("1x700 fp16", _weights((1, 700), torch.float16, 4)),
-            ("transposed", _weights((300, 14), torch.bfloat16, 5).t()),
-            ("column slice", _weights((14, 600), torch.float16, 6)[:, ::2]),
-            ("experts permuted", _weights((13, 3, 200), torch.bfloat16, 7).permute(1, 0, 2)),
+            ("37x300 bf16", kit.spread_weights((37, 300), torch.bfloat16, 1)),
+            ("2x13x257 bf16", kit.spread_weights((2, 13, 257), torch.bfloat16, 2)),
+            ("9x1024 fp32", kit.spread_weights((9, 1024), torch.float32, 3)),
+            ("1x700 fp16", kit.spread_weights((1, 700), torch.float16, 4)),
+            ("transposed", kit.spread_weights((300, 14), torch.bfloat16, 5).t()),
+            ("column slice", kit.spread_weights((14, 600), torch.float16, 6)[:, ::2]),
+            ("experts permuted", kit.spread_weights((13, 3, 200), torch.bfloat16, 7).permute(1, 0, 2)),
             ("extremes fp32", _extremes()),
         ]
 
-    def _torch_path(src: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, torch.Tensor]:
-        monkeypatch.setenv("CONVERSION_CORE_BACKEND", "torch")
-        try:
-            out, scale = cc.load_registry().get(CHANNEL).convert(src)
-        finally:
-            monkeypatch.setenv("CONVERSION_CORE_BACKEND", "triton")
-        return out.view(torch.uint8), scale
-
     def _launch(src: torch.Tensor, config: tk.RowConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-        out, scale = cc.load_registry().get(CHANNEL).allocate(src.shape)
-        assert scale is not None
-        out.view(torch.uint8).fill_(0x7F)  # poison: NaN bytes wherever nothing is written
-        scale.fill_(float("nan"))
+        out, scale = kit.poisoned_allocate(cc.load_registry().get(CHANNEL), src.shape)
         flag = torch.zeros(1, dtype=torch.int32)
         tk.launch_rows(src, out, scale, flag, config)
-        return out.view(torch.uint8), scale, int(flag)
+        return out, scale, int(flag)
 
     @pytest.mark.parametrize("variant", VARIANTS, ids=_label)
-    def test_variant_bytes_match(variant: dict, monkeypatch) -> None:
+    def test_variant_bytes_match(variant: dict) -> None:
         config = tk.RowConfig(**variant)
         for label, src in _sources():
             if config.single and src.shape[-1] > config.block_k:
                 continue  # a single load holds the whole row
-            want_q, want_s = _torch_path(src, monkeypatch)
+            want = kit.convert_on_backend(cc.load_registry().get(CHANNEL), src, "torch")
             q, s, flag = _launch(src, config)
-            differing = int((q != want_q).sum())
-            assert differing == 0, f"{label}: {differing} of {q.numel()} e4m3 bytes differ"
-            assert torch.equal(s.view(torch.int32), want_s.view(torch.int32)), f"{label}: scales differ"
+            kit.assert_same_bytes((q, s), want, label)
             assert flag == 0, label
 
     @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
     def test_variants_flag_non_finite(bad: float) -> None:
-        src = _weights((3, 5, 130), torch.bfloat16, seed=8)
+        src = kit.spread_weights((3, 5, 130), torch.bfloat16, seed=8)
         src.view(-1)[src.numel() - 7] = bad  # in the last row
         for variant in VARIANTS:
             assert _launch(src, tk.RowConfig(**variant))[2] == 1, variant

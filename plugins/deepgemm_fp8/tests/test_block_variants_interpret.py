@@ -12,16 +12,14 @@ check section compare GPU bytes with CPU bytes.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from conversion_core.testing import rerun_under_triton_interpreter, under_triton_interpreter
+
 pytest.importorskip("triton")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("CONVERSION_CORE_BACKEND") == "triton"
+INTERPRETING = under_triton_interpreter()
 
 BLOCK = "fp8_128x128"
 UE8M0 = "fp8_128x128_ue8m0"
@@ -45,30 +43,18 @@ def _label(variant: dict) -> str:
 if not INTERPRETING:
 
     def test_variants_match_torch_path_under_interpreter() -> None:
-        env = dict(os.environ, TRITON_INTERPRET="1", CONVERSION_CORE_BACKEND="triton")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-        assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+        rerun_under_triton_interpreter(__file__, timeout_s=900)
 
 else:
     from conversion_core_deepgemm_fp8 import triton_kernels as tk
 
     import conversion_core as cc
-
-    def _weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-        """Many magnitudes per row and element (some blocks below UE8M0's 1e-4 floor), a signed zero."""
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=g)
-        x *= torch.exp(torch.empty(shape[:-1] + (1,)).uniform_(-14, 6, generator=g))
-        x *= torch.exp(torch.empty(shape).uniform_(-4, 0, generator=g))
-        x.view(-1)[min(3, x.numel() - 1)] = -0.0
-        return x.to(dtype)
+    from conversion_core import testing as kit
 
     def _extremes() -> torch.Tensor:
-        """Ties to even, subnormal e4m3 ties, ±0, 464 past 448 (scale 1 and 2^60 rows), and one block of
-        amax near float32's max (UE8M0 scale 2^120, where the 240 limit binds)."""
-        row = torch.tensor([448.0, 17.0, 19.0, -17.0, 3 * 2.0**-10, 2.0**-10, -(2.0**-10), 0.0, -0.0, 240.0, 232.0])
+        """The rounding row at scales 1, 2^-20 and 2^60 (464 past 448), and one block of amax near
+        float32's max (UE8M0 scale 2^120, where the 240 limit binds)."""
+        row = kit.e4m3_rounding_row()
         src = torch.zeros(256, 140)
         src[:3, :11] = torch.stack([row, row * 2.0**-20, row * 2.0**60])
         src[128:132, 128:133] = 3.0e38
@@ -77,53 +63,39 @@ else:
         return src
 
     def _sources() -> list[tuple[str, torch.Tensor]]:
+        """Many magnitudes per row and element (some blocks below UE8M0's 1e-4 floor)."""
         return [
-            ("200x300 bf16", _weights((200, 300), torch.bfloat16, 1)),
-            ("2x130x257 bf16", _weights((2, 130, 257), torch.bfloat16, 2)),
-            ("129x127 fp32", _weights((129, 127), torch.float32, 3)),
-            ("1x700 fp16", _weights((1, 700), torch.float16, 4)),
-            ("transposed", _weights((300, 140), torch.bfloat16, 5).t()),
-            ("column slice", _weights((140, 600), torch.float16, 6)[:, ::2]),
-            ("experts permuted", _weights((130, 3, 200), torch.bfloat16, 7).permute(1, 0, 2)),
+            ("200x300 bf16", kit.spread_weights((200, 300), torch.bfloat16, 1)),
+            ("2x130x257 bf16", kit.spread_weights((2, 130, 257), torch.bfloat16, 2)),
+            ("129x127 fp32", kit.spread_weights((129, 127), torch.float32, 3)),
+            ("1x700 fp16", kit.spread_weights((1, 700), torch.float16, 4)),
+            *((view, kit.non_contiguous_view(view, kit.spread_weights, seed=5)) for view in kit.NON_CONTIGUOUS_VIEWS),
             ("extremes fp32", _extremes()),
         ]
 
-    def _torch_path(name: str, src: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, torch.Tensor]:
-        monkeypatch.setenv("CONVERSION_CORE_BACKEND", "torch")
-        try:
-            out, scale = cc.load_registry().get(name).convert(src)
-        finally:
-            monkeypatch.setenv("CONVERSION_CORE_BACKEND", "triton")
-        return out.view(torch.uint8), scale
-
     def _launch(name: str, src: torch.Tensor, config: tk.BlockConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-        out, scale = cc.load_registry().get(name).allocate(src.shape)
-        assert scale is not None
-        out.view(torch.uint8).fill_(0x7F)  # poison: NaN bytes wherever nothing is written
-        scale.fill_(float("nan"))
+        out, scale = kit.poisoned_allocate(cc.load_registry().get(name), src.shape)
         flag = torch.zeros(1, dtype=torch.int32)
         tk.launch_blocks(src, out, scale, flag, (128, 128), ue8m0=name == UE8M0, config=config)
-        return out.view(torch.uint8), scale, int(flag)
+        return out, scale, int(flag)
 
     def test_interpreter_really_runs_the_triton_kernel() -> None:
         assert type(tk._quantize_tile_kernel).__name__ == "InterpretedFunction"
 
     @pytest.mark.parametrize("name", [BLOCK, UE8M0])
     @pytest.mark.parametrize("variant", VARIANTS, ids=_label)
-    def test_variant_bytes_match(name: str, variant: dict, monkeypatch) -> None:
+    def test_variant_bytes_match(name: str, variant: dict) -> None:
         config = tk.BlockConfig(**variant)
         for label, src in _sources():
-            want_q, want_s = _torch_path(name, src, monkeypatch)
+            want = kit.convert_on_backend(cc.load_registry().get(name), src, "torch")
             q, s, flag = _launch(name, src, config)
-            differing = int((q != want_q).sum())
-            assert differing == 0, f"{label}: {differing} of {q.numel()} e4m3 bytes differ"
-            assert torch.equal(s.view(torch.int32), want_s.view(torch.int32)), f"{label}: scales differ"
+            kit.assert_same_bytes((q, s), want, label)
             assert flag == 0, label
 
     @pytest.mark.parametrize("name", [BLOCK, UE8M0])
     @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
     def test_variants_flag_non_finite(name: str, bad: float) -> None:
-        src = _weights((3, 40, 130), torch.bfloat16, seed=8)
+        src = kit.spread_weights((3, 40, 130), torch.bfloat16, seed=8)
         src.view(-1)[src.numel() - 7] = bad  # in the last, partial block
         for variant in VARIANTS[3:5]:
             assert _launch(name, src, tk.BlockConfig(**variant))[2] == 1, variant

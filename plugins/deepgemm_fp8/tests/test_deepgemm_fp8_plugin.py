@@ -8,14 +8,13 @@ definition (``conversion_core.testing.e4m3_reference_bytes``), not torch's float
 
 from __future__ import annotations
 
-import math
-import random
-
+import deepgemm_block_reference
 import pytest
 import torch
+from deepgemm_block_reference import weights
 
 import conversion_core as cc
-from conversion_core.testing import CHECKS, check_conversion, e4m3_reference_bytes
+from conversion_core.testing import CHECKS, check_conversion
 
 NAME = "fp8_128x128"
 PLUGIN = "deepgemm_fp8"
@@ -34,47 +33,15 @@ def conversion(registry: cc.Registry) -> cc.Conversion:
     return registry.get(NAME)
 
 
+_FLOOR, _FMAX = torch.tensor(1e-12, dtype=torch.float32), torch.tensor(448.0, dtype=torch.float32)
+
+
 def reference(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q bytes, scales) computed one 128x128 block at a time, expert by expert."""
-    x = src.detach().cpu().float()
-    experts = x if x.dim() == 3 else x.unsqueeze(0)
-    e, n, k = experts.shape
-    nb, kb = math.ceil(n / BLOCK), math.ceil(k / BLOCK)
-    q = torch.empty((e, n, k), dtype=torch.uint8)
-    scales = torch.empty((e, nb, kb), dtype=torch.float32)
-    floor, fmax = torch.tensor(1e-12, dtype=torch.float32), torch.tensor(448.0, dtype=torch.float32)
-    for ei in range(e):
-        for i in range(nb):
-            for j in range(kb):
-                rows, cols = slice(i * BLOCK, (i + 1) * BLOCK), slice(j * BLOCK, (j + 1) * BLOCK)
-                block = experts[ei, rows, cols]
-                scale = torch.maximum(block.abs().max(), floor) / fmax
-                q[ei, rows, cols] = e4m3_reference_bytes((block / scale).clamp(-448.0, 448.0))
-                scales[ei, i, j] = scale
-    lead = tuple(src.shape[:-2])
-    return q.reshape(src.shape), scales.reshape(*lead, nb, kb)
+    """(q bytes, scales) block by block: scale = max(amax, 1e-12) / 448 in float32."""
+    return deepgemm_block_reference.reference(src, lambda block: torch.maximum(block.abs().max(), _FLOOR) / _FMAX)
 
 
-def weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Random weights: per-expert magnitudes 6 decades apart, an all-zero block, outliers."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 0.02
-    if len(shape) == 3:
-        x *= torch.logspace(-3, 3, shape[0]).view(-1, 1, 1)
-    x[..., : min(BLOCK, shape[-2]), : min(BLOCK, shape[-1])] = 0.0  # the first block of each expert
-    if shape[-2] > BLOCK:
-        x[..., BLOCK, -1] = 37.0  # one outlier drives the rest of its block into subnormals
-    return x.to(dtype)
-
-
-def _random_shapes(seed: int) -> list[tuple[int, ...]]:
-    rng = random.Random(seed)
-    shapes: list[tuple[int, ...]] = [(rng.randint(1, 300), rng.randint(1, 400)) for _ in range(3)]
-    shapes += [(rng.randint(1, 3), rng.randint(1, 300), rng.randint(1, 400)) for _ in range(2)]
-    return shapes
-
-
-SHAPES = [(128, 128), (256, 384), (1, 1), (130, 257), (300, 400), (3, 128, 256), (2, 129, 200), *_random_shapes(3)]
+SHAPES = deepgemm_block_reference.shapes(3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

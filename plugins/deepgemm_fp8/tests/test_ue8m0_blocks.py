@@ -10,14 +10,14 @@ power of two by ``math.frexp``, and e4m3 bytes by ``conversion_core.testing.e4m3
 from __future__ import annotations
 
 import math
-import random
 import struct
 
+import deepgemm_block_reference
 import pytest
 import torch
 
 import conversion_core as cc
-from conversion_core.testing import CHECKS, check_conversion, e4m3_reference_bytes
+from conversion_core.testing import CHECKS, NON_CONTIGUOUS_VIEWS, check_conversion, non_contiguous_view
 
 NAME = "fp8_128x128_ue8m0"
 FP32_SCALES = "fp8_128x128"
@@ -62,48 +62,22 @@ def ue8m0_scale(amax: float) -> float:
 
 
 def reference(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q bytes, scales) computed one 128x128 block at a time, expert by expert."""
-    x = src.detach().cpu().float()
-    experts = x if x.dim() == 3 else x.unsqueeze(0)
-    e, n, k = experts.shape
-    nb, kb = math.ceil(n / BLOCK), math.ceil(k / BLOCK)
-    q = torch.empty((e, n, k), dtype=torch.uint8)
-    scales = torch.empty((e, nb, kb), dtype=torch.float32)
-    for ei in range(e):
-        for i in range(nb):
-            for j in range(kb):
-                rows, cols = slice(i * BLOCK, (i + 1) * BLOCK), slice(j * BLOCK, (j + 1) * BLOCK)
-                block = experts[ei, rows, cols].double()
-                scale = ue8m0_scale(float(block.abs().max()))
-                qmax = min(448.0, 15.0 * 2.0**124 / scale)  # 240 for 2^120: 256 * 2^120 is Inf in float32
-                q[ei, rows, cols] = e4m3_reference_bytes((block / scale).clamp(-qmax, qmax))
-                scales[ei, i, j] = scale
-    lead = tuple(src.shape[:-2])
-    return q.reshape(src.shape), scales.reshape(*lead, nb, kb)
+    """(q bytes, scales) block by block in float64: the UE8M0 scale of each block's amax, and |q| at most 240
+    for a scale of 2^120 (256 * 2^120 is Inf in float32)."""
+    return deepgemm_block_reference.reference(
+        src,
+        lambda block: ue8m0_scale(float(block.abs().max())),
+        lambda scale: min(448.0, 15.0 * 2.0**124 / float(scale)),
+        dtype=torch.float64,
+    )
 
 
 def weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Random weights: per-expert magnitudes 6 decades apart, an all-zero block, outliers, a tiny block."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 0.02
-    if len(shape) == 3:
-        x *= torch.logspace(-3, 3, shape[0]).view(-1, 1, 1)
-    x[..., : min(BLOCK, shape[-2]), : min(BLOCK, shape[-1])] = 0.0  # the first block of each expert
-    if shape[-2] > BLOCK:
-        x[..., BLOCK, -1] = 37.0  # one outlier drives the rest of its block into subnormals
-    if shape[-1] > BLOCK:
-        x[..., : min(BLOCK, shape[-2]), BLOCK : 2 * BLOCK] *= 1e-4  # amax below the 1e-4 floor
-    return x.to(dtype)
+    """The shared block weights, with a block below the 1e-4 floor."""
+    return deepgemm_block_reference.weights(shape, dtype, seed, tiny_block=True)
 
 
-def _random_shapes(seed: int) -> list[tuple[int, ...]]:
-    rng = random.Random(seed)
-    shapes: list[tuple[int, ...]] = [(rng.randint(1, 300), rng.randint(1, 400)) for _ in range(3)]
-    shapes += [(rng.randint(1, 3), rng.randint(1, 300), rng.randint(1, 400)) for _ in range(2)]
-    return shapes
-
-
-SHAPES = [(128, 128), (256, 384), (1, 1), (130, 257), (300, 400), (3, 128, 256), (2, 129, 200), *_random_shapes(15)]
+SHAPES = deepgemm_block_reference.shapes(15)
 
 
 def _convert(conversion: cc.Conversion, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,15 +119,9 @@ def test_chunked_cpu_path_matches_reference(conversion: cc.Conversion, shape: tu
     _assert_matches_reference(conversion, weights(shape, torch.bfloat16, seed=7))
 
 
-@pytest.mark.parametrize("view", ["transposed", "column_slice", "experts_permuted"])
+@pytest.mark.parametrize("view", NON_CONTIGUOUS_VIEWS)
 def test_non_contiguous_sources(conversion: cc.Conversion, view: str) -> None:
-    if view == "transposed":
-        src = weights((300, 140), torch.bfloat16, seed=1).t()
-    elif view == "column_slice":
-        src = weights((140, 600), torch.float16, seed=2)[:, ::2]
-    else:
-        src = weights((130, 3, 200), torch.bfloat16, seed=3).permute(1, 0, 2)
-    assert not src.is_contiguous()
+    src = non_contiguous_view(view, weights)
     _assert_matches_reference(conversion, src)
 
 

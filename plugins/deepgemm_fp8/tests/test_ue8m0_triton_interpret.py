@@ -9,16 +9,14 @@ but not the GPU's division and cast instructions: tests/gpu compares GPU bytes w
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from conversion_core.testing import rerun_under_triton_interpreter, under_triton_interpreter
+
 pytest.importorskip("triton")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("CONVERSION_CORE_BACKEND") == "triton"
+INTERPRETING = under_triton_interpreter()
 
 NAME = "fp8_128x128_ue8m0"
 
@@ -26,45 +24,27 @@ NAME = "fp8_128x128_ue8m0"
 if not INTERPRETING:
 
     def test_kernel_matches_torch_path_under_interpreter() -> None:
-        env = dict(os.environ, TRITON_INTERPRET="1", CONVERSION_CORE_BACKEND="triton")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-        assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+        rerun_under_triton_interpreter(__file__, timeout_s=600)
 
 else:
     import conversion_core as cc
+    from conversion_core import testing as kit
     from conversion_core.backend import use_triton
     from conversion_core.errors import ConversionInputError
 
-    def _convert(src: torch.Tensor, backend: str, monkeypatch: pytest.MonkeyPatch):
-        monkeypatch.setenv("CONVERSION_CORE_BACKEND", backend)
-        conversion = cc.load_registry().get(NAME)
-        out, scale = conversion.allocate(src.shape, src.device)
-        out.view(torch.uint8).fill_(0x7F)  # poison: NaN bytes wherever nothing is written
-        assert scale is not None
-        scale.fill_(float("nan"))
-        conversion.fn(src, out, scale)
-        return out.view(torch.uint8).clone(), scale.clone()
+    def _convert(src: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out, scale = kit.convert_on_backend(cc.load_registry().get(NAME), src, backend)
+        return out.view(torch.uint8), scale
 
-    def _assert_same_bytes(src: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, torch.Tensor]:
-        q_triton, s_triton = _convert(src, "triton", monkeypatch)
-        q_torch, s_torch = _convert(src, "torch", monkeypatch)
-        differing = int((q_triton != q_torch).sum())
-        assert differing == 0, f"{differing} of {q_torch.numel()} e4m3 bytes differ for {tuple(src.shape)}"
-        assert torch.equal(s_triton.view(torch.int32), s_torch.view(torch.int32)), (s_triton, s_torch)
+    def _assert_same_bytes(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q_triton, s_triton = _convert(src, "triton")
+        kit.assert_same_bytes((q_triton, s_triton), _convert(src, "torch"), f"{tuple(src.shape)}")
         assert bool(((s_triton.view(torch.int32) & 0x7FFFFF) == 0).all()), "a scale is not a power of two"
         return q_triton, s_triton
 
     def _weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-        """Random weights spanning many magnitudes (rows and blocks of very different size, some below
-        the 1e-4 floor), plus a signed zero, so every rounding regime of e4m3 shows up."""
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=g)
-        x *= torch.exp(torch.empty(shape[:-1] + (1,)).uniform_(-14, 6, generator=g))
-        x *= torch.exp(torch.empty(shape).uniform_(-4, 0, generator=g))
-        x.view(-1)[min(3, x.numel() - 1)] = -0.0
-        return x.to(dtype)
+        """Rows and blocks of very different size, some below the 1e-4 floor, and a signed zero."""
+        return kit.spread_weights(shape, dtype, seed)
 
     def test_interpreter_really_runs_the_triton_kernel() -> None:
         from conversion_core_deepgemm_fp8 import triton_kernels
@@ -77,25 +57,19 @@ else:
         [(200, 300), (2, 130, 257), (1, 1), (128, 128), (129, 127), (3, 256, 384)],
         ids=lambda s: "x".join(map(str, s)),
     )
-    def test_bytes_match(shape: tuple[int, ...], monkeypatch) -> None:
-        _assert_same_bytes(_weights(shape, torch.bfloat16, seed=sum(shape)), monkeypatch)
+    def test_bytes_match(shape: tuple[int, ...]) -> None:
+        _assert_same_bytes(_weights(shape, torch.bfloat16, seed=sum(shape)))
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-    def test_source_dtypes(dtype: torch.dtype, monkeypatch) -> None:
-        _assert_same_bytes(_weights((2, 130, 257), dtype, seed=11), monkeypatch)
+    def test_source_dtypes(dtype: torch.dtype) -> None:
+        _assert_same_bytes(_weights((2, 130, 257), dtype, seed=11))
 
-    @pytest.mark.parametrize("view", ["transposed", "column_slice", "experts_permuted"])
-    def test_non_contiguous_sources(view: str, monkeypatch) -> None:
-        if view == "transposed":
-            src = _weights((300, 140), torch.bfloat16, seed=1).t()
-        elif view == "column_slice":
-            src = _weights((140, 600), torch.float16, seed=2)[:, ::2]
-        else:
-            src = _weights((130, 3, 200), torch.bfloat16, seed=3).permute(1, 0, 2)
-        assert not src.is_contiguous()
-        _assert_same_bytes(src, monkeypatch)
+    @pytest.mark.parametrize("view", kit.NON_CONTIGUOUS_VIEWS)
+    def test_non_contiguous_sources(view: str) -> None:
+        src = kit.non_contiguous_view(view, _weights)
+        _assert_same_bytes(src)
 
-    def test_zero_block_floor_and_448_boundary(monkeypatch) -> None:
+    def test_zero_block_floor_and_448_boundary() -> None:
         """One block per case: all zeros (scale 2^-22), amax below the 1e-4 floor, amax exactly
         448 * 2^k (scale 2^k, q 448), one float32 step above (scale 2^(k+1)) and below it."""
         top = torch.tensor([448.0 * 2.0**k for k in (-20, 0, 9)])
@@ -109,7 +83,7 @@ else:
             src[rows.start + 5, 17] = -amax
             src[rows.start + 9, 100] = amax
         src[-1, -1] = 1.0  # the last (ragged) column block
-        q, scale = _assert_same_bytes(src, monkeypatch)
+        q, scale = _assert_same_bytes(src)
         assert scale[0, 0].item() == 2.0**-22 and scale[1, 0].item() == 2.0**-22
         expected = [2.0**-20, 1.0, 2.0**9, 2.0**-19, 2.0, 2.0**10, 2.0**-20, 1.0, 2.0**9]
         assert scale[2:, 0].tolist() == expected
@@ -117,25 +91,25 @@ else:
         assert q[2 * 128 + 5, 17].item() == -448.0 and q[5 * 128 + 5, 17].item() == -224.0
         assert q[8 * 128 + 9, 100].item() == 448.0
 
-    def test_round_half_to_even_and_saturation(monkeypatch) -> None:
-        row = torch.tensor([448.0, 17.0, 19.0, -17.0, 3 * 2.0**-10, 2.0**-10, -(2.0**-10), 0.0, -0.0, 240.0, 232.0])
+    def test_round_half_to_even_and_saturation() -> None:
+        row = kit.e4m3_rounding_row()
         src = torch.stack([row, row * 2.0**-20, row * 2.0**60])
-        q, _ = _assert_same_bytes(src, monkeypatch)
+        q, _ = _assert_same_bytes(src)
         expected = torch.tensor([448.0, 16.0, 20.0, -16.0, 2.0**-8, 0.0, -0.0, 0.0, -0.0, 240.0, 224.0])
         assert torch.equal(q[2], expected.to(torch.float8_e4m3fn).view(torch.uint8))
         huge = torch.full((4, 5), 3.0e38)
         huge[1, 2] = -3.4028234663852886e38
         huge[0, 0] = 248.0 * 2.0**120
-        q, scale = _assert_same_bytes(huge, monkeypatch)
+        q, scale = _assert_same_bytes(huge)
         assert scale.item() == 2.0**120
         q = q.view(torch.float8_e4m3fn).float()
         assert q[1, 2].item() == -240.0 and q[0, 0].item() == 240.0  # 256 * 2^120 would be Inf
 
-    def test_launch_sets_the_flag_and_writes_the_same_bytes(monkeypatch) -> None:
+    def test_launch_sets_the_flag_and_writes_the_same_bytes() -> None:
         conversion = cc.load_registry().get(NAME)
         assert conversion.launch is not None
         src = _weights((2, 130, 257), torch.bfloat16, seed=4)
-        q_torch, s_torch = _convert(src, "torch", monkeypatch)
+        q_torch, s_torch = _convert(src, "torch")
         out, scale = conversion.allocate(src.shape)
         assert scale is not None
         flag = torch.zeros(1, dtype=torch.int32)

@@ -7,12 +7,6 @@ slicing (``distribute_tensor(..., src_data_rank=None)``, no communication).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
 
@@ -22,9 +16,11 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
+# Imported before the worlds fork, so the children share them.
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh  # noqa: E402
 from torch.distributed.tensor.debug import CommDebugMode  # noqa: E402
+
+from conversion_core.testing import WorldResults, run_gloo_world  # noqa: E402
 
 SYM = "int4_w4a16_g128"
 #: (name, conversion, shape, sharded dim): every K chunk cuts a group, and falls on whole words.
@@ -45,59 +41,39 @@ def _source(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
-def _worker(rank: int, world: int, store: str, out: str) -> None:
-    results: dict[str, object] = {}
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+def _body(rank: int, world: int, results: WorldResults) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    registry = cc.load_registry()
+    for i, (case, name, shape, dim) in enumerate(CASES):
+        conversion = registry.get(name)
+        full = _source(shape, i)
+        want = conversion.convert(full)
+        src = distribute_tensor(full, mesh, [Shard(dim)], src_data_rank=None)
+        with CommDebugMode() as comm:
+            got = conversion.convert(src)
+        same = all(torch.equal(g.full_tensor(), w) for g, w in zip(got, want, strict=True))
+        results[case] = {"same": same, "collectives": comm.get_total_counts()}
+    for case, name in (("rows_refused", SYM), ("asym_refused", "int4_w4a16_asym_g128")):
+        src = distribute_tensor(
+            _source((16, 384), 9), mesh, [Shard(0 if case == "rows_refused" else 1)], src_data_rank=None
         )
-        mesh = init_device_mesh("cpu", (world,))
-        registry = cc.load_registry()
-        for i, (case, name, shape, dim) in enumerate(CASES):
-            conversion = registry.get(name)
-            full = _source(shape, i)
-            want = conversion.convert(full)
-            src = distribute_tensor(full, mesh, [Shard(dim)], src_data_rank=None)
-            with CommDebugMode() as comm:
-                got = conversion.convert(src)
-            same = all(torch.equal(g.full_tensor(), w) for g, w in zip(got, want, strict=True))
-            results[case] = {"same": same, "collectives": comm.get_total_counts()}
-        for case, name in (("rows_refused", SYM), ("asym_refused", "int4_w4a16_asym_g128")):
-            src = distribute_tensor(
-                _source((16, 384), 9), mesh, [Shard(0 if case == "rows_refused" else 1)], src_data_rank=None
-            )
-            try:
-                registry.get(name).convert(src)
-                results[case] = "converted"
-            except cc.ConversionCoreError as exc:
-                results[case] = str(exc)
-        bad = _source((8, 384), 11)
-        bad[2, 383] = float("nan")  # on the last rank only
         try:
-            registry.get(SYM).convert(distribute_tensor(bad, mesh, [Shard(1)], src_data_rank=None))
-            results["nan"] = "converted"
+            registry.get(name).convert(src)
+            results[case] = "converted"
         except cc.ConversionCoreError as exc:
-            results["nan"] = str(exc)
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - reported to the test
-        results["error"] = traceback.format_exc()
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump(results, f)
+            results[case] = str(exc)
+    bad = _source((8, 384), 11)
+    bad[2, 383] = float("nan")  # on the last rank only
+    try:
+        registry.get(SYM).convert(distribute_tensor(bad, mesh, [Shard(1)], src_data_rank=None))
+        results["nan"] = "converted"
+    except cc.ConversionCoreError as exc:
+        results["nan"] = str(exc)
 
 
 @pytest.fixture(scope="module", params=[2, 4])
 def outcomes(request: pytest.FixtureRequest) -> list[dict]:
-    world = request.param
-    with tempfile.TemporaryDirectory() as tmp:
-        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "out")
-        mp.start_processes(_worker, args=(world, store, out), nprocs=world, join=True, start_method="fork")
-        ranks = []
-        for r in range(world):
-            with open(f"{out}.{r}") as f:
-                ranks.append(json.load(f))
-    for r, res in enumerate(ranks):
-        assert "error" not in res, f"rank {r}: {res['error']}"
-    return ranks
+    return run_gloo_world(_body, request.param, deadline_s=600)
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])

@@ -19,15 +19,9 @@ the global scale of an outlier case is also computed here from the format's defi
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
-import time
-import traceback
 import zlib
 from dataclasses import dataclass
-from datetime import timedelta
 
 import pytest
 import torch
@@ -38,12 +32,11 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
-
 # Imported here, before the workers fork, so the children share them (seconds of CPU each).
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh  # noqa: E402
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor, init_device_mesh  # noqa: E402
 from torch.distributed.tensor.debug import CommDebugMode  # noqa: E402
 
+from conversion_core import testing as kit  # noqa: E402
 from conversion_core.plan import build_plan  # noqa: E402
 from conversion_core.plan import sharded as distributed  # noqa: E402
 
@@ -102,19 +95,6 @@ def _cases_4() -> list[Case]:
     ]
 
 
-def _placements(spec: tuple[str, ...]) -> list:
-    return [Replicate() if p == "R" else Shard(int(p[1:])) for p in spec]
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _expected_local(ref: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """This rank's slice of an unsharded result under ``like``'s placements (DTensor's slicing, no comm)."""
-    return _bits(distribute_tensor(ref, like.device_mesh, like.placements, src_data_rank=None).to_local())
-
-
 def _bf16(v: float) -> float:
     return float(torch.tensor(v, dtype=torch.float32).to(torch.bfloat16).float())
 
@@ -138,23 +118,20 @@ def _source(
 
 
 def _check_outputs(got: tuple, want: tuple, placements: list, scale_placements: list, what: str) -> None:
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert isinstance(g, DTensor) and tuple(g.shape) == tuple(w.shape) and g.dtype == w.dtype, (what, i)
-        expected = (placements, scale_placements, [Replicate()] * len(placements))[i]
-        assert list(g.placements) == expected, (what, i, g.placements)
-        assert torch.equal(_bits(g.to_local()), _expected_local(w, g)), f"{what}: output {i}: this rank's bytes differ"
+    """Values as the source, group scales as stated, the global scale replicated."""
+    kit.assert_sharded_outputs(got, want, [placements, scale_placements, [Replicate()] * len(placements)], what)
 
 
 def _run_case(name: str, case: Case, mesh) -> None:
     conv = cc.load_registry().get(name)
     full = _source(case.name, case.shape, case.dtype, case.outlier)
-    placements = _placements(case.placements)
+    placements = kit.dtensor_placements(case.placements)
     src = distribute_tensor(full, mesh, placements, src_data_rank=None)
     with CommDebugMode() as comm:
         got = conv.convert(src)
     assert comm.get_total_counts() == case.all_reduces, f"{comm.get_total_counts()} collectives"
     want = conv.convert(full)
-    _check_outputs(got, want, placements, _placements(case.scale_placements), case.name)
+    _check_outputs(got, want, placements, kit.dtensor_placements(case.scale_placements), case.name)
     if case.outlier is not None:  # independent of both code paths: the outlier sets the global scale
         assert got[2].to_local().item() == _ref_global(OUTLIER, name)
         group = (*case.outlier[:-1], case.outlier[-1] // 16)
@@ -181,7 +158,7 @@ def _fused_sets_one_allreduce(name: str, mesh) -> None:
             if s == 1 and m == 1:
                 full[-1, -1] = OUTLIER  # the last rank's part of `up` holds the set's amax
             fulls.append(full)
-            items.append((conv, distribute_tensor(full, mesh, _placements((p,)), src_data_rank=None)))
+            items.append((conv, distribute_tensor(full, mesh, kit.dtensor_placements((p,)), src_data_rank=None)))
             names.append(member)
     with CommDebugMode() as comm:
         results = distributed.convert_many(items, names=names, shared_sets=sets)
@@ -193,7 +170,7 @@ def _fused_sets_one_allreduce(name: str, mesh) -> None:
             rows = slice(row, row + shape[0])
             row += shape[0]
             want = (stacked[0][rows], stacked[1][rows], stacked[2])
-            placements = _placements((p,))
+            placements = kit.dtensor_placements((p,))
             scale_placements = placements if p == "S0" else [Replicate()]
             _check_outputs(results[i], want, placements, scale_placements, member)
     assert results[sets[1][0]][2].to_local().item() == _ref_global(OUTLIER, name)
@@ -273,7 +250,7 @@ MOE_PLACEMENTS = {
 
 
 def _shard(fulls: dict, mesh, placements: dict[str, str], default: str = "S0") -> dict:
-    spec = {k: _placements((placements.get(k, default),) * mesh.ndim) for k in fulls}
+    spec = {k: kit.dtensor_placements((placements.get(k, default),) * mesh.ndim) for k in fulls}
     return {k: distribute_tensor(v, mesh, spec[k], src_data_rank=None) for k, v in fulls.items()}
 
 
@@ -293,10 +270,10 @@ def _check_plan(name: str, fulls: dict[str, torch.Tensor], sharded: dict, all_re
     for key, ref in want.items():
         assert isinstance(got[key], DTensor) and tuple(got[key].shape) == tuple(ref.shape), key
         assert got[key].dtype == ref.dtype, key
-        assert torch.equal(_bits(got[key].to_local()), _expected_local(ref, got[key])), key
+        assert torch.equal(kit.as_bytes(got[key].to_local()), kit.local_bytes(ref, got[key])), key
     plan.run(sharded)  # the same buffers, refilled: still the same bytes
     for key, ref in want.items():
-        assert torch.equal(_bits(plan.outputs[key].to_local()), _expected_local(ref, plan.outputs[key])), key
+        assert torch.equal(kit.as_bytes(plan.outputs[key].to_local()), kit.local_bytes(ref, plan.outputs[key])), key
     return got
 
 
@@ -320,7 +297,10 @@ def _plan_2d(name: str, mesh) -> None:
     spec = {**dict.fromkeys(llama, "S0"), **LLAMA_PLACEMENTS}
     both = {"S1": ("S1", "S1"), "R": ("R", "R"), "S0": ("S0", "S1")}
     placements = {k: ("S0", "R") if llama[k].dim() == 1 and v == "S0" else both[v] for k, v in spec.items()}
-    sharded = {k: distribute_tensor(v, mesh, _placements(placements[k]), src_data_rank=None) for k, v in llama.items()}
+    sharded = {
+        k: distribute_tensor(v, mesh, kit.dtensor_placements(placements[k]), src_data_rank=None)
+        for k, v in llama.items()
+    }
     # groups: (dims (1,)) the cut grids of ("S0", "S1"); (dims (0, 1)) the amaxes and nested grids: 1 + 2
     _check_plan(name, llama, sharded, 3)
 
@@ -340,7 +320,7 @@ def _nan_checks(name: str, mesh) -> None:
     for shape, p, index, value in cases:
         full = _source("nan", shape, torch.bfloat16, None)
         full[index] = value
-        src = distribute_tensor(full, mesh, _placements((p,)), src_data_rank=None)
+        src = distribute_tensor(full, mesh, kit.dtensor_placements((p,)), src_data_rank=None)
         with pytest.raises(cc.ConversionInputError, match=re.escape(str(shape)) + ".*NaN or Inf"):
             conv.convert(src)
     llama = _llama(4)
@@ -363,83 +343,48 @@ def _extra_names(world: int) -> list[str]:
     return names + ([f"{n}-plan_2x2" for n in NAMES] if world == 4 else [])
 
 
-def _worker(rank: int, world: int, store_path: str, result_dir: str) -> None:
-    torch.set_num_threads(1)
-    cc.load_registry()
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    results: dict[str, str] = {}
-
-    def record(key: str, fn, *args) -> None:
-        try:
-            fn(*args)
-            results[key] = "ok"
-        except (Exception, pytest.fail.Exception):  # pytest's Failed is a BaseException
-            results[key] = traceback.format_exc()
-
-    try:
-        meshes: dict[tuple[int, ...], object] = {}
-        cases = _cases_2() if world == 2 else _cases_4()
+def _body(rank: int, world: int, results: kit.WorldResults) -> None:
+    meshes: dict[tuple[int, ...], object] = {}
+    cases = _cases_2() if world == 2 else _cases_4()
+    for case in cases:
+        if case.mesh not in meshes:
+            meshes[case.mesh] = init_device_mesh("cpu", case.mesh)
+    line = meshes[(world,)]
+    for name in NAMES:
         for case in cases:
-            if case.mesh not in meshes:
-                meshes[case.mesh] = init_device_mesh("cpu", case.mesh)
-        line = meshes[(world,)]
-        for name in NAMES:
-            for case in cases:
-                record(f"{name}-{case.name}", _run_case, name, case, meshes[case.mesh])
-            record(f"{name}-fused_sets_one_allreduce", _fused_sets_one_allreduce, name, line)
-            record(f"{name}-plan", _plan_checks, name, line)
-            record(f"{name}-nan_raises_on_every_rank", _nan_checks, name, line)
-            if world == 4:
-                record(f"{name}-plan_2x2", _plan_2d, name, meshes[(2, 2)])
-    finally:
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+            kit.record(results, f"{name}-{case.name}", _run_case, name, case, meshes[case.mesh])
+        kit.record(results, f"{name}-fused_sets_one_allreduce", _fused_sets_one_allreduce, name, line)
+        kit.record(results, f"{name}-plan", _plan_checks, name, line)
+        kit.record(results, f"{name}-nan_raises_on_every_rank", _nan_checks, name, line)
+        if world == 4:
+            kit.record(results, f"{name}-plan_2x2", _plan_2d, name, meshes[(2, 2)])
 
 
-def _run_world(world: int) -> list[dict[str, str]]:
+def _run_world(world: int) -> list[kit.WorldResults]:
     assert set(NAMES) <= set(cc.load_registry(reload=True).names()), "is conversion-core-nvfp4 installed?"
-    with tempfile.TemporaryDirectory() as tmp:
-        # fork: the children reuse the imported torch (seconds saved per process on a shared CPU)
-        context = mp.start_processes(
-            _worker, args=(world, os.path.join(tmp, "store"), tmp), nprocs=world, start_method="fork", join=False
-        )
-        deadline = time.monotonic() + DEADLINE_S
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    if process.is_alive():
-                        process.kill()
-                pytest.fail(f"the {world}-process gloo world did not finish within {DEADLINE_S} s")
-        out = []
-        for rank in range(world):
-            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
-                out.append(json.load(f))
-        return out
+    return kit.run_gloo_world(_body, world, deadline_s=DEADLINE_S)
 
 
 @pytest.fixture(scope="module")
-def world2() -> list[dict[str, str]]:
+def world2() -> list[kit.WorldResults]:
     return _run_world(2)
 
 
 @pytest.fixture(scope="module")
-def world4() -> list[dict[str, str]]:
+def world4() -> list[kit.WorldResults]:
     return _run_world(4)
 
 
-def _check(results: list[dict[str, str]], key: str) -> None:
-    failures = [f"rank {r}: {res.get(key, 'did not run')}" for r, res in enumerate(results) if res.get(key) != "ok"]
-    assert not failures, "\n".join(failures)
+def _check(results: list[kit.WorldResults], key: str) -> None:
+    failures = kit.world_failures(results, key)
+    assert not failures, failures
 
 
 @pytest.mark.parametrize("key", [f"{n}-{c.name}" for n in NAMES for c in _cases_2()] + _extra_names(2))
-def test_two_processes(world2: list[dict[str, str]], key: str) -> None:
+def test_two_processes(world2: list[kit.WorldResults], key: str) -> None:
     _check(world2, key)
 
 
 @pytest.mark.parametrize("key", [f"{n}-{c.name}" for n in NAMES for c in _cases_4()] + _extra_names(4))
-def test_four_processes(world4: list[dict[str, str]], key: str) -> None:
+def test_four_processes(world4: list[kit.WorldResults], key: str) -> None:
     _check(world4, key)
