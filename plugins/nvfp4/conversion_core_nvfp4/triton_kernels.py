@@ -52,12 +52,22 @@ compute the same bytes:
 
 Bit-identity with the torch path rests on: bf16 rounding done on the float32 bits (round to
 nearest even, as torch's cast), IEEE division (``tl.math.div_rn``) everywhere torch divides
-(``s / gs`` per group, then ``x / step`` per element: no reciprocal, no product that an FMA
+(``s / gs`` per group, then ``x / step`` per element in the division variants: no reciprocal, no product that an FMA
 could contract: the only product, ``gs * s1``, feeds a min), the e4m3 cast of
 :func:`conversion_core.formats.fp8_triton._to_e4m3` (software rounding under the interpreter),
 and e2m1 rounding by the same midpoints. NaN/Inf are detected explicitly into an int32 device
-flag. :func:`tensor_amax` is the read-only amax pass (a persistent integer max, one atomic per
-program) for the same bf16 sources; other sources take torch's.
+flag (words_recip's products have their own argument, above).
+
+:func:`tensor_amax` is the read-only amax pass (a persistent integer max, one atomic per
+program, ``unroll`` blocks loaded per step) for the same bf16 sources; other sources take
+torch's. :func:`launch` computes gs with a dozen tiny torch ops (microseconds each, most of a
+small tensor's conversion); :func:`launch_fused` lets the words kernel derive gs from the amax
+itself (:func:`_global_scale`, the same float32/bf16 steps) and write the global-scale output,
+so a conversion is the amax pass plus one kernel. The conversion stays two passes over the
+source: every byte depends on the tensor-wide (or fused set's) amax through gs, so no block can
+be written before the whole source (all of q/k/v for a shared set) has been read once; a
+single pass would need the source to stay on chip (tens of MB against hundreds). In bytes in +
+out the ceiling is ``(in + out) / (2 in + out)`` = 0.56 of a copy.
 """
 
 from __future__ import annotations
