@@ -8,12 +8,18 @@ the tile, 3-D expert stacks):
 2. every variant is run and checked byte for byte: the amax pass (torch's ``abs().amax()`` and
    the Triton words pass with a few grid sizes), the quantizer given the amax
    (``triton_kernels.launch_values`` with ``variant`` = generic / words / words_magic /
-   words_fastdiv and a few tiles), and the whole conversion (``triton_kernels.launch``, with the torch amax and with the
-   Triton amax);
+   words_fastdiv / words_recip and a few tiles; words_recip's row also says how many programs kept
+   the products, the rest divided), and the whole conversion (``triton_kernels.launch`` and
+   ``launch_fused``, gs derived in the kernel, with the torch and the Triton amax);
 3. each is timed by ``triton.testing.do_bench`` (median) next to ``dst.copy_(src)`` of the same
    input; GB/s counts bytes in + bytes out (the amax pass: bytes in), ``/copy`` is the ratio;
-4. one table row per (shape, variant), then a "best" line per shape and kernel; exit 1 on any byte
-   mismatch. A variant that raises prints its error in its row and the run goes on.
+4. one table row per (shape, variant), then a "best" line per shape and kernel, and per shape the
+   whole conversion's ceiling in this metric: two passes (the amax reads the source, the
+   quantizer reads it again and writes), so at the same-run copy's byte rate for both it is
+   ``(in + out) / (2 in + out)`` = 0.56 of copy; also the ceiling from this run's best amax and
+   quantizer times. Exit 1 on any byte mismatch (its first 3 bytes are printed: flat index, CPU
+   byte, GPU byte). A variant that raises prints its error in its row and the run goes on; past
+   ``--budget`` seconds the remaining shapes are skipped (said so in the output).
 
 Also checked (bytes only): the generic fallback on a transposed bf16 and an fp32 source.
 ``--dry-run``: the same on CPU under TRITON_INTERPRET=1 with tiny shapes (proves the script, not the
@@ -45,16 +51,34 @@ QUANT_CONFIGS = [
     ("words_fastdiv", 32, 256, 8),
     ("words_fastdiv", 16, 512, 8),
     ("words_fastdiv", 8, 256, 4),
+    ("words_recip", None, None, None),
+    ("words_recip", 16, 256, 4),
+    ("words_recip", 8, 512, 4),
+    ("words_recip", 32, 512, 8),
+    ("words_recip", 16, 512, 8),
+    ("words_recip", 8, 256, 2),
 ]
-#: (block, programs per multiprocessor, num_warps) of the Triton amax pass.
-AMAX_CONFIGS = [(None, None, None), (8192, 4, 8), (4096, 8, 8), (2048, 8, 4), (8192, 2, 16)]
+#: (block, programs per multiprocessor, num_warps, unroll) of the Triton amax pass.
+AMAX_CONFIGS = [
+    (None, None, None, None),
+    (8192, 4, 8, 1),
+    (4096, 8, 8, 1),
+    (2048, 8, 4, 1),
+    (8192, 2, 16, 1),
+    (4096, 4, 8, 2),
+    (4096, 8, 8, 2),
+    (2048, 16, 4, 2),
+    (4096, 4, 8, 4),
+]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
     parser.add_argument("--quick", action="store_true", help="default tiles only")
+    parser.add_argument("--budget", type=float, default=80.0, help="seconds after which remaining shapes are skipped")
     args = parser.parse_args()
+    started = time.perf_counter()
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -66,21 +90,26 @@ def main() -> int:
     quant_configs = [c for c in QUANT_CONFIGS if not args.quick or c[1] is None]
     amax_configs = AMAX_CONFIGS[:1] if args.quick or args.dry_run else AMAX_CONFIGS
     if args.dry_run:
-        amax_configs = [(None, None, None), (16, 1, 1)]
+        amax_configs = [(None, None, None, None), (16, 1, 1, 1), (16, 2, 1, 3)]
 
     def bench(fn: Callable[[], object], nbytes: int) -> float:  # milliseconds
         if args.dry_run:
             start = time.perf_counter()
             fn()
             return (time.perf_counter() - start) * 1e3
-        return float(
-            triton.testing.do_bench(fn, warmup=10, rep=40 if nbytes < (1 << 28) else 100, return_mode="median")
-        )
+        return float(triton.testing.do_bench(fn, warmup=10, rep=30 if nbytes < (1 << 28) else 60, return_mode="median"))
 
     if not args.dry_run:
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     mismatches = 0
     rows: list[tuple[str, str, str, float, float, float, str]] = []
+    notes: list[str] = []
+
+    def first_diffs(label: str, got: torch.Tensor, want: torch.Tensor) -> str:
+        """The first 3 differing bytes of two same-shape tensors: flat index, CPU byte, GPU byte."""
+        g, w = got.cpu().reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)
+        idx = (g != w).nonzero().flatten()[:3].tolist()
+        return f"{label}: " + ", ".join(f"[{i}] cpu 0x{int(w[i]):02x} gpu 0x{int(g[i]):02x}" for i in idx)
 
     def row(shape: tuple[int, ...], kernel: str, name: str, t: float, nbytes: int, copy_gbs: float, ok: bool) -> None:
         gbs = nbytes / t / 1e6
@@ -107,6 +136,9 @@ def main() -> int:
         print(f"bytes generic fallback, {label}: {'ok' if ok else 'MISMATCH'}")
 
     for shape in shapes:
+        if time.perf_counter() - started > args.budget:
+            print(f"skipped {shape}: past the {args.budget:.0f} s budget")
+            continue
         g = torch.Generator().manual_seed(sum(shape))
         cpu = (
             torch.randn(shape, generator=g) * torch.exp2(torch.randint(-8, 4, shape, generator=g).float())
@@ -131,8 +163,10 @@ def main() -> int:
         t_copy = bench(lambda: copy_dst.copy_(src), n_in)
         copy_gbs = 2 * n_in / t_copy / 1e6
 
+        want_p_dev, want_s_dev = want_p.to(device), want_s.view(torch.uint8).to(device)  # compared on the device
+
         def same_values() -> bool:
-            return torch.equal(p.cpu(), want_p) and torch.equal(s.cpu().view(torch.uint8), want_s.view(torch.uint8))
+            return torch.equal(p, want_p_dev) and torch.equal(s.view(torch.uint8), want_s_dev)
 
         def attempt(kernel: str, name: str, fn: Callable[[], object], check: Callable[[], bool], nbytes: int) -> None:
             nonlocal mismatches
@@ -143,6 +177,13 @@ def main() -> int:
                 fn()
                 ok = check() and int(flag.item()) == 0
                 mismatches += not ok
+                if not ok:
+                    where = f"{shape} {kernel} {name}"
+                    if kernel != "amax":
+                        notes.append(first_diffs(f"{where} packed", p, want_p))
+                        notes.append(first_diffs(f"{where} scales", s, want_s))
+                    if int(flag.item()):
+                        notes.append(f"{where}: NaN/Inf flag raised on finite data")
                 t = bench(fn, nbytes)
                 row(shape, kernel, name, t, nbytes, copy_gbs, ok)
             except Exception as exc:  # noqa: BLE001 -- one variant's failure must not end the run
@@ -160,7 +201,7 @@ def main() -> int:
                 )
 
         attempt("amax", "torch abs().amax()", lambda: numerics.tensor_amax(src), lambda: True, n_in)
-        for blk, per_sm, nw in amax_configs:
+        for blk, per_sm, nw, unr in amax_configs:
             progs = (
                 None
                 if per_sm is None
@@ -170,13 +211,14 @@ def main() -> int:
                     else per_sm
                 )
             )
-            name = "triton words" + ("" if blk is None else f" b{blk} p{per_sm}/SM w{nw}")
+            name = "triton words" + ("" if blk is None else f" b{blk} p{per_sm}/SM w{nw} u{unr}")
             attempt(
                 "amax",
                 name,
-                lambda: triton_kernels.tensor_amax(src, block=blk, programs=progs, num_warps=nw),
+                lambda: triton_kernels.tensor_amax(src, block=blk, programs=progs, num_warps=nw, unroll=unr),
                 lambda: torch.equal(
-                    triton_kernels.tensor_amax(src, block=blk, programs=progs, num_warps=nw).cpu(), amax_cpu
+                    triton_kernels.tensor_amax(src, block=blk, programs=progs, num_warps=nw, unroll=unr).cpu(),
+                    amax_cpu,
                 ),
                 n_in,
             )
@@ -191,14 +233,45 @@ def main() -> int:
                 same_values,
                 n_in + n_out,
             )
-        for name, amax_fn in (("torch amax", numerics.tensor_amax), ("triton amax", triton_kernels.tensor_amax)):
+            if variant == "words_recip":
+                try:
+                    count = torch.zeros(1, dtype=torch.int32, device=device)
+                    triton_kernels.launch_values(
+                        src, gs, p, s, flag, variant=variant, block_r=br, block_c=bc, num_warps=nw, fast_count=count
+                    )
+                    x3 = src if src.dim() == 3 else src.unsqueeze(0)
+                    rb = br or triton_kernels.RECIP_BLOCK_R
+                    gk = shape[-1] // 16
+                    grp = min((bc // 16) if bc else triton_kernels.RECIP_GROUPS, triton.next_power_of_2(gk))
+                    programs = triton.cdiv(x3.shape[0] * x3.shape[1], rb) * triton.cdiv(gk, grp)
+                    notes.append(f"{shape} {name}: {int(count.item())} of {programs} programs kept the products")
+                except Exception as exc:  # noqa: BLE001 -- a diagnostic only
+                    notes.append(f"{shape} {name}: fast_count failed: {type(exc).__name__}: {exc}")
+        whole = [
+            ("launch, torch amax", triton_kernels.launch, numerics.tensor_amax, "auto"),
+            ("launch, triton amax", triton_kernels.launch, triton_kernels.tensor_amax, "auto"),
+            ("launch words_recip, triton amax", triton_kernels.launch, triton_kernels.tensor_amax, "words_recip"),
+            ("fused, triton amax", triton_kernels.launch_fused, triton_kernels.tensor_amax, "auto"),
+            ("fused words_recip, triton amax", triton_kernels.launch_fused, triton_kernels.tensor_amax, "words_recip"),
+        ]
+        for name, launch_fn, amax_fn, variant in whole:
             attempt(
                 "whole conversion",
-                f"default + {name}",
-                lambda: triton_kernels.launch(src, amax_fn(src), p, s, gout, flag, multiplier=False),
+                name,
+                lambda: launch_fn(src, amax_fn(src), p, s, gout, flag, multiplier=False, variant=variant),
                 lambda: same_values() and torch.equal(gout.cpu(), want_g),
                 n_in + n_out,
             )
+        best_t = {
+            kernel: min((r[3] for r in rows if r[0] == str(shape) and r[1] == kernel and r[6] == "yes"), default=None)
+            for kernel in ("amax", "quantize given amax")
+        }
+        ceiling = (n_in + n_out) / (2 * n_in + n_out)
+        line = f"ceiling {str(shape):>18}: two passes at copy speed {ceiling:.2f} of copy"
+        if best_t["amax"] is not None and best_t["quantize given amax"] is not None:
+            t2 = best_t["amax"] + best_t["quantize given amax"]
+            line += f"; this run's best amax + best quantizer {t2:.4f} ms = {(n_in + n_out) / t2 / 1e6 / copy_gbs:.2f}"
+        notes.append(line)
 
     print(f"{'shape':>18} {'kernel':>19} {'variant':>30} {'ms':>9} {'GB/s':>8} {'/copy':>6} bytes==CPU")
     for r in rows:
@@ -210,11 +283,16 @@ def main() -> int:
             if good:
                 best = min(good, key=lambda r: r[3])
                 print(f"best {kernel:>19} {shape:>18}: {best[2]} {best[3]:.4f} ms {best[5]:.2f} of copy")
+    print()
+    for note in notes:
+        print(note)
     tk = triton_kernels
     print(
         f"defaults: VARIANT={tk.VARIANT} words {tk.WORDS_BLOCK_R}x{tk.WORDS_GROUPS * 16} w{tk.WORDS_NUM_WARPS}; "
         f"generic {tk.BLOCK_R}x{tk.BLOCK_C} w{tk.NUM_WARPS}; "
-        f"amax b{tk.AMAX_BLOCK} p{tk.AMAX_PROGRAMS_PER_SM}/SM w{tk.AMAX_NUM_WARPS}"
+        f"amax b{tk.AMAX_BLOCK} p{tk.AMAX_PROGRAMS_PER_SM}/SM w{tk.AMAX_NUM_WARPS} u{tk.AMAX_UNROLL}; "
+        f"words_recip {tk.RECIP_BLOCK_R}x{tk.RECIP_GROUPS * 16} w{tk.RECIP_NUM_WARPS}; "
+        f"total {time.perf_counter() - started:.0f} s"
     )
     if mismatches:
         print(f"{mismatches} variant(s) with GPU bytes != CPU torch-path bytes (or errors)", file=sys.stderr)

@@ -20,18 +20,54 @@ compute the same bytes:
   exact: Markstein's theorem needs ``q0`` within 1 ulp of x/step, and ``RN(x * RN(1/step))`` can
   be up to ~1.5 ulp off; checked equal to IEEE division on all finite bf16 x (both signs) times
   3000 steps s3/gs (196M quotients, 0 differences) and under the interpreter (true FMA). Not the default.
+- ``words_recip`` (the words layout, no division per element; tile 16 x 32 groups): per group
+  ``r = RN(gs / s3)``, per element ``z = min(RN(|x| * r), 6)``, then the integer index of
+  ``RN(z * 2**-126)``'s bits ``b``: ``(b + 2**21) >> 22`` (see :func:`_recip_index`: on that
+  scale float32's bits are e2m1's, subnormals included); the sign from the word's bits. A
+  program whose every ``b`` is more than TOL = 4 units (bits) from an edge (a grid midpoint,
+  low 22 bits = 2**21) and whose every group has ``2**-16 <= r <= 2**60`` keeps these bytes;
+  any other program recomputes its tile by words_magic's division (a uniform branch: the
+  condition is a tile-wide min). Why that is the division's code, on any IEEE float32 unit:
+  with ``step = RN(s3 / gs)`` (normal: ``r <= 2**60``) and ``q = |x| / step``, ``RN(|x| * r)``
+  is ``q (1 + e)`` with ``|e| <= 3u + O(u**2)`` (u = 2**-24: the roundings of step, of r and of the
+  product; if that product is subnormal it is below 2**-126 and both sides give index 0), and
+  the torch path's ``RN(q)`` is ``q (1 + e')``, ``|e'| <= u``. The bit position ``P(z)`` of
+  ``z * 2**-126`` moves by at most ``2**24 * dz / z`` per relative change at or above 1 and by
+  ``2**23 * dz`` below 1 (plus 0.5 for the rounding to a subnormal there), so the two sides'
+  positions differ by at most 4 (integers above 1, under 1 below): more than 4 units from every
+  edge, both lie strictly between the same two edges, so both have the same index, ties
+  included (an exact tie is 0 units from its edge, so it always divides). ``z`` is clamped at 6
+  (a grid point) on both sides. The sign: ``r >= 2**-16`` bounds step by about 2**16, so every
+  nonzero bf16 quotient is at least 2**-149 and rounds to nonzero: the torch path's ``v < 0``
+  is ``x < 0 and x != -0``, read from the bits. Only IEEE-exact float ops are used (products
+  and a min; subnormal products rounded, not flushed: FMUL without .FTZ in the sm_90 SASS) and
+  the numpy interpreter computes the same. Checked on every finite bf16 magnitude times 7,500
+  (s3, gs) pairs (every e4m3 s3 times 60 random bf16 gs, 225M quotients): 0 differences among
+  unflagged ones (TOL = 0 would give 120). Static SASS (triton 3.9, sm_90): 17.7 instructions
+  per element on the product path against 39 for words_magic (which spends ~12 per element on
+  div.rn).
 - ``generic`` (every other dtype and stride: fp32, fp16, transposed views): one program owns
   ``BLOCK_R`` rows by ``BLOCK_C`` columns of the ``(rows, K)`` view, loads the even and the odd
   elements (any strides, int64 offsets, masked edges).
 
 Bit-identity with the torch path rests on: bf16 rounding done on the float32 bits (round to
 nearest even, as torch's cast), IEEE division (``tl.math.div_rn``) everywhere torch divides
-(``s / gs`` per group, then ``x / step`` per element: no reciprocal, no product that an FMA
+(``s / gs`` per group, then ``x / step`` per element in the division variants: no reciprocal, no product that an FMA
 could contract: the only product, ``gs * s1``, feeds a min), the e4m3 cast of
 :func:`conversion_core.formats.fp8_triton._to_e4m3` (software rounding under the interpreter),
 and e2m1 rounding by the same midpoints. NaN/Inf are detected explicitly into an int32 device
-flag. :func:`tensor_amax` is the read-only amax pass (a persistent integer max, one atomic per
-program) for the same bf16 sources; other sources take torch's.
+flag (words_recip's products have their own argument, above).
+
+:func:`tensor_amax` is the read-only amax pass (a persistent integer max, one atomic per
+program, ``unroll`` blocks loaded per step) for the same bf16 sources; other sources take
+torch's. :func:`launch` computes gs with a dozen tiny torch ops (microseconds each, most of a
+small tensor's conversion); :func:`launch_fused` lets the words kernel derive gs from the amax
+itself (:func:`_global_scale`, the same float32/bf16 steps) and write the global-scale output,
+so a conversion is the amax pass plus one kernel. The conversion stays two passes over the
+source: every byte depends on the tensor-wide (or fused set's) amax through gs, so no block can
+be written before the whole source (all of q/k/v for a shared set) has been read once; a
+single pass would need the source to stay on chip (tens of MB against hundreds). In bytes in +
+out the ceiling is ``(in + out) / (2 in + out)`` = 0.56 of a copy.
 """
 
 from __future__ import annotations
@@ -41,6 +77,7 @@ import triton
 import triton.language as tl
 
 from conversion_core.formats.fp4_triton import (
+    NON_FINITE_BITS,
     _abs_bits_max,
     _bf16_hi,
     _bf16_lo,
@@ -56,7 +93,7 @@ from conversion_core.formats.fp8_triton import FLT_MAX, _div_exact, _to_e4m3
 from . import numerics
 
 #: The variants :func:`launch_values` accepts; "auto" is :data:`VARIANT` where the words layout applies, else generic.
-VARIANTS = ("generic", "words", "words_magic", "words_fastdiv")
+VARIANTS = ("generic", "words", "words_magic", "words_fastdiv", "words_recip")
 VARIANT = "words_magic"
 #: generic kernel tile (rows, columns) and warps.
 BLOCK_R = 8
@@ -66,14 +103,23 @@ NUM_WARPS = 4
 WORDS_BLOCK_R = 16
 WORDS_GROUPS = 16
 WORDS_NUM_WARPS = 4
+#: words_recip's default tile: 16 rows x 32 groups (16 KiB in) over 4 warps, 4 groups per thread (the
+#: per-program index math spread over 64 elements; 8 groups per thread spill registers on sm_90).
+RECIP_BLOCK_R = 16
+RECIP_GROUPS = 32
+RECIP_NUM_WARPS = 4
 #: amax pass: words per program per step, programs per multiprocessor (persistent grid), warps.
 AMAX_BLOCK = 4096
 AMAX_PROGRAMS_PER_SM = 4
 AMAX_NUM_WARPS = 8
+#: amax pass: blocks loaded per step before they are folded in.
+AMAX_UNROLL = 1
 #: words_fastdiv takes Markstein's division only where every |x| is 0 or >= 2**-64 and step is in [2**-60, 2**60].
 _FAST_MIN_BITS = tl.constexpr(0x1F800000)
 _FAST_MIN_STEP = tl.constexpr(2.0**-60)
 _FAST_MAX_STEP = tl.constexpr(2.0**60)
+#: the smallest normal bf16 (``torch.finfo(torch.bfloat16).tiny``, 2**-126) as a float32 constant.
+BF16_TINY_F32 = tl.constexpr(2.0**-126)
 
 
 @triton.jit
@@ -141,49 +187,66 @@ def _nvfp4_kernel(
     tl.store(packed_ptr + rows[:, None] * (K // 2) + pairs[None, :], byte, mask=mask)
 
 
+#: words_recip: float32 ``2**-126`` (the smallest normal): ``z * 2**-126`` lays e2m1's grid on float32's bits.
+_TWO_M126 = tl.constexpr(2.0**-126)
+#: The 22 low bits of a scaled value under its nibble index; an edge (grid midpoint) is at 2**21 of them.
+_LOW22 = tl.constexpr(0x3FFFFF)
+_HALF22 = tl.constexpr(0x200000)
+#: A scaled value whose bits lie within this many units of an edge sends its program to the division path.
+RECIP_TOL = 4
+_RECIP_TOL = tl.constexpr(RECIP_TOL)
+#: words_recip needs ``2**-16 <= r <= 2**60`` for every group's ``r = RN(gs / s3)`` (else the program divides).
+_RECIP_MIN = tl.constexpr(2.0**-16)
+_RECIP_MAX = tl.constexpr(2.0**60)
+
+
 @triton.jit
-def _nvfp4_words_kernel(
-    w_ptr,
-    packed_ptr,
-    scale_ptr,
-    gs_ptr,
-    flag_ptr,
-    ROWS,
-    N,
-    GK,
-    stride_e,
-    stride_n,
-    BLOCK_R: tl.constexpr,
-    GROUPS: tl.constexpr,
-    MAGIC: tl.constexpr,
-    FAST_DIV: tl.constexpr,
-    INT64: tl.constexpr,
-    SOFT_ROUND: tl.constexpr,
-):
-    """``w_ptr``: the bf16 source as int32 words (strides in words); GK = K // 16 groups per row."""
-    pid = tl.program_id(0)
-    col_blocks = tl.cdiv(GK, GROUPS)
-    pid_r = pid // col_blocks
-    pid_c = pid - pid_r * col_blocks
-    if INT64:
-        rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    else:
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    groups = pid_c * GROUPS + tl.arange(0, GROUPS)
-    e = rows // N
-    base = e * stride_e + (rows - e * N) * stride_n
-    col = groups[:, None] * 8 + tl.arange(0, 8)[None, :]  # word index in the row, (GROUPS, 8)
-    gmask = (rows[:, None] < ROWS) & (groups[None, :] < GK)  # (BLOCK_R, GROUPS)
-    mask = gmask[:, :, None]
-    w = tl.load(w_ptr + base[:, None, None] + col[None, :, :], mask=mask, other=0, eviction_policy="evict_first")
-    amax_bits = tl.max(_abs_bits_max(w), 2)  # (BLOCK_R, GROUPS)
-    _flag_non_finite(flag_ptr, amax_bits)
-    gs = tl.load(gs_ptr)
-    s3 = _group_scale(amax_bits.to(tl.float32, bitcast=True), gs, SOFT_ROUND)
-    tl.store(scale_ptr + rows[:, None] * GK + groups[None, :], s3.to(tl.float8e4nv), mask=gmask)
+def _recip_index(a, r):
+    """``(index, distance)``: e2m1 magnitude index of ``min(RN(a * r), 6)`` for ``a = |x|``, and its distance code.
+
+    On ``z * 2**-126`` for ``0 <= z <= 6`` the float32 bits ``b`` are e2m1 laid out in binary:
+    below 1 (float32 subnormals) ``b = z * 2**23``, so 0, .5, 1 sit at multiples of 2**22; from 1
+    up each binade keeps one mantissa bit at bit 22. So the index is ``(b + 2**21) >> 22`` (6
+    gives 7; an exact edge would round up, but edges are never taken, see below), and the grid's
+    midpoints (the rounding edges 0.25 ... 5) are exactly the ``b`` whose low 22 bits are 2**21.
+    ``distance`` is ``(b + 2**21 + TOL) & (2**22 - 1)``: at most ``2 * TOL`` exactly when ``b``
+    is within TOL units of an edge. Two products, one min, then integer ops only. The second
+    product makes subnormals: Triton's fmul is ``mul.rn.f32`` (no .ftz: the sm_90 SASS has FMUL
+    without .FTZ), so the GPU rounds them as IEEE does, and so does numpy under the interpreter.
+    """
+    z = tl.minimum(a * r, 6.0)
+    u = (z * _TWO_M126).to(tl.int32, bitcast=True) + _HALF22
+    return u >> 22, (u + _RECIP_TOL) & _LOW22
+
+
+@triton.jit
+def _recip_bytes(w, s3, gs, gmask):
+    """words_recip's bytes of a ``(BLOCK_R, GROUPS, 8)`` word tile, and whether they are exact (else divide).
+
+    Per group ``r = RN(gs / s3)``; per element the index of ``RN(|x| * r)`` by :func:`_recip_index`
+    and the sign from the word's bits (set for ``x < 0`` with ``x != -0``: with step <= 2**16
+    no nonzero bf16 quotient rounds to 0). Exact when no element's scaled bits are within TOL = 4
+    units of an edge and every group has ``2**-16 <= r <= 2**60``: see the module docstring.
+    The sign is integer work on the word: ``m + 0x7FFF7FFF`` (m the two magnitudes) has bit 15
+    (31) set where the low (high) magnitude is nonzero, no carry crossing halves; ANDed with the
+    word's sign bits and shifted, the byte's truncation keeps just bits 3 and 7.
+    """
+    r = tl.math.div_rn(gs, s3)
+    good = ((r >= _RECIP_MIN) & (r <= _RECIP_MAX)) | (gmask == 0)
+    m = w & 0x7FFF7FFF
+    i_lo, d_lo = _recip_index((m << 16).to(tl.float32, bitcast=True), r[:, :, None])
+    i_hi, d_hi = _recip_index((m & -65536).to(tl.float32, bitcast=True), r[:, :, None])
+    near = tl.min(tl.min(tl.min(tl.minimum(d_lo, d_hi), 2), 1), 0)
+    exact = (near > 2 * _RECIP_TOL) & (tl.min(tl.min(good.to(tl.int32), 1), 0) > 0)
+    sign = ((m + 0x7FFF7FFF) & w & -2147450880).to(tl.uint32, bitcast=True)  # -2147450880: 0x80008000
+    byte = (i_lo | (i_hi << 4)).to(tl.uint32, bitcast=True) | (sign >> 12) | (sign >> 24)
+    return byte.to(tl.uint8), exact
+
+
+@triton.jit
+def _div_bytes(w, lo, hi, s3, gs, MAGIC: tl.constexpr, FAST_DIV: tl.constexpr):
+    """The packed bytes by ``x / step`` (IEEE division, or words_fastdiv's correction where it applies)."""
     step = tl.math.div_rn(s3, gs)
-    lo = _bf16_lo(w)
-    hi = _bf16_hi(w)
     if FAST_DIV:
         # Markstein's correction with the group's RN(1/step), where every operand is far from
         # under/overflow: nonzero |x| >= 2**-64 (as magnitude bits minus 1, unsigned, zeros wrap to
@@ -202,24 +265,125 @@ def _nvfp4_words_kernel(
         v_hi = tl.math.div_rn(hi, step[:, :, None])
     # The clamp to ±6 is the code's own min(|v|, 6) (same codes, two instructions fewer per element).
     byte = _pack_nibbles(_e2m1_code(v_lo, 6.0, MAGIC), _e2m1_code(v_hi, 6.0, MAGIC))
+    return byte
+
+
+@triton.jit
+def _global_scale(amax_ptr, flag_ptr, global_ptr, pid, MULTIPLIER: tl.constexpr):
+    """gs from the float32 amax, as :func:`.numerics.global_scale` computes it with torch's bf16 ops.
+
+    ``a = max(bf16(A), bf16 tiny)``; ``bf16(bf16(1 / a) * 2688)`` (torch's bf16 reciprocal and
+    product round their float32 results to bf16; the product of a bf16 and 2688 is exact in
+    float32), Inf -> 1.0. A NaN/Inf amax raises the flag and counts as 0 (``launch``'s
+    ``nan_to_num``). Integer bf16 rounding and IEEE division (no .ftz): the same float32 steps.
+    Program 0 stores gs (or ``RN(1 / gs)``, the multiplier) in ``global_ptr[0]``.
+    """
+    amax = tl.load(amax_ptr)
+    bad = amax.to(tl.int32, bitcast=True) & 0x7FFFFFFF >= NON_FINITE_BITS
+    if bad:
+        tl.store(flag_ptr, 1)
+    amax = tl.where(bad, 0.0, amax)
+    a = tl.maximum(_round_bf16(amax), BF16_TINY_F32)
+    g = _round_bf16(_round_bf16(tl.math.div_rn(1.0, a)) * 2688.0)
+    g = tl.where(g == float("inf"), 1.0, g)
+    if pid == 0:
+        if MULTIPLIER:
+            tl.store(global_ptr, tl.math.div_rn(1.0, g))
+        else:
+            tl.store(global_ptr, g)
+    return g
+
+
+@triton.jit
+def _nvfp4_words_kernel(
+    w_ptr,
+    packed_ptr,
+    scale_ptr,
+    gs_ptr,
+    flag_ptr,
+    count_ptr,
+    global_ptr,
+    ROWS,
+    N,
+    GK,
+    stride_e,
+    stride_n,
+    BLOCK_R: tl.constexpr,
+    GROUPS: tl.constexpr,
+    MAGIC: tl.constexpr,
+    FAST_DIV: tl.constexpr,
+    RECIP: tl.constexpr,
+    COUNT: tl.constexpr,
+    FUSED_GS: tl.constexpr,
+    INT64: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+):
+    """``w_ptr``: the bf16 source as int32 words (strides in words); GK = K // 16 groups per row.
+
+    RECIP: 1 words_recip, 2 its products without the division fallback (not exact: only for
+    counting its instructions). COUNT: add 1 to ``count_ptr[0]`` per program that words_recip
+    finished without dividing (tests and benchmarks see how often the fallback runs). FUSED_GS:
+    ``gs_ptr`` holds the set's float32 amax, not gs: every program derives gs itself
+    (:func:`_global_scale`), a NaN/Inf amax raises the flag, and program 0 writes
+    ``global_ptr[0]`` (gs, or ``1 / gs`` for FUSED_GS == 2: ModelOpt's multiplier).
+    """
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(GK, GROUPS)
+    pid_r = pid // col_blocks
+    pid_c = pid - pid_r * col_blocks
+    if INT64:
+        rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    else:
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    groups = pid_c * GROUPS + tl.arange(0, GROUPS)
+    e = rows // N
+    base = e * stride_e + (rows - e * N) * stride_n
+    col = groups[:, None] * 8 + tl.arange(0, 8)[None, :]  # word index in the row, (GROUPS, 8)
+    gmask = (rows[:, None] < ROWS) & (groups[None, :] < GK)  # (BLOCK_R, GROUPS)
+    mask = gmask[:, :, None]
+    w = tl.load(w_ptr + base[:, None, None] + col[None, :, :], mask=mask, other=0, eviction_policy="evict_first")
+    amax_bits = tl.max(_abs_bits_max(w), 2)  # (BLOCK_R, GROUPS)
+    _flag_non_finite(flag_ptr, amax_bits)
+    if FUSED_GS:
+        gs = _global_scale(gs_ptr, flag_ptr, global_ptr, pid, FUSED_GS == 2)
+    else:
+        gs = tl.load(gs_ptr)
+    s3 = _group_scale(amax_bits.to(tl.float32, bitcast=True), gs, SOFT_ROUND)
+    tl.store(scale_ptr + rows[:, None] * GK + groups[None, :], s3.to(tl.float8e4nv), mask=gmask)
+    lo = _bf16_lo(w)
+    hi = _bf16_hi(w)
+    if RECIP:
+        byte, exact = _recip_bytes(w, s3, gs, gmask)
+        if COUNT:
+            tl.atomic_add(count_ptr, exact.to(tl.int32))
+        if RECIP == 1:  # 2: no fallback, only for counting the fast path's instructions (not exact)
+            if not exact:
+                byte = _div_bytes(w, lo, hi, s3, gs, MAGIC, FAST_DIV)
+    else:
+        byte = _div_bytes(w, lo, hi, s3, gs, MAGIC, FAST_DIV)
     out = rows[:, None, None] * (GK * 8) + col[None, :, :]
     tl.store(packed_ptr + out, byte, mask=mask, eviction_policy="evict_first")
 
 
 @triton.jit
-def _amax_words_kernel(w_ptr, out_ptr, NWORDS, BLOCK: tl.constexpr, INT64: tl.constexpr):
-    """Persistent max over the magnitude bits of a contiguous bf16 tensor's words; one atomic max per program."""
+def _amax_words_kernel(w_ptr, out_ptr, NWORDS, BLOCK: tl.constexpr, UNROLL: tl.constexpr, INT64: tl.constexpr):
+    """Persistent max over the magnitude bits of a contiguous bf16 tensor's words; one atomic max per program.
+
+    Each step loads UNROLL blocks of BLOCK words before folding them in (UNROLL x more bytes in
+    flight per warp without more registers per load).
+    """
     pid = tl.program_id(0)
-    step = tl.num_programs(0) * BLOCK
+    step = tl.num_programs(0) * (BLOCK * UNROLL)
     if INT64:
-        start = pid.to(tl.int64) * BLOCK
+        start = pid.to(tl.int64) * (BLOCK * UNROLL)
     else:
-        start = pid * BLOCK
+        start = pid * (BLOCK * UNROLL)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for off in range(start, NWORDS, step):
-        offs = tl.multiple_of(off, BLOCK) + tl.arange(0, BLOCK)
-        w = tl.load(w_ptr + offs, mask=offs < NWORDS, other=0, eviction_policy="evict_first")
-        acc = tl.maximum(acc, _abs_bits_max(w))
+        for u in tl.static_range(UNROLL):
+            offs = tl.multiple_of(off, BLOCK) + u * BLOCK + tl.arange(0, BLOCK)
+            w = tl.load(w_ptr + offs, mask=offs < NWORDS, other=0, eviction_policy="evict_first")
+            acc = tl.maximum(acc, _abs_bits_max(w))
     tl.atomic_max(out_ptr, tl.max(acc, 0))
 
 
@@ -230,7 +394,12 @@ def _programs(device: torch.device) -> int:
 
 
 def tensor_amax(
-    src: torch.Tensor, *, block: int | None = None, programs: int | None = None, num_warps: int | None = None
+    src: torch.Tensor,
+    *,
+    block: int | None = None,
+    programs: int | None = None,
+    num_warps: int | None = None,
+    unroll: int | None = None,
 ) -> torch.Tensor:
     """float32 ``(1,)`` max |x| of ``src``, equal to :func:`.numerics.tensor_amax` (NaN for a NaN, Inf for an Inf).
 
@@ -244,13 +413,15 @@ def tensor_amax(
     words = src.view(-1).view(torch.int32)
     out = torch.zeros(1, dtype=torch.int32, device=src.device)
     blk = block or AMAX_BLOCK
-    grid = (max(1, min(programs or _programs(src.device), triton.cdiv(words.numel(), blk))),)
+    unr = unroll or AMAX_UNROLL
+    grid = (max(1, min(programs or _programs(src.device), triton.cdiv(words.numel(), blk * unr))),)
     _amax_words_kernel[grid](
         words,
         out,
         words.numel(),
         BLOCK=blk,
-        INT64=words.numel() + grid[0] * blk >= 1 << 31,
+        UNROLL=unr,
+        INT64=words.numel() + grid[0] * blk * unr >= 1 << 31,
         num_warps=num_warps or AMAX_NUM_WARPS,
     )
     return out.view(torch.float32)
@@ -267,13 +438,19 @@ def launch_values(
     block_r: int | None = None,
     block_c: int | None = None,
     num_warps: int | None = None,
+    fast_count: torch.Tensor | None = None,
+    global_out: torch.Tensor | None = None,
+    multiplier: bool = False,
 ) -> str:
     """Enqueue the kernel for ``src`` (2-D or 3-D) given the float32 ``(1,)`` global scale on its device.
 
     ``variant``: "auto" (:data:`VARIANT` where the words layout applies, else "generic"), or one of
     :data:`VARIANTS` ("words*" on a source without the words layout raises ValueError). ``block_r``
     / ``block_c`` (columns, a multiple of 16; for words ``block_c // 16`` groups) and ``num_warps``
-    override the tile (benchmarks sweep them). Returns the variant run.
+    override the tile (benchmarks sweep them). ``fast_count`` (int32 ``(1,)``, words_recip only)
+    gets 1 added per program that took the product path (the rest divided). ``global_out`` (words
+    variants only): ``gs`` is then the float32 amax instead, the kernel derives gs and writes gs
+    (or ``1 / gs`` with ``multiplier``) there, see :func:`launch_fused`. Returns the variant run.
     """
     x = src if src.dim() == 3 else src.unsqueeze(0)
     e, n, k = x.shape
@@ -287,6 +464,8 @@ def launch_values(
     if variant not in VARIANTS:
         raise ValueError(f"nvfp4 triton: unknown variant {variant!r} (one of {VARIANTS})")
     if variant == "generic":
+        if global_out is not None:
+            raise ValueError("nvfp4 triton: global_out (gs derived in the kernel) needs a words variant")
         br, bc = block_r or BLOCK_R, block_c or BLOCK_C
         grid = (triton.cdiv(rows, br), triton.cdiv(k, bc))
         _nvfp4_kernel[grid](
@@ -312,9 +491,10 @@ def launch_values(
             f"nvfp4 triton: variant {variant!r} needs a bf16 source with K contiguous and 4-byte aligned rows; "
             f"got {src.dtype} of shape {tuple(src.shape)}, strides {tuple(src.stride())}"
         )
-    br = block_r or WORDS_BLOCK_R
+    recip = variant == "words_recip"
+    br = block_r or (RECIP_BLOCK_R if recip else WORDS_BLOCK_R)
     gk = k // 16
-    groups = min((block_c // 16) if block_c else WORDS_GROUPS, triton.next_power_of_2(gk))
+    groups = min((block_c // 16) if block_c else (RECIP_GROUPS if recip else WORDS_GROUPS), triton.next_power_of_2(gk))
     # Rows that merge (a contiguous stack) need no expert split: one "expert" of all rows.
     n_arg, se = (rows, 0) if e == 1 or words.stride(0) == n * words.stride(1) else (n, words.stride(0))
     _nvfp4_words_kernel[(triton.cdiv(rows, br) * triton.cdiv(gk, groups),)](
@@ -323,6 +503,8 @@ def launch_values(
         scales,
         gs,
         flag,
+        flag if fast_count is None else fast_count,
+        flag if global_out is None else global_out,
         rows,
         n_arg,
         gk,
@@ -332,9 +514,12 @@ def launch_values(
         GROUPS=groups,
         MAGIC=variant != "words",
         FAST_DIV=variant == "words_fastdiv",
+        RECIP=int(recip),
+        COUNT=fast_count is not None and recip,
+        FUSED_GS=0 if global_out is None else 1 + bool(multiplier),
         INT64=needs_int64(words, packed.numel()),
         SOFT_ROUND=soft,
-        num_warps=num_warps or WORDS_NUM_WARPS,
+        num_warps=num_warps or (RECIP_NUM_WARPS if recip else WORDS_NUM_WARPS),
     )
     return variant
 
@@ -357,6 +542,33 @@ def launch(
     launch_values(src, gs, packed, scales, flag, variant=variant)
     value = torch.div(torch.ones_like(gs), gs) if multiplier else gs
     global_out.copy_(value.reshape(global_out.shape))
+
+
+def launch_fused(
+    src: torch.Tensor,
+    amax: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    global_out: torch.Tensor,
+    flag: torch.Tensor,
+    *,
+    multiplier: bool,
+    variant: str = "auto",
+) -> None:
+    """:func:`launch` as one kernel: the words kernel derives gs from the amax itself and writes ``global_out``.
+
+    Same bytes, flag and ``global_out`` as :func:`launch`, without its dozen tiny torch launches
+    for gs (a few microseconds each: most of a small tensor's conversion time). Sources without
+    the words layout, an empty source or a non-float32 ``global_out`` take :func:`launch`.
+    """
+    x = src if src.dim() == 3 else src.unsqueeze(0)
+    words_ok = variant != "generic" and bf16_words(x) is not None and x.numel() > 0
+    if not words_ok or global_out.dtype != torch.float32 or global_out.numel() != 1 or not global_out.is_contiguous():
+        launch(src, amax, packed, scales, global_out, flag, multiplier=multiplier, variant=variant)
+        return
+    a = amax.reshape(1).to(device=src.device, dtype=torch.float32)
+    v = VARIANT if variant == "auto" else variant
+    launch_values(src, a, packed, scales, flag, variant=v, global_out=global_out, multiplier=multiplier)
 
 
 def quantize_with_amax(

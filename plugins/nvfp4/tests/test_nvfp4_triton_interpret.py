@@ -1,7 +1,7 @@
 """The Triton kernels under TRITON_INTERPRET=1 give the torch path's bytes (small shapes: the interpreter is slow).
 
 Every variant of :func:`conversion_core_nvfp4.triton_kernels.launch_values` ("generic", "words",
-"words_magic", "words_fastdiv", its fallback to div_rn too) is checked against
+"words_magic", "words_fastdiv", "words_recip", their fallbacks to div_rn too) is checked against
 :func:`conversion_core_nvfp4.numerics.quantize_with_amax` on odd row counts, K = 32/48/96/2064,
 3-D stacks (merged and split experts), a transposed source and fp16/fp32 sources (which only the
 generic kernel takes); the shared e2m1 code helpers against
@@ -110,7 +110,7 @@ def test_words_tiles(block_r: int, block_c: int, num_warps: int) -> None:
     src = _source((2, 7, 96), torch.bfloat16, 13)
     amax, want_p, want_s, _ = _expected(src)
     gs = numerics.global_scale(amax)
-    for variant in ("words", "words_magic", "words_fastdiv"):
+    for variant in ("words", "words_magic", "words_fastdiv", "words_recip"):
         p, s = torch.full_like(want_p, 0xFF), torch.empty_like(want_s)
         flag = torch.zeros(1, dtype=torch.int32)
         ran = triton_kernels.launch_values(
@@ -193,8 +193,8 @@ def test_e2m1_code_helpers_equal_torch_codes(magic: bool, limit: float) -> None:
 )
 def test_tensor_amax_equals_torch(src: torch.Tensor) -> None:
     want = numerics.tensor_amax(src)
-    for block, programs in ((None, None), (8, 3), (64, 1)):
-        assert torch.equal(triton_kernels.tensor_amax(src, block=block, programs=programs), want)
+    for block, programs, unroll in ((None, None, None), (8, 3, 1), (64, 1, 1), (8, 2, 3), (16, 5, 2)):
+        assert torch.equal(triton_kernels.tensor_amax(src, block=block, programs=programs, unroll=unroll), want)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -203,3 +203,168 @@ def test_tensor_amax_keeps_non_finite(bad: float) -> None:
     src[4, 7] = bad
     got = triton_kernels.tensor_amax(src, block=16, programs=2)
     assert torch.isnan(got).all() if bad != bad else torch.isinf(got).all()
+
+
+def _recip_run(src: torch.Tensor, **tile: int) -> tuple[int, int]:
+    """words_recip on ``src`` against the torch path: asserts the bytes; returns (programs, programs not dividing)."""
+    amax, want_p, want_s, _ = _expected(src)
+    gs = numerics.global_scale(amax)
+    p, s = torch.full_like(want_p, 0xFF), torch.empty_like(want_s)
+    flag, count = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    assert (
+        triton_kernels.launch_values(src, gs, p, s, flag, variant="words_recip", fast_count=count, **tile)
+        == "words_recip"
+    )
+    assert int(flag) == 0
+    assert torch.equal(p, want_p) and torch.equal(s.view(torch.uint8), want_s.view(torch.uint8))
+    x = src if src.dim() == 3 else src.unsqueeze(0)
+    br = tile.get("block_r", triton_kernels.RECIP_BLOCK_R)
+    groups = min(tile.get("block_c", 16 * triton_kernels.RECIP_GROUPS) // 16, triton.next_power_of_2(x.shape[-1] // 16))
+    programs = triton.cdiv(x.shape[0] * x.shape[1], br) * triton.cdiv(x.shape[-1] // 16, groups)
+    return programs, int(count)
+
+
+def _smooth(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).bfloat16()
+
+
+@pytest.mark.parametrize(
+    ("make", "tile"),
+    [
+        (lambda: _smooth((33, 2064), 30, 1.37), {}),
+        (lambda: _smooth((3, 17, 512), 31, 1.37e3), {}),
+        (lambda: _smooth((48, 256), 32, 1.37e-3).t().contiguous(), {"block_r": 4, "block_c": 64, "num_warps": 1}),
+        (lambda: _smooth((4, 9, 1024), 33)[:, 1:8, :], {"block_r": 8, "block_c": 256, "num_warps": 2}),
+    ],
+    ids=["randn-2064", "stack-1e3", "small-1e-3", "split-experts"],
+)
+def test_recip_products_path_runs_and_equals_torch(make, tile) -> None:
+    """On smooth data most programs keep the products (no division), and their bytes are the torch path's.
+
+    The scales are picked so that gs is not a short binary number: with gs = 576 (randn of scale 1)
+    steps like s3 / gs = 1/2 or 1/3 put 0.2% of the elements on or next to an edge, and then
+    nearly every program divides (still the same bytes: see the "gs=576" case).
+    """
+    programs, fast = _recip_run(make(), **tile)
+    assert fast >= programs // 2, (fast, programs)
+
+
+def test_recip_short_global_scale_divides_and_equals_torch() -> None:
+    src = _smooth((33, 2064), 30)
+    assert float(numerics.global_scale(numerics.tensor_amax(src))) == 576.0
+    programs, fast = _recip_run(src)
+    assert fast < programs
+
+
+def test_recip_edges_divide_and_equal_torch() -> None:
+    """Values on the grid's midpoints (ties) and next to them send their program to the division, bytes unchanged."""
+    mids = torch.tensor(TIES[:-1])
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(9.0))])
+    src = _smooth((8, 512), 34)
+    row = torch.cat([near, -near, torch.tensor([6.0] * 11)])  # 53 values, the group with 6 has step 1
+    src[3, : row.numel()] = row.bfloat16()
+    src[3, 48:64] = torch.tensor([6.0, *TIES[:-1], *(-t for t in TIES[:-1]), 0.0]).bfloat16()
+    programs, fast = _recip_run(src, block_r=2, block_c=128, num_warps=1)
+    assert fast < programs
+
+
+@pytest.mark.parametrize(
+    ("scale", "expect_fast"),
+    [(2.0**-100, False), (2.0**20, False), (1.37, True)],
+    ids=["r-above-2**60", "step-above-2**16", "plain"],
+)
+def test_recip_range_guard(scale: float, expect_fast: bool) -> None:
+    """Programs with a group whose r = gs/s3 leaves [2**-16, 2**60] divide (tiny tensors, steps above 2**16)."""
+    programs, fast = _recip_run(_smooth((4, 256), 35, scale), block_r=4, block_c=256, num_warps=1)
+    assert (fast == programs) == expect_fast, (fast, programs)
+    assert expect_fast or fast == 0
+
+
+@triton.jit
+def _recip_index_kernel(a_ptr, r, idx_ptr, dist_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + offs, mask=offs < n)
+    i, d = triton_kernels._recip_index(a, r)
+    tl.store(idx_ptr + offs, i, mask=offs < n)
+    tl.store(dist_ptr + offs, d, mask=offs < n)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recip_index_equals_division_codes(seed: int) -> None:
+    """Every finite bf16 magnitude, several (s3, gs): unflagged indices are those of clamp(x / step, 6)."""
+    a = (torch.arange(0, 0x7F80, dtype=torch.int32) << 16).view(torch.float32)
+    e4m3 = torch.arange(1, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    g = torch.Generator().manual_seed(seed)
+    pairs = [
+        (float(e4m3[torch.randint(0, e4m3.numel(), (1,), generator=g)]), float(gs))
+        for gs in (torch.rand(6, generator=g) * 30 - 15).exp2().bfloat16().float()
+    ] + [(448.0, 6.0), (0.125, 1.0), (3.0, 2688.0)]
+    block = 8192
+    for s3, gs in pairs:
+        step = torch.div(torch.tensor(s3), torch.tensor(gs))
+        r = float(torch.div(torch.tensor(gs), torch.tensor(s3)))
+        idx, dist = torch.empty(a.shape, dtype=torch.int32), torch.empty(a.shape, dtype=torch.int32)
+        _recip_index_kernel[(triton.cdiv(a.numel(), block),)](a, r, idx, dist, a.numel(), BLOCK=block)
+        want = (fp4.e2m1_codes(torch.div(a, step).clamp(max=6.0)) & 7).int()
+        kept = dist > 2 * triton_kernels.RECIP_TOL
+        assert torch.equal(idx[kept], want[kept]), (s3, gs)
+        ties = (torch.div(a, step).unsqueeze(-1) == torch.tensor(TIES[:-1])).any(-1)
+        assert not kept[ties].any(), (s3, gs)  # an exact tie is always flagged
+
+
+def _launch_outputs(fn, src: torch.Tensor, amax: torch.Tensor, multiplier: bool, variant: str) -> tuple:
+    k = src.shape[-1]
+    p = torch.full((*src.shape[:-1], k // 2), 0xFF, dtype=torch.uint8)
+    s = torch.empty((*src.shape[:-1], k // 16), dtype=torch.float8_e4m3fn)
+    g, flag = torch.full((1,), -1.0), torch.zeros(1, dtype=torch.int32)
+    fn(src, amax, p, s, g, flag, multiplier=multiplier, variant=variant)
+    return p, s.view(torch.uint8), g, int(flag) > 0
+
+
+def _with_nan(x: torch.Tensor) -> torch.Tensor:
+    x[1, 3] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _source((5, 64), torch.bfloat16, 40),
+        lambda: _source((2, 3, 48), torch.bfloat16, 41),
+        lambda: torch.zeros(3, 32, dtype=torch.bfloat16),
+        lambda: (_source((4, 32), torch.float32, 42) * 1e-37).bfloat16(),
+        lambda: (_source((4, 32), torch.float32, 43) * 1e35).bfloat16(),
+        lambda: _with_nan(_source((4, 32), torch.bfloat16, 44)),
+        lambda: _source((64, 12), torch.bfloat16, 45).t(),  # no words layout: launch_fused is launch
+    ],
+    ids=["bf16", "stack", "zeros", "tiny-amax", "huge-amax", "nan", "transposed"],
+)
+@pytest.mark.parametrize("multiplier", [False, True])
+def test_launch_fused_equals_launch(make, multiplier: bool) -> None:
+    """The kernel-side global scale gives launch's bytes, flag and global_out (divisor and multiplier)."""
+    src = make()
+    amax = numerics.tensor_amax(src)
+    for variant in ("auto", "words_recip"):
+        if variant != "auto" and bf16_words(src if src.dim() == 3 else src.unsqueeze(0)) is None:
+            continue
+        want = _launch_outputs(triton_kernels.launch, src, amax, multiplier, variant)
+        got = _launch_outputs(triton_kernels.launch_fused, src, amax, multiplier, variant)
+        for w, g in zip(want, got, strict=True):
+            assert torch.equal(w, g) if isinstance(w, torch.Tensor) else w == g, variant
+
+
+@triton.jit
+def _gs_kernel(amax_ptr, flag_ptr, out_ptr, n):
+    i = tl.program_id(0)
+    g = triton_kernels._global_scale(amax_ptr + i, flag_ptr + i, out_ptr + i, 1, False)
+    tl.store(out_ptr + i, g)
+
+
+def test_kernel_global_scale_equals_torch_on_every_bf16_amax() -> None:
+    """The in-kernel gs of bf16 amaxes over the whole range (every 41st, float32 ones between) is torch's."""
+    a = (torch.arange(0, 0x7F80, 41, dtype=torch.int32) << 16).view(torch.float32)
+    a = torch.cat([a, a * 1.0001, torch.tensor([0.0, 1e-45, 3.4e38])])
+    out, flag = torch.empty_like(a), torch.zeros(a.shape, dtype=torch.int32)
+    _gs_kernel[(a.numel(),)](a, flag, out, a.numel())
+    assert torch.equal(out, numerics.global_scale(a)) and not flag.any()
