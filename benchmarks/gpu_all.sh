@@ -8,7 +8,7 @@
 # Peers for the benchmarks only (torchao's wheel, fbgemm's Triton quantizer sources under
 # .whl/peers) go in .whl too; they are never a dependency of any package here.
 #
-#   bash benchmarks/gpu_all.sh tests mx nvfp4 int4 quant peers model sync
+#   bash benchmarks/gpu_all.sh tests mx nvfp4 int4 quant peers model formats sync sass host
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/gpu_out}
@@ -33,13 +33,19 @@ for what in "$@"; do
     case $what in
         tests) run tests 90 python3 -m pytest -q -x -p no:cacheprovider tests/gpu ;;
         mx) run mx 90 python3 benchmarks/gpu_mx.py --quick ;;
-        nvfp4) run nvfp4 90 python3 benchmarks/gpu_nvfp4.py --quick ;;
+        nvfp4) run nvfp4 110 python3 benchmarks/gpu_nvfp4.py --budget 80 ;;
         int4) run int4 150 python3 benchmarks/gpu_int4.py ;;
         quant) run quant 200 python3 benchmarks/gpu_grouped.py --sections check,quant ;;
         peers) run peers 45 python3 benchmarks/gpu_peers.py ;;
         model) run model 300 python3 benchmarks/gpu_grouped.py --sections model ;;
         formats) run formats 150 python3 benchmarks/gpu_model_formats.py --budget 120 ;;
         sync) run sync 120 python3 benchmarks/gpu_sync.py ;;
+        # CPU only, but with the card's Triton (its ptxas) and the card's host CPU
+        sass) run sass 60 python3 benchmarks/sass_check.py; run sass_nvfp4 60 python3 benchmarks/sass_nvfp4.py ;;
+        host)
+            run host_calls 60 python3 benchmarks/bench_call_overhead.py --calls 5000
+            run host_step 60 python3 benchmarks/bench_step_host.py --layers 24 --reps 7
+            ;;
         *) echo "unknown: $what" ;;
     esac
 done

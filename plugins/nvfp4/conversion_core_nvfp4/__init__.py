@@ -110,7 +110,7 @@ def launch_apply(
     """Sync-free twin of :func:`apply` (the whole-model step): NaN/Inf sets ``flag``."""
     from . import triton_kernels
 
-    triton_kernels.launch(src, amax, packed, scales, gs, flag, multiplier=False)
+    triton_kernels.launch_fused(src, amax, packed, scales, gs, flag, multiplier=False)
 
 
 def launch_apply_modelopt(
@@ -123,7 +123,7 @@ def launch_apply_modelopt(
 ) -> None:
     from . import triton_kernels
 
-    triton_kernels.launch(src, amax, packed, scales, s2, flag, multiplier=True)
+    triton_kernels.launch_fused(src, amax, packed, scales, s2, flag, multiplier=True)
 
 
 def launch(src: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gs: torch.Tensor, flag: torch.Tensor) -> None:

@@ -94,7 +94,9 @@ from . import numerics
 
 #: The variants :func:`launch_values` accepts; "auto" is :data:`VARIANT` where the words layout applies, else generic.
 VARIANTS = ("generic", "words", "words_magic", "words_fastdiv", "words_recip")
-VARIANT = "words_magic"
+#: words_recip: products with a tile-wide fallback to words_magic's division near rounding edges
+#: (same bytes; fast where few values sit near an edge). Chosen before its H200 run: see the note.
+VARIANT = "words_recip"
 #: generic kernel tile (rows, columns) and warps.
 BLOCK_R = 8
 BLOCK_C = 128
