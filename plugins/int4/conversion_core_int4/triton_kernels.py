@@ -170,6 +170,8 @@ VARIANTS: dict[str, Variant | V1] = {
     "flag-store": Variant(uniform=False, flag_red=False),
     "no-even": Variant(even=False),
     "t4096w2": Variant(tile=4096, warps=2),
+    "t4096w1": Variant(tile=4096, warps=1),
+    "t2048w1": Variant(tile=2048, warps=1),
     "t16384w8": Variant(tile=16384, warps=8),
     "r16t8192w4": Variant(rows=16),
     "t8192w2": Variant(warps=2),
