@@ -1,14 +1,32 @@
-"""One-pass Triton kernel for int4 W4A16: bit-identical to :mod:`.torch_path`.
+"""One-pass Triton kernels for int4 W4A16: bit-identical to :mod:`.torch_path`.
 
-One program owns ``BLOCK_R`` rows x ``BLOCK_G`` groups of one expert (the expert is a program
-axis, so a tile never crosses experts). It loads the tile once as ``(rows, groups, words, 8)``
-straight from pointer arithmetic (any source strides, masked edges): the 8 nibbles of one output
-word are the last axis, so packing is shifts and a sum over that axis, with no reshape. It takes
-each group's statistic, writes the scales, the packed words and (asymmetric) the zero points
-packed along rows (``BLOCK_R`` is a multiple of 8, so a word's eight rows are always in one
-program). Program ``(0, 0, 0)`` also writes ``weight_shape``: one launch, no host sync.
+The default kernel (:func:`_int4_kernel`, launch choices :class:`Variant`) is laid out for the
+instruction count, which is what held the first kernel (:func:`_int4_kernel_v1`, :class:`V1`) at
+0.5-0.8 of a device copy on the H200: its SASS spent about 25 instructions per element (bf16
+rounding in four integer ops, two IEEE divisions and a bf16 rounding per group *per thread*, with
+16 threads sharing each group of 128, and six barriers per program for layout conversions of the
+flag and scale stores). The budget at 0.9 of copy is about 20 issue slots per element at full
+issue, less in practice. What this kernel changes, each exact for the reasons given in
+:func:`_exactness_note`:
 
-Bit-identity with the torch path rests on these facts (each variant below keeps all of them):
+- layout: a program loads ``(WB, BLOCK_R, BLOCK_G, WT, 8)``: ``WT`` threads share a group (the
+  thread axes are the last ones, the order Triton's coalescing picks), each holding ``WB`` words of
+  it as register repeats; group statistics are in-thread reductions plus ``log2 WT`` shuffles, and
+  the per-group work (scale, reciprocal, zero point) is repeated by ``WT`` threads, not 16;
+- per element ``x * up * rcp`` with the group's reciprocal ``rcp = 1 / (s * up)`` from the
+  approximate divide (``div.full.f32``, 2 ulp): proven not to change a byte (``nudge`` tests it);
+- the bf16 rounding of that quotient in two integer ops (``bits + 0x8000``, mask): it is never a
+  bf16 midpoint, so ties need no care (``split``: three float ops, Veltkamp's splitting, instead);
+- asymmetric ``bf16(v + zp)`` (ties do occur there) by the binade's magic number
+  ``(y + 1.5 * 2^16 * 2^E) - 1.5 * 2^16 * 2^E``: one integer op and three float ops;
+- packing without masks: ``c + (1.5 * 2^23 + 8)`` has the bits ``0x4B400000 + q + 8``, so a word is
+  ``sum_j bits_j << 4j`` minus a constant (modulo 2^32);
+- the scale ``bf16(amax / 7.5)`` (``bf16(range / 15)``) as a product with ``RN(1 / 7.5)``, the
+  zero point's ``min / s`` with the reciprocal; NaN, Inf and scales too large for bf16 give one
+  per-group flag test ``not (s <= limit)``, reduced once per program (``flag_red``) or stored
+  masked.
+
+Both kernels keep these facts (the first kernel's notes, still true):
 
 - bf16 rounding is done on the float32 bits (round-to-nearest-even, what torch's cast does; the
   interpreter's own cast truncates). It must keep NaN a NaN: NVIDIA's canonical NaN is
@@ -17,18 +35,14 @@ Bit-identity with the torch path rests on these facts (each variant below keeps 
   on the GPU the NaN became -0.0, so ``zp = -8`` instead of torch's NaN -> 0, and every value of
   that group moved by 8 (numpy's NaN is ``0xFFC00000``, which survives the bias: the interpreter
   could not show it; ``test_bf16_rounding_keeps_nan`` feeds the GPU's NaN bits explicitly). The
-  same carry turned an fp32/fp16 source NaN with a full payload into -0.0 or 0, unflagged.
+  same carry turned an fp32/fp16 source NaN with a full payload into -0.0 or 0, unflagged. Every
+  rounding whose input can be NaN while the bytes are kept uses :func:`_bf16`.
 - bf16 is read and written as int16 bits (a shift widens it exactly): the interpreter's float
   casts mangle subnormals, which then differed there alone (the GPU's cvt is exact).
-- IEEE division where the torch path divides (``tl.math.div_rn``: PTX ``div.rn.f32``, no ftz;
-  Triton's ``/`` is approximate on NVIDIA GPUs). ``fast_div`` replaces the per-element division
-  by a multiplication with the group's correctly rounded reciprocal; :func:`_fast_div_note`
-  proves the bf16 result (all the torch path keeps) cannot change.
-- no fused multiply-add: the launch passes ``enable_fp_fusion=False``. The kernel has no
-  ``a * b + c`` in float (``x * r`` is rounded to bf16 by integer ops before anything is added),
-  so this is a guard, not a fix; the interpreter runs numpy (no contraction) and could not show it.
-- round-half-even by the float32 magic number ``(v + 1.5*2^23) - 1.5*2^23`` (exact for
-  ``|v| < 2^22``); ``int_pack`` fuses it with the ``+ 8`` offset and the float -> int conversion.
+- no fused multiply-add: the launch passes ``enable_fp_fusion=False`` (and Triton emits
+  ``mul.rn`` / ``add.rn``, which ptxas never contracts); the interpreter runs numpy (no
+  contraction) and could not show it. No float operation here is ``.ftz``: subnormals are exact.
+- round-half-even to an integer by the float32 magic number ``(v + 1.5*2^23) - 1.5*2^23``.
 - NaN handled explicitly where hardware min/max would drop it (``maxnum`` returns the number).
 """
 
@@ -45,7 +59,54 @@ from . import torch_path
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """Launch choices that never change the bytes (each is proven under ``TRITON_INTERPRET=1``).
+    """Launch choices of :func:`_int4_kernel` that never change the bytes (each proven under ``TRITON_INTERPRET=1``).
+
+    ``wt``: threads sharing a group (a power of two, at most ``group / 8``; each holds
+    ``group / 8 / wt`` words of it); ``rows`` x ``tile``: ``BLOCK_R`` and elements per program;
+    ``warps``: ``num_warps``; ``split``: the quotient's bf16 rounding by Veltkamp's splitting (three
+    float ops) instead of two integer ops; ``exact_rcp``: the group reciprocal by IEEE division
+    (``div_rn``) instead of ``div.full``; ``magic``: the asymmetric ``bf16(v + zp)`` by the binade's
+    magic number instead of the four-op bit rounding; ``flag_red``: the flag by one reduction per
+    program instead of a masked store per group; ``i32``: 32-bit offsets when every offset fits;
+    ``even``: no masks where the grid tiles N and G exactly; ``nudge``: test only, moves the
+    reciprocal by that many ulps (the bytes must not change: the GPU's ``div.full`` is within 2).
+    """
+
+    wt: int = 2
+    rows: int = 8
+    tile: int = 8192
+    warps: int = 4
+    pairs: bool = True
+    uniform: bool = True
+    split: bool = False
+    exact_rcp: bool = False
+    magic: bool = True
+    flag_red: bool = True
+    i32: bool = True
+    even: bool = True
+    nudge: int = 0
+
+    @property
+    def name(self) -> str:
+        ops = "".join(
+            c
+            for c, on in (
+                ("p", self.pairs),
+                ("u", self.uniform),
+                ("s", self.split),
+                ("x", self.exact_rcp),
+                ("m", self.magic),
+                ("f", self.flag_red and not self.uniform),
+            )
+            if on
+        )
+        tail = f"{'' if self.i32 else '-i64'}{'' if self.even else '-ne'}"
+        return f"v2-{ops or '-'}{tail} wt{self.wt} r{self.rows} t{self.tile} w{self.warps}"
+
+
+@dataclasses.dataclass(frozen=True)
+class V1:
+    """Launch choices of the first kernel :func:`_int4_kernel_v1` (kept as the benchmark's baseline).
 
     ``fast_div``: ``x * bf16-group reciprocal`` instead of a per-element IEEE division;
     ``nan_red``: NaN/Inf found by NaN-propagating group min/max instead of a per-element test;
@@ -54,8 +115,9 @@ class Variant:
     tiny-scale case by exact power-of-two scaling, so no reduction crosses warps; ``lean_mask``: the
     load mask is ``(rows, groups, 1, 1)`` (the first kernel also masked on ``col >= 0``, per
     element); ``even``: no masks where the grid tiles N and G exactly; ``i32``: 32-bit offsets
-    when every offset of the source and outputs fits (else 64-bit); ``evict``: ``eviction_policy`` of the source load;
-    ``rows`` x ``tile``: ``BLOCK_R`` and elements per program; ``warps``: ``num_warps``.
+    when every offset of the source and outputs fits (else 64-bit); ``evict``: ``eviction_policy``
+    of the source load; ``rows`` x ``tile``: ``BLOCK_R`` and elements per program; ``warps``:
+    ``num_warps``.
     """
 
     fast_div: bool = True
@@ -82,44 +144,48 @@ class Variant:
         )
         ops = "".join(c for c, on in flags if on)
         return (
-            f"{ops or 'ieee'}{'-i32' if self.i32 else '-i64'}{'-ef' if self.evict else ''}"
+            f"v1-{ops or 'ieee'}{'-i32' if self.i32 else '-i64'}{'-ef' if self.evict else ''}"
             f" r{self.rows} t{self.tile} w{self.warps}"
         )
 
 
-#: The first kernel (per-element IEEE division, per-element NaN test, int64 offsets), NaN fixed.
-REFERENCE = Variant(
+#: Default launch (see the module docstring; the H200 table of ``benchmarks/gpu_int4.py`` decides).
+DEFAULT = Variant()
+#: The first kernel's default of 2026-12-04 (H200: 0.71-0.82 of copy symmetric, 0.50-0.56 asymmetric).
+V1_DEFAULT = V1()
+#: The first kernel as first written (per-element IEEE division, per-element NaN test, int64 offsets).
+REFERENCE = V1(
     fast_div=False, nan_red=False, int_pack=False, i32=False, sync_free=False, lean_mask=False, even=False, warps=8
 )
-#: Default launch: the best worst case of the H200 table of 2026-12-04 (``benchmarks/gpu_int4.py``,
-#: launch mode, mlp.up/down and experts.down; ratio to copy 0.71-0.79 symmetric, 0.50-0.56
-#: asymmetric), small tiles also fitting G = 6 (experts.down at group 128) without masked halves.
-DEFAULT = Variant()
-VARIANTS = {
-    "ref": REFERENCE,
+VARIANTS: dict[str, Variant | V1] = {
     "default": DEFAULT,
-    "r16t8192w4": Variant(rows=16, tile=8192, warps=4),
-    "dnp": Variant(sync_free=False, lean_mask=False, even=False),
-    "d-only": Variant(nan_red=False, int_pack=False, i32=False, sync_free=False, lean_mask=False, even=False),
-    "dnps": Variant(lean_mask=False, even=False),
+    "wt1": Variant(wt=1),
+    "wt4": Variant(wt=4),
+    "wt16": Variant(wt=16),
+    "split": Variant(split=True),
+    "exact-rcp": Variant(exact_rcp=True),
+    "bits2": Variant(magic=False),
+    "no-pairs": Variant(pairs=False),
+    "no-uniform": Variant(uniform=False),
+    "flag-store": Variant(uniform=False, flag_red=False),
     "no-even": Variant(even=False),
-    "i64": Variant(i32=False),
-    "ef": Variant(evict="evict_first"),
-    "r8t4096w4": Variant(rows=8, tile=4096, warps=4),
-    "r8t1024w1": Variant(rows=8, tile=1024, warps=1),
-    "r8t2048w1": Variant(rows=8, tile=2048, warps=1),
-    "r16t2048w2": Variant(rows=16, tile=2048, warps=2),
-    "r16t4096w4": Variant(rows=16, tile=4096, warps=4),
-    "r16t8192w8": Variant(rows=16, tile=8192, warps=8),
-    "r16t8192w2": Variant(rows=16, tile=8192, warps=2),
-    "r8t4096w2": Variant(rows=8, tile=4096, warps=2),
-    "r32t8192w4": Variant(rows=32, tile=8192, warps=4),
-    "r8t8192w4": Variant(rows=8, tile=8192, warps=4),
-    "r32t16384w8": Variant(rows=32, tile=16384, warps=8),
+    "t4096w2": Variant(tile=4096, warps=2),
+    "t4096w1": Variant(tile=4096, warps=1),
+    "t2048w1": Variant(tile=2048, warps=1),
+    "t16384w8": Variant(tile=16384, warps=8),
+    "r16t8192w4": Variant(rows=16),
+    "t8192w2": Variant(warps=2),
+    "v1": V1_DEFAULT,
+    "v1-ref": REFERENCE,
 }
 
 _RNE = tl.constexpr(12582912.0)  # 1.5 * 2^23; a jit function reads only constexpr globals
 _PACK = tl.constexpr(12582920.0)  # 1.5 * 2^23 + 8: see int_pack
+#: ``sum_j 0x4B400000 << 4j`` modulo 2^32 (the exponent bits of eight ``c + _PACK``), as int32.
+_PACK_SUM = tl.constexpr(sum(0x4B400000 << (4 * j) for j in range(8)) % 2**32)
+_R75 = tl.constexpr(0.13333334028720856)  # RN(1 / 7.5) in float32
+_R15 = tl.constexpr(0.06666667014360428)  # RN(1 / 15) in float32
+_MAGIC = tl.constexpr(98304.0)  # 1.5 * 2^16: times 2^E, the bf16 magic number of binade E
 MAX_SCALE = tl.constexpr(torch_path.MAX_SCALE)
 MAX_SCALE_ASYM = tl.constexpr(torch_path.MAX_SCALE_ASYM)
 #: fast_div runs where every scale of the tile lies here: the reciprocal is then finite, normal
@@ -128,6 +194,7 @@ _FAST_LO = tl.constexpr(2.0**-120)
 _FAST_HI = tl.constexpr(2.0**125)
 _TINY = tl.constexpr(2.0**-64)
 _UP = tl.constexpr(2.0**64)
+_INF = tl.constexpr(float("inf"))
 
 
 def _fast_div_note() -> None:
@@ -149,6 +216,47 @@ def _fast_div_note() -> None:
        uses ``v`` through ``round(clamp(bf16(v [+ zp])))``, which is then ``zp`` (or 0) for both.
 
     So the quantized bytes are equal; ``v`` itself may differ only in case 4, where it is unused.
+    """
+
+
+def _exactness_note() -> None:
+    """Why :func:`_int4_kernel`'s shortcuts give the torch path's bytes (IEEE binary32, no ftz, no fma).
+
+    Notation of :func:`_fast_div_note`: ``u = 2^-24``; for bf16 ``x`` and ``s`` and ``t = x / s`` with
+    ``2^e <= |t| < 2^(e+1)``, ``e >= -126``, ``t`` lies at least ``2^(e-16)``, a relative ``2^-17``,
+    from every bf16 midpoint (steps 1-2 there hold for any bf16 ``s``, 7.5 and 15 included).
+
+    1. Any reciprocal will do whose relative error is below ``2^-20``: with ``rcp = (1/d)(1 + a)``,
+       ``|a| <= 2^-22`` (``div.full.f32``: 2 ulp, ``d = s * up`` normal), ``p = RN(RN(x up) rcp)``
+       is ``t (1 + a)(1 + b)``, ``|b| <= u``, so ``|p - t| < 2^-21.6 |t|``: ``p`` and ``t`` (and torch's
+       ``RN(x / s)``, within ``u |t|``) lie strictly on one side of every midpoint and round to the
+       same bf16. ``up = 2^64`` for ``s < 2^-64`` makes ``d`` and ``1/d`` normal (``2^-69 <= d <=
+       MAX_SCALE``); ``x up`` is exact (a power of two, no overflow: ``|x| < 23 s``). Below
+       ``2^-126`` both quotients round to bf16 values under ``2^-126``, which every later step maps
+       to the same bytes (``q = 0``, or ``zp``). The zero point's ``bf16(min / s)`` is the same
+       statement with ``x = min``; ``s = 0`` gives ``rcp = inf`` exactly (IEEE, and ``div.full``), so
+       ``0 * inf = NaN`` and ``min * inf = -inf`` as torch's ``0 / 0`` and ``min / 0``.
+    2. ``p`` is never a bf16 midpoint (1.), so its rounding needs no tie rule: ``(bits + 0x8000) &
+       0xFFFF0000`` rounds the magnitude half-up, which is nearest; Veltkamp's ``g = p (2^16 + 1)``,
+       ``p_hi = g + (p - g)`` is a rounding to nearest to 8 bits for binary32 (Boldo, "Pitfalls of a
+       full floating-point proof", 2006), again without ties to break. For ``|p| < 2^-126`` both
+       give a value below ``2^-125``: unused (1.).
+    3. ``bf16(amax / 7.5) = bf16(RN(amax RN(1/7.5)))`` and the same for ``range / 15``: 1. with a
+       constant reciprocal (``|a| <= u``) for normal quotients; a subnormal quotient ``t = A 2^-133 /
+       7.5`` is ``(4A - 30m - 15) 2^-135 / 7.5`` from the midpoint ``(m + 1/2) 2^-133``, an odd
+       numerator, so at least ``2^-138`` away, while the product's error is at most ``2^-149``. The
+       scale is rounded by :func:`_bf16` anyway (NaN must stay NaN for the flag).
+    4. ``bf16(y)`` for ``y = RN(v + zp)`` (ties happen: ``3 + 0.4921875``): with ``2^E`` the bits
+       ``y & 0x7F800000`` and ``m = 1.5 * 2^16 * 2^E``, ``y + m`` lies in ``[2^(E+16), 2^(E+17))``
+       whose spacing ``2^(E-7)`` is bf16's in binade ``E``; ``m / 2^(E-7) = 1.5 * 2^23`` is even, so
+       the sum rounds ``y`` to nearest-even on the bf16 grid and ``(y + m) - m`` is exact (Sterbenz).
+       Zero or subnormal ``y`` gives ``m = 0`` and ``y`` unrounded, below ``2^-126``: ``q = 0`` both.
+    5. ``c + (1.5 * 2^23 + 8)`` for ``c`` in ``[-8, 7]`` is ``1.5 * 2^23 + 8 + round_half_even(c)``
+       (spacing 1, ``1.5 * 2^23 + 8`` even), bits ``0x4B400000 + q + 8``; the eight shifted words
+       sum, modulo 2^32, to the packed word plus ``_PACK_SUM`` (the nibbles never carry).
+    6. The flag: torch refuses NaN/Inf sources, an infinite range and scales above the limit. A NaN
+       or Inf element makes the NaN-propagating group statistic NaN or Inf, so the scale NaN or
+       Inf; ``not (s <= limit)`` is true for each case and only for them.
     """
 
 
@@ -201,7 +309,235 @@ def _flag_if(flag_ptr, cond, SYNC_FREE: tl.constexpr):
 
 
 @triton.jit
+def _bf16_nt(x):
+    """bf16 rounding of a value that is never a bf16 midpoint (:func:`_exactness_note`, 2.): two integer ops."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x8000) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bf16_split(x):
+    """:func:`_bf16_nt` by Veltkamp's splitting (three float ops instead of two integer ops)."""
+    big = x * 65537.0
+    return big + (x - big)
+
+
+@triton.jit
+def _bf16_magic(y):
+    """Round-to-nearest-even bf16 of a finite ``y`` by the magic number of its binade (:func:`_exactness_note`, 4.).
+
+    Zero and subnormal ``y`` come back unrounded (callers only compare them with 0.5).
+    """
+    m = (y.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True) * _MAGIC
+    return (y + m) - m
+
+
+@triton.jit
+def _gmax(x):
+    """NaN-propagating max over each group of a ``(WB, R, G, WT, 8)`` tile: ``(R, G)``."""
+    return tl.reduce(tl.reduce(tl.reduce(x, 4, _max_nan), 0, _max_nan), 2, _max_nan)
+
+
+@triton.jit
+def _gmin(x):
+    return tl.reduce(tl.reduce(tl.reduce(x, 4, _min_nan), 0, _min_nan), 2, _min_nan)
+
+
+@triton.jit
+def _bcast(a):
+    """``(R, G)`` -> ``(1, R, G, 1, 1)``, expanding in the reverse order of :func:`_gmax`'s reductions.
+
+    The reduced layout is then broadcast as it is (``a[None, :, :, None, None]`` nests the slices
+    the other way round, and Triton converted it through shared memory).
+    """
+    return tl.expand_dims(tl.expand_dims(tl.expand_dims(a, 2), 0), 4)
+
+
+@triton.jit
+def _codes(x, up, rcp, zp, ASYM: tl.constexpr, SPLIT: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr):
+    """Each element's ``0x4B400000 + q + 8`` (the bits of ``clamp(v) + 1.5*2^23 + 8``), from its group's values.
+
+    SCALED: some group of the tile has a scale below 2^-64, so ``x`` is scaled by ``up`` first and
+    both clamps are needed; otherwise (every scale normal) ``|bf16(x / s)| <= 7.53125`` for the
+    symmetric scale, and only the upper clamp can act (:func:`_exactness_note`, 1.).
+    """
+    if SCALED:
+        p = (x * _bcast(up)) * _bcast(rcp)
+    else:
+        p = x * _bcast(rcp)
+    if SPLIT:
+        v = _bf16_split(p)
+    else:
+        v = _bf16_nt(p)
+    if ASYM:
+        if MAGIC:
+            v = _bf16_magic(v + _bcast(zp))
+        else:
+            v = _bf16_finite(v + _bcast(zp))
+    if ASYM or SCALED:
+        c = tl.minimum(tl.maximum(v, -8.0), 7.0)
+    else:
+        c = tl.minimum(v, 7.0)
+    return (c + _PACK).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _pack(xl, xh, up, rcp, zp, ASYM: tl.constexpr, SPLIT: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr):
+    """int32 words of a ``(WB, R, G, WT, K)`` tile: ``xh`` None (K = 8 elements) or the odd elements (K = 4 pairs)."""
+    bits = _codes(xl, up, rcp, zp, ASYM, SPLIT, MAGIC, SCALED)
+    if xh is None:
+        shift = (tl.arange(0, 8) * 4).to(tl.uint32)
+        u = bits << shift[None, None, None, None, :]
+    else:
+        shift = (tl.arange(0, 4) * 8).to(tl.uint32)
+        odd = _codes(xh, up, rcp, zp, ASYM, SPLIT, MAGIC, SCALED)
+        u = (bits << shift[None, None, None, None, :]) + (odd << (shift + 4)[None, None, None, None, :])
+    # the exponent bits 0x4B4 of every element add up to _PACK_SUM modulo 2^32; the nibbles never carry
+    return tl.sum(u, 4).to(tl.int32, bitcast=True) - _PACK_SUM
+
+
+@triton.jit
 def _int4_kernel(
+    src_ptr,
+    packed_ptr,
+    scale_ptr,
+    shape_ptr,
+    zp_ptr,
+    flag_ptr,
+    N,
+    G,
+    NW,
+    stride_e,
+    stride_n,
+    stride_k,
+    E_OUT,
+    NDIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    WT: tl.constexpr,
+    ASYM: tl.constexpr,
+    SRC_BF16: tl.constexpr,
+    PAIRS: tl.constexpr,
+    I64: tl.constexpr,
+    EVEN: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EXACT_RCP: tl.constexpr,
+    MAGIC: tl.constexpr,
+    FLAG_RED: tl.constexpr,
+    NUDGE: tl.constexpr,
+):
+    """One program: ``BLOCK_R`` rows x ``BLOCK_G`` groups of expert ``program_id(2)`` (see the module docstring).
+
+    PAIRS: the bf16 source is read as int32 pairs (its strides in int32 units, ``stride_k`` unused):
+    ``w << 16`` and ``w & 0xFFFF0000`` are the even and odd elements, one integer op each.
+    """
+    WORDS: tl.constexpr = GROUP // 8
+    WB: tl.constexpr = WORDS // WT
+    K: tl.constexpr = 4 if PAIRS else 8
+    IDX: tl.constexpr = tl.int64 if I64 else tl.int32
+    pid_r = tl.program_id(0).to(IDX)
+    pid_g = tl.program_id(1).to(IDX)
+    e = tl.program_id(2).to(IDX)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(IDX)
+    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G).to(IDX)
+    # word wb * WT + wt of a group: the WT threads of a group take adjacent 16-byte pieces (coalesced),
+    # and each thread's WB words are register repeats (the leading axis gets no threads)
+    word = tl.arange(0, WB).to(IDX)[:, None] * WT + tl.arange(0, WT).to(IDX)[None, :]
+    r5 = r[None, :, None, None, None]
+    g5 = g[None, None, :, None, None]
+    col = g5 * (GROUP * K // 8) + word[:, None, None, :, None] * K + tl.arange(0, K).to(IDX)[None, None, None, None, :]
+    if PAIRS:
+        ptrs = src_ptr + e * stride_e + r5 * stride_n + col
+    else:
+        ptrs = src_ptr + e * stride_e + r5 * stride_n + col * stride_k
+    if EVEN:  # the grid tiles N and G exactly: no masks at all
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=(r5 < N) & (g5 < G), other=0)
+    if PAIRS:
+        w = x.to(tl.uint32, bitcast=True)
+        x = (w << 16).to(tl.float32, bitcast=True)
+        xh = (w & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        xh = None
+        if SRC_BF16:  # int16 bits widened by a shift: exact (the interpreter's cast breaks subnormals)
+            x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        else:
+            x = _bf16(x.to(tl.float32))
+    if ASYM:
+        lo = x if xh is None else _min_nan(x, xh)
+        hi = x if xh is None else _max_nan(x, xh)
+        mn = _min_nan(_gmin(lo), 0.0)  # NaN-propagating clamps too: a NaN must reach the scale
+        mx = _max_nan(_gmax(hi), 0.0)
+        s = _bf16(_bf16(mx - mn) * _R15)
+        bad = tl.where(s <= MAX_SCALE_ASYM, 0, 1)  # NaN, Inf (an element or the range) or too large
+    else:
+        a = tl.abs(x) if xh is None else _max_nan(tl.abs(x), tl.abs(xh))
+        mn = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
+        s = _bf16(_gmax(a) * _R75)
+        bad = tl.where(s <= MAX_SCALE, 0, 1)
+        s = tl.where(s == 0.0, 0.0078125, s)
+    up = tl.where(s < _TINY, _UP, 1.0)  # asymmetric s = 0 included: then d = 0 and rcp = inf
+    d = s * up
+    if EXACT_RCP:
+        rcp = tl.math.div_rn(tl.full((BLOCK_R, BLOCK_G), 1.0, tl.float32), d)
+    else:
+        rcp = 1.0 / d  # div.full.f32 on NVIDIA GPUs: 2 ulp, exact for 1 / 0
+    if NUDGE != 0:  # test only: an approximate reciprocal NUDGE ulps off (1 / 0 = inf stays exact)
+        rcp = tl.where(rcp < _INF, (rcp.to(tl.int32, bitcast=True) + NUDGE).to(tl.float32, bitcast=True), rcp)
+    if ASYM:
+        zp = _bf16(-8.0 - _bf16((mn * up) * rcp))  # 0 * inf = NaN for a zero group: kept by _bf16
+        zp = _rne(tl.where(zp != zp, 0.0, tl.minimum(tl.maximum(zp, -8.0), 7.0)))
+        zero = s == 0.0
+        s = tl.where(zero, 0.0078125, s)
+        up = tl.where(zero, 1.0, up)
+        rcp = tl.where(zero, 128.0, rcp)
+    else:
+        zp = mn
+    if UNIFORM:  # one reduction per program: 2 = flag, 1 = a scale below 2^-64 (the scaled path)
+        kind = tl.max(tl.max(tl.maximum(bad * 2, tl.where(s < _TINY, 1, 0)), 1), 0)
+        if kind >= 2:
+            tl.store(flag_ptr, 1)
+        if kind >= 1:
+            words = _pack(x, xh, up, rcp, zp, ASYM, SPLIT, MAGIC, True)
+        else:
+            words = _pack(x, xh, up, rcp, zp, ASYM, SPLIT, MAGIC, False)
+    else:
+        words = _pack(x, xh, up, rcp, zp, ASYM, SPLIT, MAGIC, True)
+        if FLAG_RED:
+            if tl.max(tl.max(bad, 1), 0) > 0:
+                tl.store(flag_ptr, 1)
+        else:
+            tl.store(flag_ptr + tl.zeros_like(bad), tl.full(bad.shape, 1, tl.int32), mask=bad > 0)
+    r4 = r[None, :, None, None]
+    g4 = g[None, None, :, None]
+    woff = (e * N + r4) * NW + g4 * WORDS + word[:, None, None, :]
+    gmask = (r[:, None] < N) & (g[None, :] < G)
+    s_bits = (s.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)  # s is bf16-valued
+    soff = (e * N + r[:, None]) * G + g[None, :]
+    if EVEN:
+        tl.store(packed_ptr + woff, words)
+        tl.store(scale_ptr + soff, s_bits)
+    else:
+        tl.store(packed_ptr + woff, words, mask=(r4 < N) & (g4 < G))
+        tl.store(scale_ptr + soff, s_bits, mask=gmask)
+    if ASYM:
+        zu = tl.where(gmask, zp + 8.0, 0.0).to(tl.uint32)
+        zu = tl.reshape(zu, (BLOCK_R // 8, 8, BLOCK_G))
+        shifts = (tl.arange(0, 8) * 4).to(tl.uint32)
+        zw = tl.sum(zu << shifts[None, :, None], 1).to(tl.int32, bitcast=True)
+        zr = pid_r * (BLOCK_R // 8) + tl.arange(0, BLOCK_R // 8).to(IDX)
+        NZ = (N + 7) // 8
+        tl.store(zp_ptr + (e * NZ + zr[:, None]) * G + g[None, :], zw, mask=(zr[:, None] < NZ) & (g[None, :] < G))
+    if (pid_r == 0) & (pid_g == 0) & (e == 0):
+        i = tl.arange(0, 4)
+        dims = tl.where(i == NDIM - 1, G * GROUP, tl.where(i == NDIM - 2, N, E_OUT)).to(tl.int64)
+        tl.store(shape_ptr + i, dims, mask=i < NDIM)
+
+
+@triton.jit
+def _int4_kernel_v1(
     src_ptr,
     packed_ptr,
     scale_ptr,
@@ -335,7 +671,7 @@ def _int4_kernel(
         tl.store(shape_ptr + i, dims, mask=i < NDIM)
 
 
-def tile(group: int, variant: Variant = DEFAULT) -> tuple[int, int]:
+def tile(group: int, variant: Variant | V1 = DEFAULT) -> tuple[int, int]:
     """``(BLOCK_R, BLOCK_G)``: powers of two, ``BLOCK_R`` a multiple of 8, about ``variant.tile`` elements."""
     return variant.rows, max(1, variant.tile // (variant.rows * group))
 
@@ -346,6 +682,17 @@ def _fits_int32(src: torch.Tensor, *outs: torch.Tensor | None) -> bool:
     return reach < 2**31 and all(o is None or o.numel() < 2**31 for o in outs)
 
 
+def _pairs_view(x: torch.Tensor) -> bool:
+    """A bf16 view that reads as int32 pairs (K contiguous, even strides and offset: 4-byte aligned)."""
+    return (
+        x.dtype == torch.bfloat16
+        and x.stride(2) == 1
+        and x.stride(0) % 2 == 0
+        and x.stride(1) % 2 == 0
+        and x.data_ptr() % 4 == 0
+    )
+
+
 def launch(
     src: torch.Tensor,
     packed: torch.Tensor,
@@ -354,7 +701,7 @@ def launch(
     zp: torch.Tensor | None,
     flag: torch.Tensor,
     group: int,
-    variant: Variant | None = None,
+    variant: Variant | V1 | None = None,
 ) -> None:
     """Enqueue the kernel; sets ``flag[0]`` on NaN/Inf (or a bf16 overflow). No host sync."""
     v = variant or DEFAULT
@@ -364,7 +711,7 @@ def launch(
     br, bg = tile(group, v)
     bg = min(bg, triton.next_power_of_2(max(groups, 1)))
     grid = (triton.cdiv(n, br), triton.cdiv(groups, bg), e)
-    _int4_kernel[grid](
+    args = (
         x.view(torch.int16) if x.dtype == torch.bfloat16 else x,
         packed,
         scale.view(torch.int16),
@@ -378,23 +725,47 @@ def launch(
         x.stride(1),
         x.stride(2),
         e,
+    )
+    common = dict(
         NDIM=src.dim(),
         GROUP=group,
         BLOCK_R=br,
         BLOCK_G=bg,
         ASYM=zp is not None,
         SRC_BF16=src.dtype == torch.bfloat16,
-        FAST_DIV=v.fast_div,
-        NAN_RED=v.nan_red,
-        INT_PACK=v.int_pack,
         I64=not (v.i32 and _fits_int32(x, packed, scale, zp)),
-        EVICT=v.evict,
-        SYNC_FREE=v.sync_free,
-        LEAN_MASK=v.lean_mask,
         EVEN=v.even and n % br == 0 and groups % bg == 0,
         num_warps=v.warps,
         enable_fp_fusion=False,
     )
+    if isinstance(v, V1):
+        _int4_kernel_v1[grid](
+            *args,
+            FAST_DIV=v.fast_div,
+            NAN_RED=v.nan_red,
+            INT_PACK=v.int_pack,
+            EVICT=v.evict,
+            SYNC_FREE=v.sync_free,
+            LEAN_MASK=v.lean_mask,
+            **common,
+        )
+    else:
+        pairs = v.pairs and _pairs_view(x)
+        if pairs:
+            x = x.view(torch.int32)
+            args = (x, *args[1:9], x.stride(0), x.stride(1), 1, e)
+        _int4_kernel[grid](
+            *args,
+            WT=min(v.wt, group // 8),
+            PAIRS=pairs,
+            UNIFORM=v.uniform,
+            SPLIT=v.split,
+            EXACT_RCP=v.exact_rcp,
+            MAGIC=v.magic,
+            FLAG_RED=v.flag_red,
+            NUDGE=v.nudge,
+            **common,
+        )
 
 
 def quantize(
@@ -405,7 +776,7 @@ def quantize(
     zp: torch.Tensor | None,
     group: int,
     name: str,
-    variant: Variant | None = None,
+    variant: Variant | V1 | None = None,
 ) -> None:
     """Triton twin of ``torch_path.quantize``: one launch, one host sync (the flag)."""
     flag = torch.zeros(1, dtype=torch.int32, device=src.device)
