@@ -41,7 +41,7 @@ for what in "$@"; do
         formats) run formats 150 python3 benchmarks/gpu_model_formats.py --budget 120 ;;
         sync) run sync 120 python3 benchmarks/gpu_sync.py ;;
         # CPU only, but with the card's Triton (its ptxas) and the card's host CPU
-        sass) run sass 60 python3 benchmarks/sass_check.py; run sass_nvfp4 60 python3 benchmarks/sass_nvfp4.py ;;
+        sass) run sass 45 python3 benchmarks/sass_check.py; run sass_nvfp4 45 python3 benchmarks/sass_nvfp4.py ;;
         host)
             run host_calls 60 python3 benchmarks/bench_call_overhead.py --calls 5000
             run host_step 60 python3 benchmarks/bench_step_host.py --layers 24 --reps 7
