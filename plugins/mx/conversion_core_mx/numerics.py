@@ -34,7 +34,7 @@ from conversion_core.formats.e8m0 import (
     e8m0_reciprocal,
     mx_scale_codes,
 )
-from conversion_core.formats.fp4 import E2M1_MAX, quantize_e2m1_into
+from conversion_core.formats.fp4 import E2M1_MAX, E2m1Scratch, quantize_e2m1_into
 from conversion_core.formats.fp8 import E4M3_MAX
 
 
@@ -125,3 +125,32 @@ def quantize_groups(
     write_values(v, q_out, fmt)
     if s_out is not None:
         s_out.copy_(codes)
+
+
+def quantize_groups_into(
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    q_out: torch.Tensor,
+    s_out: torch.Tensor,
+    fmt: MxFormat,
+    e2m1: E2m1Scratch | None,
+) -> None:
+    """:func:`quantize_groups` for one CPU chunk, in place in the float32 scratch ``x`` (clobbered).
+
+    The same steps and bytes with no full-size temporary: ``x *= 2**(127 - byte)``; the clamp to
+    ``±limit`` uses scalar bounds when every group's limit is the element max (all but the
+    saturating top scale), since a broadcast ``minimum``/``maximum`` costs several passes; e2m1
+    rounds through ``e2m1`` (:class:`~conversion_core.formats.fp4.E2m1Scratch`, no ``where``).
+    """
+    codes, recip, limit = group_scales(amax, fmt)
+    v = x.mul_(recip.unsqueeze(-1))
+    if bool((limit == fmt.qmax).all()):
+        v.clamp_(-fmt.qmax, fmt.qmax)
+    else:
+        lim = limit.unsqueeze(-1)
+        torch.maximum(torch.minimum(v, lim, out=v), -lim, out=v)
+    if fmt.per_byte == 1 or e2m1 is None:
+        write_values(v, q_out, fmt)
+    else:
+        e2m1.pack_into(v, q_out)
+    s_out.copy_(codes)
