@@ -138,14 +138,18 @@ def quantize_groups_into(
     """:func:`quantize_groups` for one CPU chunk, in place in the float32 scratch ``x`` (clobbered).
 
     The same steps and bytes with no full-size temporary: ``x *= 2**(127 - byte)``; the clamp to
-    ``±limit`` uses scalar bounds when every group's limit is the element max (all but the
-    saturating top scale), since a broadcast ``minimum``/``maximum`` costs several passes; e2m1
-    rounds through ``e2m1`` (:class:`~conversion_core.formats.fp4.E2m1Scratch`, no ``where``).
+    ``±limit`` is a broadcast ``minimum``/``maximum`` (several passes) only where a group has the
+    saturating top scale; when every limit is the element max it changes no value and is skipped
+    (e4m3), or left to the e2m1 rounding's own clamp to ±6; e2m1 rounds through ``e2m1``
+    (:class:`~conversion_core.formats.fp4.E2m1Scratch`, no ``where``).
     """
     codes, recip, limit = group_scales(amax, fmt)
     v = x.mul_(recip.unsqueeze(-1))
     if bool((limit == fmt.qmax).all()):
-        v.clamp_(-fmt.qmax, fmt.qmax)
+        if fmt.per_byte == 2 and e2m1 is None:
+            v.clamp_(-fmt.qmax, fmt.qmax)
+        # else nothing to clamp: |v| < 1.75 * 2**offset (the exponent choice, e8m0.py), which is
+        # below 448 for e4m3, and e2m1's rounding clamps to ±6 itself
     else:
         lim = limit.unsqueeze(-1)
         torch.maximum(torch.minimum(v, lim, out=v), -lim, out=v)
