@@ -95,11 +95,21 @@ class E2m1Scratch:
     """
 
     def __init__(self, numel: int, device: torch.device | str = "cpu") -> None:
-        self.a = torch.empty(numel, dtype=torch.float32, device=device)
-        self.bits = torch.empty(numel, dtype=torch.int32, device=device)
-        self.codes = torch.empty(numel, dtype=torch.uint8, device=device)
-        self.tmp = torch.empty(numel, dtype=torch.uint8, device=device)
-        self.pairs = torch.empty(numel // 2, dtype=torch.int16, device=device)
+        if torch.device(device).type == "cpu":  # this thread's kept buffers: no page faults per call
+            from .cpu_chunks import thread_scratch
+
+            def empty(key: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+                return thread_scratch(f"e2m1.{key}", n, dtype)
+        else:
+
+            def empty(key: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+                return torch.empty(n, dtype=dtype, device=device)
+
+        self.a = empty("a", numel, torch.float32)
+        self.bits = empty("bits", numel, torch.int32)
+        self.codes = empty("codes", numel, torch.uint8)
+        self.tmp = empty("tmp", numel, torch.uint8)
+        self.pairs = empty("pairs", numel // 2, torch.int16)
 
     def codes_into(self, v: torch.Tensor) -> torch.Tensor:
         """uint8 codes of contiguous float32 ``v`` (at most ``numel``; exactly :func:`e2m1_codes`); clobbers ``v``."""

@@ -55,7 +55,7 @@ from collections.abc import Iterable
 import torch
 
 import conversion_core as cc
-from conversion_core.formats.cpu_chunks import CHUNK_ELEMENTS, run_chunks
+from conversion_core.formats.cpu_chunks import CHUNK_ELEMENTS, run_chunks, thread_scratch
 
 BF16 = torch.bfloat16
 #: ``finfo(bfloat16).eps``: the scale of a group whose scale computes to 0 (``_get_dtype_eps``).
@@ -239,8 +239,8 @@ def quantize(
         return xs if scratch is None else scratch[: xs.shape[0]].copy_(xs)  # round to bf16 (nearest even)
 
     def statistics(chunks: Iterable[_Task]) -> None:
-        scratch = torch.empty(chunk_rows, k, dtype=BF16) if widen else None
-        bits = torch.empty(chunk_rows, k, dtype=torch.int16)
+        scratch = thread_scratch("int4.bf16", chunk_rows * k, BF16).view(chunk_rows, k) if widen else None
+        bits = thread_scratch("int4.bits", chunk_rows * k, torch.int16).view(chunk_rows, k)
         for p, r0, r1, first in chunks:
             xb = bf16_chunk(planes[p][0][r0:r1], scratch).view(torch.int16)
             b = bits[: r1 - r0]
@@ -273,11 +273,11 @@ def quantize(
     s_b = s.to(BF16)  # bf16 values: exact
 
     def values(chunks: Iterable[_Task]) -> None:
-        scratch = torch.empty(chunk_rows, k, dtype=BF16) if widen else None
-        v = torch.empty(chunk_rows, groups, group, dtype=BF16)
-        f = torch.empty(chunk_rows, k, dtype=torch.float32)
-        codes = torch.empty(chunk_rows, k, dtype=torch.uint8)
-        pairs = torch.empty(chunk_rows, k // 2, dtype=torch.int16)
+        scratch = thread_scratch("int4.bf16", chunk_rows * k, BF16).view(chunk_rows, k) if widen else None
+        v = thread_scratch("int4.v", chunk_rows * k, BF16).view(chunk_rows, groups, group)
+        f = thread_scratch("int4.f", chunk_rows * k, torch.float32).view(chunk_rows, k)
+        codes = thread_scratch("int4.codes", chunk_rows * k, torch.uint8).view(chunk_rows, k)
+        pairs = thread_scratch("int4.pairs", chunk_rows * k // 2, torch.int16).view(chunk_rows, k // 2)
         for p, r0, r1, first in chunks:
             m = r1 - r0
             xb = bf16_chunk(planes[p][0][r0:r1], scratch).unflatten(-1, (groups, group))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from conversion_core.formats.cpu_chunks import CHUNK_ELEMENTS, run_chunks
+from conversion_core.formats.cpu_chunks import CHUNK_ELEMENTS, run_chunks, thread_scratch
 from conversion_core.formats.e8m0 import MX_GROUP
 from conversion_core.formats.fp4 import E2m1Scratch
 from conversion_core.formats.fp8 import ABS_BITS, abs_bits_into
@@ -75,7 +75,7 @@ def quantize(src: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor, fmt: M
     scratch_elements = min(rows_per_chunk, max(plane[0].shape[0] for plane in planes)) * k
 
     def group_amax(chunks: Iterable[_Task]) -> None:
-        scratch = torch.empty(scratch_elements, dtype=int_dtype, device=src.device)
+        scratch = _scratch("mx.bits", scratch_elements, int_dtype, src.device)
         for p, r0, r1 in chunks:
             xs = planes[p][0][r0:r1]
             bits = abs_bits_into(xs, scratch[: xs.numel()].view(xs.shape))
@@ -89,7 +89,7 @@ def quantize(src: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor, fmt: M
     cpu = src.device.type == "cpu"
 
     def group_quantize(chunks: Iterable[_Task]) -> None:
-        scratch = torch.empty(scratch_elements, dtype=torch.float32, device=src.device)
+        scratch = _scratch("mx.f", scratch_elements, torch.float32, src.device)
         e2m1 = E2m1Scratch(scratch_elements, src.device) if cpu and fmt.per_byte == 2 else None
         for p, r0, r1 in chunks:
             xs, qs, ss = planes[p][0][r0:r1], planes[p][1][r0:r1], planes[p][2][r0:r1]
@@ -102,6 +102,11 @@ def quantize(src: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor, fmt: M
                 quantize_groups(fg, amax[p][r0:r1], qg, ss, fmt)
 
     _run(src, tasks, group_quantize)
+
+
+def _scratch(key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This CPU thread's kept buffer (no page faults per call), or a fresh one on other devices."""
+    return thread_scratch(key, numel, dtype) if device.type == "cpu" else torch.empty(numel, dtype=dtype, device=device)
 
 
 def _run(src: torch.Tensor, tasks: list[_Task], worker: Callable[[Iterable[_Task]], None]) -> None:

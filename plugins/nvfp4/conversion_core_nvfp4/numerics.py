@@ -34,7 +34,7 @@ from collections.abc import Iterable
 import torch
 
 from conversion_core.errors import ConversionInputError
-from conversion_core.formats.cpu_chunks import run_chunks
+from conversion_core.formats.cpu_chunks import run_chunks, thread_scratch
 from conversion_core.formats.fp4 import E2m1Scratch
 from conversion_core.formats.fp8 import ABS_BITS, abs_bits_into
 
@@ -82,7 +82,7 @@ def tensor_amax(src: torch.Tensor) -> torch.Tensor:
     maxima = torch.zeros(len(tasks), dtype=ABS_BITS[src.dtype][0])
 
     def worker(chunks: Iterable[tuple[int, int]]) -> None:
-        bits = torch.empty(min(rows, x.shape[0]) * x.shape[1], dtype=maxima.dtype)
+        bits = thread_scratch("nvfp4.amax", min(rows, x.shape[0]) * x.shape[1], maxima.dtype)
         for a, b in chunks:
             xs = x[a:b]
             maxima[a // rows] = abs_bits_into(xs, bits[: xs.numel()].view(xs.shape)).amax()
@@ -150,8 +150,8 @@ class _RowScratch:
     """
 
     def __init__(self, numel: int, dtype: torch.dtype) -> None:
-        self.f = torch.empty(numel, dtype=torch.float32)
-        self.bits = torch.empty(numel, dtype=ABS_BITS[dtype][0])
+        self.f = thread_scratch("nvfp4.f", numel, torch.float32)
+        self.bits = thread_scratch("nvfp4.bits", numel, ABS_BITS[dtype][0])
         self.e2m1 = E2m1Scratch(numel)
         self.inf_bits = ABS_BITS[dtype][2]
 
