@@ -55,18 +55,30 @@ def quantize_into(x: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> No
     out.copy_(q.clamp_(-E4M3_MAX, E4M3_MAX))
 
 
-def quantize_chunk_into(x: torch.Tensor, scale: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor) -> None:
+def quantize_chunk_into(
+    x: torch.Tensor, scale: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor, clamp: bool = True
+) -> None:
     """``quantize_into`` for one cache-sized chunk, through the float32 ``scratch`` (``x``'s shape).
 
     The same float32 ``x / scale`` (IEEE division: exact widening, then torch's float32 division),
-    clamp and cast, with no allocation.
+    clamp and cast, with no allocation. ``clamp=False`` skips the clamp, a pass of its own, where
+    the caller's scale is :func:`scale_from_amax` of an amax that bounds ``|x|``: see
+    :data:`UNCLAMPED_BOUND`.
     """
     if x.dtype == torch.float32:
         torch.div(x, scale, out=scratch)
     else:
         scratch.copy_(x)
         scratch.div_(scale)
-    out.copy_(scratch.clamp_(-E4M3_MAX, E4M3_MAX))
+    out.copy_(scratch.clamp_(-E4M3_MAX, E4M3_MAX) if clamp else scratch)
+
+
+#: Why ``clamp(x / scale, ±448)`` casts like ``x / scale`` when ``scale = scale_from_amax(amax)`` and
+#: ``|x| <= amax``: ``scale >= (amax / 448)(1 - 2**-24)`` (one IEEE rounding; for ``amax < 1e-12``
+#: the quotient is even smaller), so ``|fl(x / scale)| <= 448 (1 + 2**-24) / (1 - 2**-24) < 448.0001``,
+#: and torch's e4m3fn cast rounds everything in ``(448, 464)`` to 448, the clamp's value
+#: (``tests/test_fp8_unclamped.py`` checks the cast there and the bytes of both forms).
+UNCLAMPED_BOUND = E4M3_MAX * (1 + 2.0**-24) / (1 - 2.0**-24)
 
 
 def non_finite_error(conversion: str, shape: torch.Size | tuple[int, ...]) -> ConversionInputError:

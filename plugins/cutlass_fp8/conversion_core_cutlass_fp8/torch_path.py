@@ -7,7 +7,9 @@ threads, with no full-size temporary:
 1. every row's abs-max, as an integer max over the sign-masked float bits (exact, and NaN or Inf
    cannot hide in it), into a small ``(E*N,)`` buffer;
 2. NaN/Inf check and ``scale_from_amax`` over all rows at once;
-3. every chunk again: widen to float32 scratch, divide by its rows' scales, clamp, cast.
+3. every chunk again: widen to float32 scratch, divide by its rows' scales, cast (no clamp pass:
+   every ``|x|`` is at most its row's amax, so the quotient cannot leave the range the clamp
+   keeps; ``conversion_core.formats.fp8.UNCLAMPED_BOUND`` says why the bytes are the same).
 
 A non-finite source raises in step 2, before anything is written: ``out`` and ``scale_out`` are
 left untouched, as with the reference. Other devices (the fallback when Triton is missing) run
@@ -79,7 +81,7 @@ def quantize_rows(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor,
         for p, r0, r1, first in chunks:
             xs, qs = planes[p][0][r0:r1], planes[p][1][r0:r1]
             s = scale[first + r0 : first + r1].unsqueeze(1)
-            quantize_chunk_into(xs, s, scratch[: xs.numel()].view(xs.shape), qs)
+            quantize_chunk_into(xs, s, scratch[: xs.numel()].view(xs.shape), qs, clamp=False)
 
     run_chunks(tasks, row_quantize)
     scale_out.view(e * n).copy_(scale)

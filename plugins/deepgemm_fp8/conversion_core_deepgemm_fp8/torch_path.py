@@ -7,7 +7,9 @@ rows, split by columns when a band is large) on a few threads, with no full-size
 1. every chunk's block abs-max, as an integer max over the sign-masked float bits (exact, and NaN
    or Inf cannot hide in it), into a small ``(E*ceil(N/128), ceil(K/128))`` buffer;
 2. NaN/Inf check and the scale step (``scale_fn``, default ``scale_from_amax``) over all blocks at once;
-3. every chunk again: widen to float32 scratch, divide by its blocks' scales, clamp, cast.
+3. every chunk again: widen to float32 scratch, divide by its blocks' scales, clamp, cast (the
+   clamp pass is skipped for the default ``scale_from_amax``, whose quotients stay in range:
+   ``conversion_core.formats.fp8.UNCLAMPED_BOUND``; another ``scale_fn`` keeps it).
 
 A non-finite source raises in step 2, before anything is written: ``out`` and ``scale_out`` are
 left untouched, as with the reference. Other devices (the fallback when Triton is missing) run
@@ -104,6 +106,7 @@ def quantize_blocks(
 
     run_chunks(tasks, block_amax)
     scale = scale_fn(amax_from_abs_bits(amax_bits, src.dtype, name, src.shape))
+    clamp = scale_fn is not scale_from_amax
 
     def block_quantize(chunks: Iterable[_Task]) -> None:
         scratch = torch.empty(scratch_elements, dtype=torch.float32)
@@ -120,7 +123,7 @@ def quantize_blocks(
             else:  # a ragged last column chunk: one scale per column
                 shape = (bands, rows // bands, cols)
                 s = s.repeat_interleave(bc, dim=-1)[:, :cols].unsqueeze(1)
-            quantize_chunk_into(xs.view(shape), s, f.view(shape), qs.view(shape))
+            quantize_chunk_into(xs.view(shape), s, f.view(shape), qs.view(shape), clamp)
 
     run_chunks(tasks, block_quantize)
     scale_out.view(e * nb, kb).copy_(scale)

@@ -27,13 +27,35 @@ on a bf16 weight (read from their source, names below), so the bytes equal their
 
 Sources in fp16 or fp32 are first rounded to bf16 (round-to-nearest-even): the bytes are those
 llm-compressor writes for the bf16 checkpoint of the same weights, and the scale is bf16.
+
+``reference_quantize`` is that definition, vectorised over float32 copies of the whole tensor.
+On CPU, ``quantize`` writes the same bytes in chunks of whole rows on a few threads
+(:mod:`conversion_core.formats.cpu_chunks`), with no full-size temporary and every op on 1-4 byte
+elements (the reference's int64 packing of full-size copies took most of its time):
+
+1. per group, the statistic as an integer reduction over the bf16 bits into a small ``(rows, G)``
+   buffer: ``max`` of the sign-masked bits (symmetric; they order like ``|x|``), ``min``/``max``
+   of the ordered key ``b ^ ((b >> 15) & 0x7FFF)`` (asymmetric; it orders like ``x``); NaN and
+   Inf land at the ends, so one check over the small buffers refuses them before any write;
+2. scales and zero points with the reference's own functions, on the small buffers;
+3. every chunk again: ``bf16(x / s)`` is torch's bf16 division (float32 quotient, rounded to
+   nearest even: the reference's ``_bf16(x / s)``), ``bf16(v + zp)`` its bf16 addition; then
+   widened to float32, clamped to ``[-8, 7]`` and ``+ (1.5 * 2**23 + 8)``: a float32 in
+   ``[2**23, 2**24)`` has spacing 1, so that one addition is round-half-even to an integer (the
+   added constant is even), and the low byte of its bits is ``q + 8``; the uint8 nibbles are then
+   paired as int16 (``w | w >> 4``, low byte) straight into the int32 words' bytes (little-endian:
+   byte ``i`` of a word holds elements ``2i``, ``2i + 1``).
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
+
 import torch
 
 import conversion_core as cc
+from conversion_core.formats.cpu_chunks import CHUNK_ELEMENTS, run_chunks, thread_scratch
 
 BF16 = torch.bfloat16
 #: ``finfo(bfloat16).eps``: the scale of a group whose scale computes to 0 (``_get_dtype_eps``).
@@ -146,7 +168,7 @@ def write_shape(shape_out: torch.Tensor, shape: tuple[int, ...] | torch.Size) ->
     shape_out.copy_(torch.tensor(tuple(shape), dtype=torch.int64))
 
 
-def quantize(
+def reference_quantize(
     src: torch.Tensor,
     packed: torch.Tensor,
     scale: torch.Tensor,
@@ -155,7 +177,7 @@ def quantize(
     group: int,
     name: str,
 ) -> None:
-    """Write every output (the core checked the buffers); nothing is written when the source is refused."""
+    """The definition: write every output from float32 copies; nothing is written when the source is refused."""
     x = bf16_groups(src, group, name)
     if zp_out is None:
         s = symmetric_scale(x.abs().amax(dim=-1))
@@ -171,6 +193,128 @@ def quantize(
     packed.copy_(pack_k(q.reshape(*q.shape[:-2], -1)))
     scale.copy_(s)
     write_shape(shape_out, src.shape)
+
+
+#: ``1.5 * 2**23 + 8``: ``v + ROUND_MAGIC`` (float32, ``|v| <= 8``) is ``2**23 + 2**22 + 8 + rne(v)``.
+ROUND_MAGIC = 1.5 * 2.0**23 + OFFSET
+_CHUNKED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# (plane, first row, end row, the plane's global index of its first row)
+_Task = tuple[int, int, int, int]
+
+
+def quantize(
+    src: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    shape_out: torch.Tensor,
+    zp_out: torch.Tensor | None,
+    group: int,
+    name: str,
+) -> None:
+    """Write every output (the core checked the buffers); nothing is written when the source is refused.
+
+    CPU sources take the chunked path (the module docstring), other devices the reference.
+    """
+    if src.device.type != "cpu" or src.dtype not in _CHUNKED_DTYPES or src.numel() == 0 or sys.byteorder != "little":
+        reference_quantize(src, packed, scale, shape_out, zp_out, group, name)
+        return
+    x = src if src.dim() == 3 else src.unsqueeze(0)
+    e, n, k = x.shape
+    groups = k // group
+    planes = _planes(x, packed.view(torch.uint8).view(e, n, k // 2))
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // k)
+    tasks: list[_Task] = [
+        (p, r0, min(xp.shape[0], r0 + rows_per_chunk), first)
+        for p, (xp, _, first) in enumerate(planes)
+        for r0 in range(0, xp.shape[0], rows_per_chunk)
+    ]
+    chunk_rows = min(rows_per_chunk, planes[0][0].shape[0])
+    widen = src.dtype != BF16
+    symmetric = zp_out is None
+    lo = torch.empty(e * n, groups, dtype=torch.int16)  # asymmetric: min key
+    hi = torch.empty(e * n, groups, dtype=torch.int16)  # max |x| bits, or max key
+
+    def bf16_chunk(xs: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+        return xs if scratch is None else scratch[: xs.shape[0]].copy_(xs)  # round to bf16 (nearest even)
+
+    def statistics(chunks: Iterable[_Task]) -> None:
+        scratch = thread_scratch("int4.bf16", chunk_rows * k, BF16).view(chunk_rows, k) if widen else None
+        bits = thread_scratch("int4.bits", chunk_rows * k, torch.int16).view(chunk_rows, k)
+        for p, r0, r1, first in chunks:
+            xb = bf16_chunk(planes[p][0][r0:r1], scratch).view(torch.int16)
+            b = bits[: r1 - r0]
+            if symmetric:
+                torch.bitwise_and(xb, 0x7FFF, out=b)
+                torch.amax(b.view(-1, groups, group), dim=-1, out=hi[first + r0 : first + r1])
+                continue
+            torch.bitwise_right_shift(xb, 15, out=b).bitwise_and_(0x7FFF).bitwise_xor_(xb)
+            torch.amin(b.view(-1, groups, group), dim=-1, out=lo[first + r0 : first + r1])
+            torch.amax(b.view(-1, groups, group), dim=-1, out=hi[first + r0 : first + r1])
+
+    run_chunks(tasks, statistics)
+    zp: torch.Tensor | None = None
+    zp_b: torch.Tensor | None = None
+    if symmetric:
+        amax = hi.view(BF16)
+        if not bool(torch.isfinite(amax).all()):
+            raise _non_finite_source(src, name)
+        s = symmetric_scale(amax.float())
+        check_scales(s, name, src.shape)
+    else:
+        mn, mx = _from_ordered(lo), _from_ordered(hi)
+        if not bool((torch.isfinite(mn) & torch.isfinite(mx)).all()):
+            raise _non_finite_source(src, name)
+        s, zp = asymmetric_params(mn.float(), mx.float())
+        if not bool(torch.isfinite(s).all()):
+            raise non_finite_error(name, src.shape, "has a group whose range max - min overflows bfloat16")
+        check_scales(s, name, src.shape, MAX_SCALE_ASYM)
+        zp_b = zp.to(BF16)  # integers in [-8, 7]: exact
+    s_b = s.to(BF16)  # bf16 values: exact
+
+    def values(chunks: Iterable[_Task]) -> None:
+        scratch = thread_scratch("int4.bf16", chunk_rows * k, BF16).view(chunk_rows, k) if widen else None
+        v = thread_scratch("int4.v", chunk_rows * k, BF16).view(chunk_rows, groups, group)
+        f = thread_scratch("int4.f", chunk_rows * k, torch.float32).view(chunk_rows, k)
+        codes = thread_scratch("int4.codes", chunk_rows * k, torch.uint8).view(chunk_rows, k)
+        pairs = thread_scratch("int4.pairs", chunk_rows * k // 2, torch.int16).view(chunk_rows, k // 2)
+        for p, r0, r1, first in chunks:
+            m = r1 - r0
+            xb = bf16_chunk(planes[p][0][r0:r1], scratch).unflatten(-1, (groups, group))
+            vs = torch.div(xb, s_b[first + r0 : first + r1].unsqueeze(-1), out=v[:m])
+            if zp_b is not None:
+                vs.add_(zp_b[first + r0 : first + r1].unsqueeze(-1))
+            fs = f[:m].copy_(vs.view(m, k)).clamp_(Q_MIN, Q_MAX).add_(ROUND_MAGIC)
+            c = codes[:m].copy_(fs.view(torch.int32))  # the low byte: q + 8
+            w = c.view(torch.int16)
+            t = torch.bitwise_right_shift(w, 4, out=pairs[:m]).bitwise_or_(w)
+            planes[p][1][r0:r1].copy_(t)  # the low byte: element 2i | element 2i+1 << 4
+
+    run_chunks(tasks, values)
+    if zp_out is not None and zp is not None:
+        zp_out.copy_(pack_rows(zp.view(*scale.shape)))
+    scale.view(e * n, groups).copy_(s)
+    write_shape(shape_out, src.shape)
+
+
+def _planes(x: torch.Tensor, out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """2-D (source rows, packed byte rows, global index of the first row): the whole stack when strides allow."""
+    e, n, k = x.shape
+    try:
+        return [(x.view(e * n, k), out.view(e * n, -1), 0)]
+    except RuntimeError:  # strides that do not merge experts into rows: one plane per expert
+        return [(x[i], out[i], i * n) for i in range(e)]
+
+
+def _from_ordered(key: torch.Tensor) -> torch.Tensor:
+    """bf16 values of int16 ordered keys (``b ^ ((b >> 15) & 0x7FFF)`` is its own inverse)."""
+    return torch.bitwise_right_shift(key, 15).bitwise_and_(0x7FFF).bitwise_xor_(key).view(BF16)
+
+
+def _non_finite_source(src: torch.Tensor, name: str) -> cc.ConversionInputError:
+    """The reference's error: a finite source whose bf16 rounding is Inf overflows, else it holds NaN/Inf."""
+    overflow = src.dtype != BF16 and bool(torch.isfinite(src).all())
+    return non_finite_error(name, src.shape, "overflows bfloat16" if overflow else "holds NaN or Inf")
 
 
 def apply_sharded(

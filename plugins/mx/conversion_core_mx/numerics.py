@@ -34,7 +34,7 @@ from conversion_core.formats.e8m0 import (
     e8m0_reciprocal,
     mx_scale_codes,
 )
-from conversion_core.formats.fp4 import E2M1_MAX, quantize_e2m1_into
+from conversion_core.formats.fp4 import E2M1_MAX, E2m1Scratch, quantize_e2m1_into
 from conversion_core.formats.fp8 import E4M3_MAX
 
 
@@ -125,3 +125,36 @@ def quantize_groups(
     write_values(v, q_out, fmt)
     if s_out is not None:
         s_out.copy_(codes)
+
+
+def quantize_groups_into(
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    q_out: torch.Tensor,
+    s_out: torch.Tensor,
+    fmt: MxFormat,
+    e2m1: E2m1Scratch | None,
+) -> None:
+    """:func:`quantize_groups` for one CPU chunk, in place in the float32 scratch ``x`` (clobbered).
+
+    The same steps and bytes with no full-size temporary: ``x *= 2**(127 - byte)``; the clamp to
+    ``±limit`` is a broadcast ``minimum``/``maximum`` (several passes) only where a group has the
+    saturating top scale; when every limit is the element max it changes no value and is skipped
+    (e4m3), or left to the e2m1 rounding's own clamp to ±6; e2m1 rounds through ``e2m1``
+    (:class:`~conversion_core.formats.fp4.E2m1Scratch`, no ``where``).
+    """
+    codes, recip, limit = group_scales(amax, fmt)
+    v = x.mul_(recip.unsqueeze(-1))
+    if bool((limit == fmt.qmax).all()):
+        if fmt.per_byte == 2 and e2m1 is None:
+            v.clamp_(-fmt.qmax, fmt.qmax)
+        # else nothing to clamp: |v| < 1.75 * 2**offset (the exponent choice, e8m0.py), which is
+        # below 448 for e4m3, and e2m1's rounding clamps to ±6 itself
+    else:
+        lim = limit.unsqueeze(-1)
+        torch.maximum(torch.minimum(v, lim, out=v), -lim, out=v)
+    if fmt.per_byte == 1 or e2m1 is None:
+        write_values(v, q_out, fmt)
+    else:
+        e2m1.pack_into(v, q_out)
+    s_out.copy_(codes)

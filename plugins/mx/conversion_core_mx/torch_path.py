@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from conversion_core.formats.cpu_chunks import CHUNK_ELEMENTS, run_chunks
+from conversion_core.formats.cpu_chunks import CHUNK_ELEMENTS, run_chunks, thread_scratch
 from conversion_core.formats.e8m0 import MX_GROUP
+from conversion_core.formats.fp4 import E2m1Scratch
 from conversion_core.formats.fp8 import ABS_BITS, abs_bits_into
 
-from .numerics import MxFormat, check_k, non_finite_error, quantize_groups
+from .numerics import MxFormat, check_k, non_finite_error, quantize_groups, quantize_groups_into
 
 # (plane, first row, end row)
 _Task = tuple[int, int, int]
@@ -40,6 +41,19 @@ def _planes(
         return [(x.view(e * n, k), qv.view(e * n, -1), sv.view(e * n, -1))]
     except RuntimeError:  # strides that do not merge experts into rows: one plane per expert
         return [(x[i], qv[i], sv[i]) for i in range(e)]
+
+
+def reference_quantize(src: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor, fmt: MxFormat) -> None:
+    """The definition over a float32 copy of the whole tensor: group amax, NaN/Inf check, :func:`quantize_groups`.
+
+    Kept as the eager formulation the chunked :func:`quantize` is timed and tested against.
+    """
+    check_k(fmt.name, tuple(src.shape))
+    x = src.float().unflatten(-1, (-1, MX_GROUP))
+    amax = x.abs().amax(dim=-1)
+    if not bool(torch.isfinite(amax).all()):  # amax propagates NaN and Inf
+        raise non_finite_error(fmt.name, src.shape)
+    quantize_groups(x, amax, q_out.view(*amax.shape, -1), s_out.view(amax.shape), fmt)
 
 
 def quantize(src: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor, fmt: MxFormat) -> None:
@@ -61,7 +75,7 @@ def quantize(src: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor, fmt: M
     scratch_elements = min(rows_per_chunk, max(plane[0].shape[0] for plane in planes)) * k
 
     def group_amax(chunks: Iterable[_Task]) -> None:
-        scratch = torch.empty(scratch_elements, dtype=int_dtype, device=src.device)
+        scratch = _scratch("mx.bits", scratch_elements, int_dtype, src.device)
         for p, r0, r1 in chunks:
             xs = planes[p][0][r0:r1]
             bits = abs_bits_into(xs, scratch[: xs.numel()].view(xs.shape))
@@ -72,15 +86,27 @@ def quantize(src: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor, fmt: M
         raise non_finite_error(fmt.name, src.shape)
     amax = [bits.view(src.dtype).float() for bits in amax_bits]
 
+    cpu = src.device.type == "cpu"
+
     def group_quantize(chunks: Iterable[_Task]) -> None:
-        scratch = torch.empty(scratch_elements, dtype=torch.float32, device=src.device)
+        scratch = _scratch("mx.f", scratch_elements, torch.float32, src.device)
+        e2m1 = E2m1Scratch(scratch_elements, src.device) if cpu and fmt.per_byte == 2 else None
         for p, r0, r1 in chunks:
             xs, qs, ss = planes[p][0][r0:r1], planes[p][1][r0:r1], planes[p][2][r0:r1]
             f = scratch[: xs.numel()].view(xs.shape)
             f.copy_(xs)
-            quantize_groups(f.view(r1 - r0, groups, MX_GROUP), amax[p][r0:r1], qs.view(r1 - r0, groups, -1), ss, fmt)
+            fg, qg = f.view(r1 - r0, groups, MX_GROUP), qs.view(r1 - r0, groups, -1)
+            if cpu:
+                quantize_groups_into(fg, amax[p][r0:r1], qg, ss, fmt, e2m1)
+            else:
+                quantize_groups(fg, amax[p][r0:r1], qg, ss, fmt)
 
     _run(src, tasks, group_quantize)
+
+
+def _scratch(key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This CPU thread's kept buffer (no page faults per call), or a fresh one on other devices."""
+    return thread_scratch(key, numel, dtype) if device.type == "cpu" else torch.empty(numel, dtype=dtype, device=device)
 
 
 def _run(src: torch.Tensor, tasks: list[_Task], worker: Callable[[Iterable[_Task]], None]) -> None:
