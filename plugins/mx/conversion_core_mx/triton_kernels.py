@@ -77,7 +77,9 @@ FORMAT_VARIANTS = {
 }
 #: The "auto" variant per format where the words layout applies.
 VARIANT = "words_magic"
-MXFP8_VARIANT = "words"
+#: H200 2026-12-04 (benchmarks/results/h200_2026-12-04b/mx.txt): words_cvt 0.78-0.82 of copy, generic
+#: 0.76-0.84, words 0.59-0.61; words_cvt == CPU bytes on every checked and timed shape.
+MXFP8_VARIANT = "words_cvt"
 #: Tile shape and warps (rows, columns, warps); columns are a multiple of 32. Tuned by benchmarks/gpu_mx.py.
 BLOCK_R = 16
 BLOCK_C = 256

@@ -94,9 +94,9 @@ from . import numerics
 
 #: The variants :func:`launch_values` accepts; "auto" is :data:`VARIANT` where the words layout applies, else generic.
 VARIANTS = ("generic", "words", "words_magic", "words_fastdiv", "words_recip")
-#: words_recip: products with a tile-wide fallback to words_magic's division near rounding edges
-#: (same bytes; fast where few values sit near an edge). Chosen before its H200 run: see the note.
-VARIANT = "words_recip"
+#: H200 2026-12-04 (benchmarks/results/h200_2026-12-04b/nvfp4.txt): words_magic 0.47-0.48 of copy on the big
+#: shapes, 0.37 on (4096, 2048); words_recip reached 0.50 only at 8x256 w2 and fell to 0.16 on the small shape.
+VARIANT = "words_magic"
 #: generic kernel tile (rows, columns) and warps.
 BLOCK_R = 8
 BLOCK_C = 128
@@ -112,7 +112,7 @@ RECIP_GROUPS = 32
 RECIP_NUM_WARPS = 4
 #: amax pass: words per program per step, programs per multiprocessor (persistent grid), warps.
 AMAX_BLOCK = 4096
-AMAX_PROGRAMS_PER_SM = 4
+AMAX_PROGRAMS_PER_SM = 8  # H200 2026-12-04: 0.89-0.92 of copy, 4 per SM 0.84-0.87
 AMAX_NUM_WARPS = 8
 #: amax pass: blocks loaded per step before they are folded in.
 AMAX_UNROLL = 1
