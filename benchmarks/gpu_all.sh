@@ -35,6 +35,7 @@ for what in "$@"; do
         mx) run mx 90 python3 benchmarks/gpu_mx.py --quick ;;
         nvfp4) run nvfp4 110 python3 benchmarks/gpu_nvfp4.py --budget 80 ;;
         int4) run int4 150 python3 benchmarks/gpu_int4.py ;;
+        int4-defaults) run int4_defaults 90 python3 benchmarks/gpu_int4.py --no-check --variants default,wt4 ;;
         quant) run quant 200 python3 benchmarks/gpu_grouped.py --sections check,quant ;;
         peers) run peers 45 python3 benchmarks/gpu_peers.py ;;
         model) run model 300 python3 benchmarks/gpu_grouped.py --sections model ;;
