@@ -321,9 +321,17 @@ def check_section(report: Report, args: argparse.Namespace, device: torch.device
 # ---- 2. speed per shape -----------------------------------------------------------------------
 
 
-def peers(name: str) -> dict[str, Callable[[torch.Tensor], Any]]:
+#: fbgemm's Triton quantizers index with int32 offsets: on a tensor of 2^31 elements or more (the
+#: (256, 2048, 7168) DeepSeek stack) its kernel hit an illegal memory access on the H200 (run of
+#: 2026-12-04), which kills the CUDA context and every later row. Not timed there.
+FBGEMM_MAX_NUMEL = 2**31 - 1
+
+
+def peers(name: str, numel: int = 0) -> dict[str, Callable[[torch.Tensor], Any]]:
     """torchao's and fbgemm's Triton quantizers that import here (benchmark only, never a dependency)."""
     found: dict[str, Callable[[torch.Tensor], Any]] = {}
+    if numel > FBGEMM_MAX_NUMEL:
+        print(f"  fbgemm not timed: {numel} elements >= 2^31 (its int32 offsets fault)", flush=True)
     flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731  (their kernels take 2D)
     if name == BLOCK:
         for module, attr in (
@@ -335,11 +343,11 @@ def peers(name: str) -> dict[str, Callable[[torch.Tensor], Any]]:
                 found["torchao"] = lambda x, fn=fn: fn(flat(x), 128)
                 break
         fn = _try_import("fbgemm_gpu.experimental.gemm.triton_gemm.fp8_gemm", "quantize_fp8_block")
-        if fn is not None:
+        if fn is not None and numel <= FBGEMM_MAX_NUMEL:
             found["fbgemm"] = lambda x, fn=fn: fn(flat(x), 128, 128)
     elif name == CHANNEL:
         fn = _try_import("fbgemm_gpu.experimental.gemm.triton_gemm.fp8_gemm", "quantize_fp8_row")
-        if fn is not None:
+        if fn is not None and numel <= FBGEMM_MAX_NUMEL:
             found["fbgemm"] = lambda x, fn=fn: fn(flat(x))
     return found
 
@@ -489,7 +497,7 @@ def _quant_one(
         row["group_launch_ratio"] = ratio(row.get("group_launch_ms"))
         if row["many_ms"] and row.get("group_launch_ms"):
             row["many_over_group_launch"] = row["group_launch_ms"] / row["many_ms"]
-    for peer, fn in peers(name).items():
+    for peer, fn in peers(name, numel).items():
         row[f"{peer}_ms"] = report.guard(f"quant {label} {peer}", lambda fn=fn: _bench(lambda: fn(src), dry))
         row[f"{peer}_ratio"] = ratio(row[f"{peer}_ms"])
     report.data["quant"].append(row)
