@@ -19,7 +19,9 @@ the table says ``warm``, not ``cold``). Each process's wall time and peak RSS (`
 taken; GB/s counts the source checkpoint's bytes. Medians of the rounds. Printed ratios (issue 18):
 
 - ``(convert - start-up) / cp`` <= 1.3 for the FP8 formats;
-- ``llm-compressor / convert`` >= 5 (whole processes);
+- ``llm-compressor / convert`` >= 5 (whole processes); and the same ratio counting each process
+  until its output is on disk: after every process a timed ``sync`` (column ``+sync s``) flushes
+  what it left dirty (``convert`` leaves nothing; llm-compressor's ``save_file`` does not sync);
 - convert's peak RSS <= the largest source shard + its converted output + 256 MB.
 
 Python children run without ``PYTHONDONTWRITEBYTECODE`` (an installed package ships byte-compiled
@@ -202,6 +204,9 @@ class Command:
     rss: list[int] = field(default_factory=list)
     error: str = ""
     out_sizes: dict[str, int] = field(default_factory=dict)
+    #: seconds of a ``sync`` run right after the process: what its output still needed to be on
+    #: disk (``convert`` makes its output durable itself; llm-compressor and ``cp -r`` do not)
+    syncs: list[float] = field(default_factory=list)
 
     def run(self, src: Path, dst: Path, cold: bool) -> None:
         if self.error:
@@ -218,6 +223,9 @@ class Command:
         else:
             self.times.append(p.seconds)
             self.rss.append(p.rss)
+            start = time.perf_counter()
+            os.sync()
+            self.syncs.append(time.perf_counter() - start)
             if dst.is_dir():
                 self.out_sizes = _shard_sizes(dst)
         shutil.rmtree(dst, ignore_errors=True)
@@ -225,6 +233,13 @@ class Command:
     @property
     def median(self) -> float:
         return statistics.median(self.times) if self.times else float("nan")
+
+    @property
+    def durable(self) -> float:
+        """Median of the process's time plus the ``sync`` after it: time until its output is on disk."""
+        if not self.times:
+            return float("nan")
+        return statistics.median(t + s for t, s in zip(self.times, self.syncs, strict=True))
 
 
 def commands(args: argparse.Namespace) -> tuple[list[Command], Command, Command | None]:
@@ -269,7 +284,7 @@ def report(cmds: list[Command], startup: Command, src: Path, cache: str, load: t
     )
     print(
         f"{'command':20s} {'scheme/conversion':30s} {'cache':5s} {'median s':>9s} {'min..max':>13s} "
-        f"{'-start-up':>9s} {'GB/s in':>8s} {'peak RSS MB':>11s}"
+        f"{'-start-up':>9s} {'GB/s in':>8s} {'peak RSS MB':>11s} {'+sync s':>7s}"
     )
     rows = []
     for c in cmds:
@@ -278,7 +293,11 @@ def report(cmds: list[Command], startup: Command, src: Path, cache: str, load: t
         spread = f"{min(c.times):.2f}..{max(c.times):.2f}" if c.times else ""
         rss = statistics.median(c.rss) / 1e6 if c.rss else float("nan")
         gbps = gb_in / med if c.key not in ("start-up", "llmc start-up") and c.times else float("nan")
-        line = f"{c.key:20s} {c.scheme:30s} {cache:5s} {med:9.2f} {spread:>13s} {less:9.2f} {gbps:8.2f} {rss:11.0f}"
+        sync = statistics.median(c.syncs) if c.syncs else float("nan")
+        line = (
+            f"{c.key:20s} {c.scheme:30s} {cache:5s} {med:9.2f} {spread:>13s} {less:9.2f} {gbps:8.2f} {rss:11.0f} "
+            f"{sync:7.2f}"
+        )
         print(line.replace("nan", "  -") + (f"  FAILED: {c.error}" if c.error else ""))
         rows.append(
             {
@@ -288,6 +307,7 @@ def report(cmds: list[Command], startup: Command, src: Path, cache: str, load: t
                 "times_s": c.times,
                 "median_s": med,
                 "rss_bytes": c.rss,
+                "sync_after_s": c.syncs,
                 "error": c.error,
                 "out_sizes": c.out_sizes,
             }
@@ -309,6 +329,7 @@ def report(cmds: list[Command], startup: Command, src: Path, cache: str, load: t
         if theirs is not None and theirs.times:
             r = theirs.median / ours.median
             parts.append(f"llmc/convert = {r:.1f}x (goal >= {GOAL_LLMC}: {'met' if r >= GOAL_LLMC else 'NOT met'})")
+            parts.append(f"until on disk (+ sync) {theirs.durable / ours.durable:.1f}x")
         elif theirs is not None:
             parts.append(f"llmc: {theirs.error or 'no run'}")
         out = ours.out_sizes.get(largest, 0)
