@@ -38,6 +38,16 @@ class PluginError(ConversionCoreError):
     """A plugin could not be loaded (raised only in strict mode; otherwise a warning)."""
 
 
+def plugin_failure(what: str, exc: BaseException) -> PluginError:
+    """The error for plugin code (``what``: which conversion's which function) that raised a
+    ``BaseException`` that is not an ``Exception`` (``sys.exit(0)``, a bare ``BaseException``):
+    a conversion must write its buffers or raise, never end the trainer or pass for a success.
+    ``KeyboardInterrupt`` is never turned into one: the user's Ctrl-C still stops."""
+    return PluginError(
+        f"{what} raised {type(exc).__name__}({exc}); a conversion must write its buffers or raise an Exception"
+    )
+
+
 class DuplicateConversionError(PluginError):
     """Two plugins register one conversion name; never resolved silently."""
 

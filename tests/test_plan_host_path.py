@@ -131,3 +131,30 @@ def test_a_non_finite_copied_source_in_a_launched_step_is_named(bad: float, whic
     assert not plan.ready
     plan.run(sd)  # the flags were cleared: the next clean step succeeds
     assert plan.ready
+
+
+class _Boom(BaseException):
+    """What hostile plugin code may raise: neither an Exception nor a KeyboardInterrupt."""
+
+
+def _exits(*args: Any) -> None:
+    raise SystemExit(0)
+
+
+def _booms(*args: Any) -> None:
+    raise _Boom("in launch")
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize(("hostile", "raised"), [(_exits, "SystemExit"), (_booms, "_Boom")])
+def test_a_launch_raising_a_base_exception_fails_the_step_naming_the_conversion(
+    grouped: bool, hostile: Any, raised: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sys.exit(0)`` in a plugin's ``launch`` or ``launch_group`` during a launched step is a
+    PluginError naming the conversion, never an exit of the trainer nor a step that looks done."""
+    conversion = _toy(None).replace(launch=hostile) if not grouped else _toy(_Grouped()).replace(launch_group=hostile)
+    sd = _state(0, grad=False)
+    plan = _plan(conversion, sd, monkeypatch)
+    with pytest.raises(cc.PluginError, match=rf"conversion 'toy_rows': launch raised {raised}"):
+        plan.run(sd)
+    assert not plan.ready

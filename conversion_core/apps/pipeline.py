@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..contract import all_finite
 from ..plan import Plan
 from ..plan.calls import non_finite_source
 from ..plan.decide import PlanEntry
@@ -71,17 +72,9 @@ def passthrough(entry: PlanEntry) -> bool:
 
 
 def _finite(name: str, src: torch.Tensor) -> None:
-    """Refuse a NaN or Inf anywhere in ``src`` (a kept tensor: nothing else reads all of it).
-
-    One ``aminmax`` pass: min and max propagate NaN, and an Inf is the max or the min. It is a
-    vectorised, multi-threaded reduction with no temporary, ~40x faster on CPU than
-    ``isfinite(src).all()`` (a bool tensor the size of ``src``, then a second pass); that made
-    the check of a checkpoint's embeddings a fifth of ``convert``'s time.
-    """
-    if src.dtype.is_floating_point and src.numel():
-        lo, hi = torch.aminmax(src)
-        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-            raise non_finite_source(name, src)
+    """Refuse a NaN or Inf anywhere in ``src`` (a kept tensor: nothing else reads all of it)."""
+    if not all_finite(src):
+        raise non_finite_source(name, src)
 
 
 def run_pipeline(

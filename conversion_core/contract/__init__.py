@@ -1,6 +1,7 @@
 """The contract plugins program against: conversions, their outputs, rules and hooks."""
 
 from .conversion import FLOAT_SOURCE_DTYPES, RAW_TARGET, Conversion, ConvertFn, LaunchFn, check_buffer, is_dtensor
+from .flags import all_finite
 from .outputs import (
     ELEMENTWISE,
     PER_BLOCK,
@@ -31,6 +32,7 @@ __all__ = [
     "Shape",
     "SharedAmax",
     "TargetFormat",
+    "all_finite",
     "check_buffer",
     "is_dtensor",
     "output_tensor_name",

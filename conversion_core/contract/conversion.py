@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from ..backend import use_triton
-from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError, PluginError
+from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError, plugin_failure
 from . import flags
 from .outputs import (
     ELEMENTWISE,
@@ -440,9 +440,13 @@ class Conversion:
                     launch = self.launch
                     for call in launched:
                         launch(*call, flag)
-        except BaseException:
+        except (Exception, KeyboardInterrupt):
             flags.reset(flag)
             raise
+        except BaseException as exc:  # noqa: B036  sys.exit(0) in a plugin's launch: a failure, never an exit
+            flags.reset(flag)
+            what = "launch_group" if self.launch_group is not None else "launch"
+            raise plugin_failure(f"conversion {self.name!r}: {what}", exc) from exc
         if flags.flagged(flag):
             for i, call in zip(indices, calls, strict=True):
                 if call[0].numel():
@@ -564,10 +568,7 @@ def _checked(conversion: Conversion, raw: ConvertFn) -> ConvertFn:
         except Exception:
             raise
         except BaseException as exc:  # noqa: B036  sys.exit(0) in a plugin's fn is a failure, never an exit
-            raise PluginError(
-                f"conversion {conversion.name!r}: fn raised {type(exc).__name__}({exc}); "
-                "a conversion must write its buffers or raise an Exception"
-            ) from exc
+            raise plugin_failure(f"conversion {conversion.name!r}: fn", exc) from exc
         finally:
             if grad:
                 set_grad(True)

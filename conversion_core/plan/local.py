@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from ..backend import use_triton
-from ..contract import Conversion
-from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError
+from ..contract import Conversion, all_finite
+from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError, plugin_failure
 from . import arena as arenas
 from . import shared
-from .calls import Call, entry_calls, non_finite_source
+from .calls import Call, entry_calls, non_finite_output
 from .decide import PlanEntry, dtype_name
 from .graph_step import SEGMENT_GROWTH, CapturedStep
 
@@ -320,42 +320,56 @@ class Plan:
                 for side in streams[1:]:
                     side.wait_stream(here)
         slots = self._flag_slots if streams else self._flag_slots[:1]
-        # a trainer's requires_grad sources: bytes out, never an autograd graph on the outputs
-        # (the torch-op launches and copies), as in the checked fn; one switch for the whole range
-        with torch.no_grad():
-            grouped: dict[int, tuple[Conversion, list[tuple[Any, ...]]]] = {}
-            finite: list[torch.Tensor] = []  # copies and casts: is the source all finite (one stream)
-            for i, (name, index, conversion, buffers, group) in enumerate(chosen):
-                src = state_dict[name]  # the per-tensor work: look the source up, gather it
-                if index:
-                    src = src[index]
-                if group is not None and name not in amaxes:
-                    if group:  # a source with no elements has nothing to launch
-                        run = grouped.get(id(conversion))
-                        if run is None:
-                            run = grouped[id(conversion)] = (conversion, [])
-                        run[1].append((src, *buffers))
-                    continue
-                with torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext():
-                    slot = slots[i % len(slots)]
-                    if name in amaxes:
-                        assert conversion.shared_amax is not None and conversion.shared_amax.launch is not None
-                        conversion.shared_amax.launch(src, amaxes[name], *buffers, slot)
-                    elif conversion.launch is not None:
-                        conversion.launch(src, *buffers, slot)
-                    else:
-                        if src.dtype.is_floating_point:
-                            if streams:  # each stream ORs into its own slot
-                                slot.add_(torch.isfinite(src).all().logical_not())
-                            else:  # one stream: every copy's verdict reduced at once below
-                                finite.append(torch.isfinite(src).all())
-                        conversion.raw_fn(src, *buffers)
-            if finite:
-                slots[0].add_(torch.stack(finite).logical_not().any())
-            for j, (conversion, items) in enumerate(grouped.values()):
-                assert conversion.launch_group is not None
-                with torch.cuda.stream(streams[j % len(streams)]) if streams else contextlib.nullcontext():
-                    conversion.launch_group(items, slots[j % len(slots)])
+        current: Conversion | None = None  # whose launch runs: named if it raises SystemExit or worse
+        current_name: str | None = None  # the tensor it converts (None: a grouped launch)
+        try:
+            # a trainer's requires_grad sources: bytes out, never an autograd graph on the outputs
+            # (the torch-op launches and copies), as in the checked fn; one switch for the whole range
+            with torch.no_grad():
+                grouped: dict[int, tuple[Conversion, list[tuple[Any, ...]]]] = {}
+                finite: list[torch.Tensor] = []  # copies and casts: is the source all finite (one stream)
+                for i, (name, index, conversion, buffers, group) in enumerate(chosen):
+                    current, current_name = conversion, name
+                    src = state_dict[name]  # the per-tensor work: look the source up, gather it
+                    if index:
+                        src = src[index]
+                    if group is not None and name not in amaxes:
+                        if group:  # a source with no elements has nothing to launch
+                            run = grouped.get(id(conversion))
+                            if run is None:
+                                run = grouped[id(conversion)] = (conversion, [])
+                            run[1].append((src, *buffers))
+                        continue
+                    with torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext():
+                        slot = slots[i % len(slots)]
+                        if name in amaxes:
+                            assert conversion.shared_amax is not None and conversion.shared_amax.launch is not None
+                            conversion.shared_amax.launch(src, amaxes[name], *buffers, slot)
+                        elif conversion.launch is not None:
+                            conversion.launch(src, *buffers, slot)
+                        else:  # the output is checked: a NaN/Inf copied, or a cast beyond its dtype's range
+                            conversion.raw_fn(src, *buffers)
+                            out = buffers[0]
+                            if out.dtype.is_floating_point:
+                                if streams:  # each stream ORs into its own slot
+                                    slot.add_(torch.isfinite(out).all().logical_not())
+                                else:  # one stream: every copy's verdict reduced at once below
+                                    finite.append(torch.isfinite(out).all())
+                if finite:
+                    slots[0].add_(torch.stack(finite).logical_not().any())
+                for j, (conversion, items) in enumerate(grouped.values()):
+                    assert conversion.launch_group is not None
+                    current, current_name = conversion, None
+                    with torch.cuda.stream(streams[j % len(streams)]) if streams else contextlib.nullcontext():
+                        conversion.launch_group(items, slots[j % len(slots)])
+        except ConversionCoreError as exc:  # a copy's or cast's own refusal: name the tensor
+            if current_name is None:
+                raise
+            raise type(exc)(f"tensor {current_name!r}: {exc}") from exc
+        except (Exception, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: B036  sys.exit(0) in a plugin's launch: a failure, never an exit
+            raise plugin_failure(f"conversion {current.name if current else '?'!r}: launch", exc) from exc
 
     def _queue_records(self) -> list[tuple[Any, ...]]:
         """Per call, what :meth:`_queue` reads every step, looked up once: its name, source index,
@@ -413,8 +427,6 @@ class Plan:
             src = state_dict[call.name]
             conversion = self._by_name[call.name].conversion
             src = src[call.index] if call.index else src
-            if not conversion.quantizes and src.dtype.is_floating_point and not bool(torch.isfinite(src).all()):
-                raise non_finite_source(call.name, src)
             try:
                 if call.name in amaxes:
                     shared.apply_checked(conversion, src, amaxes[call.name], call.buffers)
@@ -424,7 +436,7 @@ class Plan:
                 raise ConversionInputError(f"tensor {call.name!r}: {exc}") from exc
             except KeyboardInterrupt:
                 raise
-            except BaseException as exc:  # SystemExit or worse from plugin code: never a silent success
-                raise ConversionCoreError(
-                    f"tensor {call.name!r}: conversion {conversion.name!r} failed: {type(exc).__name__}: {exc}"
-                ) from exc
+            except BaseException as exc:  # noqa: B036  SystemExit or worse from plugin code: never a silent success
+                raise plugin_failure(f"tensor {call.name!r}: conversion {conversion.name!r}", exc) from exc
+            if not conversion.quantizes and not all_finite(call.buffers[0]):  # a copy or cast: its output
+                raise non_finite_output(call.name, src, call.buffers[0])

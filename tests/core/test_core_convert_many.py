@@ -244,3 +244,31 @@ def test_convert_many_runs_empty_sources_through_fn_and_groups_the_rest(monkeypa
     assert batches == [2]
     for src, out in items:
         assert torch.equal(out, src)
+
+
+class _Boom(BaseException):
+    """What hostile plugin code may raise: neither an Exception nor a KeyboardInterrupt."""
+
+
+@pytest.mark.parametrize("field", ["launch", "launch_group"])
+@pytest.mark.parametrize("raised", [SystemExit(0), _Boom("in launch")])
+def test_a_launch_raising_a_base_exception_is_a_plugin_error_and_the_flag_is_clear(
+    field: str, raised: BaseException, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sys.exit(0)`` in a plugin's launch is a failure naming the conversion, never an exit."""
+    monkeypatch.setattr(conversion_module, "use_triton", lambda t: True)
+
+    def hostile(*args: Any) -> None:
+        args[-1].fill_(1)
+        raise raised
+
+    conversion = _toy(**{"launch": _launch, field: hostile})
+    with pytest.raises(cc.PluginError, match=rf"conversion 'toy_rows': {field} raised {type(raised).__name__}"):
+        conversion.convert_many(_items(conversion, 2))
+    assert int(flags.device_flag(torch.device("cpu"))) == 0
+
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the user's Ctrl-C still stops
+        _toy(**{"launch": _launch, field: interrupted}).convert_many(_items(conversion, 2))

@@ -7,10 +7,18 @@ from typing import Any
 import torch
 
 import conversion_core as cc
+from conversion_core.contract import all_finite
 
 
 def _cast(src: torch.Tensor, out: torch.Tensor, scale_out: torch.Tensor | None) -> None:
+    """Cast ``src`` into ``out``; refuse a NaN/Inf written, copied from ``src`` or made by the cast
+    (a finite fp32 beyond bf16's range becomes Inf): the output is checked, one extra pass."""
     out.copy_(src)
+    if not all_finite(out):
+        what = "holds NaN or Inf" if not all_finite(src) else f"holds finite values beyond {out.dtype}'s range"
+        raise cc.ConversionInputError(
+            f"cast to {out.dtype}: source of shape {tuple(src.shape)} {what}; refusing to write Inf/NaN"
+        )
 
 
 def unquantized_checkpoint(qc: dict[str, Any]) -> cc.TargetFormat:

@@ -106,3 +106,49 @@ def test_unquantized_model_selects_bf16_cast(registry: cc.Registry, config: dict
 def test_quantized_model_is_not_claimed(registry: cc.Registry) -> None:
     outcomes = [o for o in cc.explain({"quant_method": "fp8"}, registry) if o.plugin == PLUGIN]
     assert outcomes and all(o.outcome == "no match" for o in outcomes), outcomes
+
+
+NON_FINITE = "holds NaN or Inf"
+BAD = [("nan", float("nan"), NON_FINITE), ("inf", float("inf"), NON_FINITE), ("-inf", float("-inf"), NON_FINITE)]
+BAD += [("fp32 max", 3.4e38, "holds finite values beyond torch.bfloat16's range")]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("label", "bad", "why"), BAD, ids=[b[0] for b in BAD])
+def test_a_cast_never_writes_nan_or_inf(registry: cc.Registry, name: str, label: str, bad: float, why: str) -> None:
+    """NaN/Inf in the source, or a finite float32 that the cast to bf16 turns into Inf, is refused
+    by fn, convert and convert_many alike (fp32_cast keeps 3.4e38: it fits)."""
+    conversion = registry.get(name)
+    src = sources((4, 70), torch.float32, seed=3)
+    src[2, 33] = bad
+    if name == "fp32_cast" and bad == 3.4e38:
+        assert torch.equal(conversion.convert(src)[0], src)
+        return
+    if name == "fp32_cast":
+        why = NON_FINITE
+    with pytest.raises(cc.ConversionInputError, match=rf"source of shape \(4, 70\) {why}"):
+        conversion.convert(src)
+    with pytest.raises(cc.ConversionInputError, match=rf"convert_many item 1: .*{why}"):
+        clean = src[:1].clone()
+        conversion.convert_many([(clean, *conversion.allocate(clean.shape)), (src, *conversion.allocate(src.shape))])
+
+
+@pytest.mark.parametrize("launched", [False, True], ids=["checked step", "launched step"])
+def test_a_plan_names_the_cast_tensor_that_overflows_bf16(
+    registry: cc.Registry, launched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both steps check a cast's output: the launched one (sync-free, one flag; patched to run on
+    CPU) as well as the checked one."""
+    from conversion_core.plan import build_plan
+    from conversion_core.plan import local as plan_local
+
+    monkeypatch.setattr(plan_local, "use_triton", lambda t: launched)
+    sd = {"model.norm.weight": torch.ones(8), "lm_head.weight": torch.randn(6, 8)}
+    plan = build_plan(sd, conversion="bf16_cast", registry=registry)
+    plan.allocate("cpu")
+    assert plan._launchable() == launched
+    plan.run(sd)
+    sd["lm_head.weight"][1, 2] = 3.4e38
+    with pytest.raises(cc.ConversionInputError, match=r"tensor 'lm_head.weight': .*beyond torch.bfloat16's range"):
+        plan.run(sd)
+    assert not plan.ready
