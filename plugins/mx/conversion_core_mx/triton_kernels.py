@@ -514,6 +514,14 @@ def _words_programs(rows: int, gk: int, meta: dict[str, Any]) -> int:
     return int(triton.cdiv(rows, meta["BLOCK_R"]) * triton.cdiv(gk, meta["GROUPS"]))
 
 
+def _group_needs_int64(group: group_table.Group, out_elements: int) -> bool:
+    """:func:`needs_int64` for every words view of ``group`` at once, on a meta tensor with the
+    widest stride of each dim: it bounds every member's span, for one check per group instead of
+    one per tensor (INT64 only widens the offsets: where it is not needed it changes no byte)."""
+    widest = tuple(map(max, zip(*(call[0].stride() for call in group.calls), strict=True)))
+    return needs_int64(torch.empty_strided(group.shape, widest, dtype=torch.int32, device="meta"), out_elements)
+
+
 def launch(
     src: torch.Tensor,
     q_out: torch.Tensor,
@@ -603,7 +611,7 @@ def launch_group(
     for group in group_table.groups(words_calls) if words_calls else ():
         e, n, kw = group.shape  # kw = K // 2 words per row
         rows, gk = e * n, kw * 2 // MX_GROUP
-        int64 = any(needs_int64(call[0], rows * kw) for call in group.calls)
+        int64 = _group_needs_int64(group, rows * kw)
         meta = _words_meta(fmt, chosen, gk, int64, soft, block_r, block_c, num_warps)
         _mx_words_group_kernel[(_words_programs(rows, gk, meta), len(group.calls))](
             *group.bases, group.table, flag, rows, n, gk, ALIGNED=group.aligned, **meta

@@ -271,3 +271,16 @@ else:
         assert groups == [3] and not singles
         for e in plan.quantized:
             _same(_plan_outputs(plan, e), _torch_path(conversion, sd[e.name], monkeypatch), e.name)
+
+    def test_group_int64_bound_covers_every_member() -> None:
+        """One member whose rows lie 2**31 words apart switches the whole group's words launch to INT64."""
+        from types import SimpleNamespace
+
+        def view(stride_n: int) -> torch.Tensor:
+            return torch.empty_strided((1, 2, 32), (0, stride_n, 1), dtype=torch.int32, device="meta")
+
+        near, far = (view(32), None, None), (view(2**31), None, None)
+        needs = triton_kernels._group_needs_int64
+        assert not needs(SimpleNamespace(shape=(1, 2, 32), calls=[near, near]), 64)  # type: ignore[arg-type]
+        assert needs(SimpleNamespace(shape=(1, 2, 32), calls=[near, far]), 64)  # type: ignore[arg-type]
+        assert needs(SimpleNamespace(shape=(1, 2, 32), calls=[near]), 2**31)  # type: ignore[arg-type]
