@@ -43,6 +43,14 @@ software RNE under the interpreter); e2m1 rounding is seven comparisons, the mag
 integer RNE, all putting every tie on the even code (compressed-tensors' ``cast_to_fp4`` buckets).
 NaN/Inf set a device flag; the host reads it once per call (on that error the buffers' contents
 are unspecified; the torch path checks before writing).
+
+Grouped launches (:func:`launch_group`, the conversions' ``launch_group``): a run of calls whose
+sources sit at new addresses every step (an FSDP all-gather, a trainer's loop) costs one launch
+per group of like tensors, not one per tensor. Each kernel's body is a ``@triton.jit`` tile
+function (:func:`_mx_tile`, :func:`_mx_words_tile`) that the single kernels call with their
+arguments and the group kernels with a ``conversion_core.formats.group_table`` row (offsets from
+the group's bases, strides): same constexprs, same variant choice (:func:`_pick_variant`), so
+the same bytes as one launch per tensor.
 """
 
 from __future__ import annotations
