@@ -20,7 +20,11 @@ mismatching bytes (flat index, source bits, CPU byte, GPU byte) and the timing r
 ``triton.testing.do_bench`` (median) against ``dst.copy_(src)`` of the same input in the same run,
 its bytes checked against the CPU torch path on the bench shape; GB/s counts bytes in plus bytes out
 (bf16 source; e4m3 or packed e2m1 values; one scale byte per 32). The plugin's launch path
-(``conv.launch``, what the whole-model plan calls) and the checked ``Conversion.fn`` are timed too.
+(``conv.launch``, what the whole-model plan calls) and the checked ``Conversion.fn`` are timed too,
+and so is the grouped launch (``conv.launch_group``, what the plan's moving-source step and
+``convert_many`` call): on a 3D stack it takes the per-expert views (one table row each, as a
+trainer's per-expert weights reach it), next to ``conv.launch per expert``, the loop it replaces
+(the gap is host time per launch); on a 2D source it takes the one call (the table's own cost).
 One row per (kernel, shape, variant), then a "best" line per kernel and shape. Target: kernel >= 0.92
 of copy on the bench shapes. ``--quick``: the default tiles and 32x512 w8 only (the lead's run, < 90 s);
 ``--tune``: also sweep the tiles.
@@ -166,13 +170,28 @@ def _median_ms(fn, device: str) -> float:
     return statistics.median(times)
 
 
+def expert_calls(src: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """``(src, q, s)`` per expert of a 3D stack (views into the stack and its buffers, so together
+    they write every byte of ``q`` and ``s``), or the one call of a 2D source."""
+    if src.dim() == 3:
+        return [(src[i], q[i], s[i]) for i in range(src.shape[0])]
+    return [(src, q, s)]
+
+
 def _timed(conv, triton_kernels, variant: str, args: tuple):
-    """The call a row times: the plugin's launch or fn, or ``triton_kernels.launch`` with a variant and tile."""
+    """The call a row times: the plugin's launch, fn or launch_group (:func:`expert_calls`), a loop of
+    launches per expert, or ``triton_kernels.launch`` with a variant and tile."""
     src, q, s, flag, fmt, br, bc, w = args
     if variant == "conv.launch":
         return lambda: conv.launch(src, q, s, flag)
     if variant == "conv.fn":
         return lambda: conv.fn(src, q, s)
+    if variant == "conv.launch_group":
+        calls = expert_calls(src, q, s)
+        return lambda: conv.launch_group(calls, flag)
+    if variant == "conv.launch per expert":
+        calls = expert_calls(src, q, s)
+        return lambda: [conv.launch(*call, flag) for call in calls]
     return lambda: triton_kernels.launch(src, q, s, flag, fmt, br, bc, w, variant=variant)
 
 
@@ -210,6 +229,9 @@ def bench(conversions: dict, shapes: list, device: str, tune: bool, quick: bool,
                 best_words = "words_cvt" if name == "mxfp8" else "words_int"
                 configs += [(best_words, br, bc, w) for br, bc, w in WORDS_TUNE]
             configs += [("conv.launch", None, None, None), ("conv.fn", None, None, None)]
+            configs += [("conv.launch_group", None, None, None)]
+            if src.dim() == 3:
+                configs += [("conv.launch per expert", None, None, None)]
             for variant, br, bc, w in configs:
                 label = variant + ("" if br is None else f" {br}x{bc} w{w}")
                 fn = _timed(conv, triton_kernels, variant, (src, q, s, flag, fmt, br, bc, w))

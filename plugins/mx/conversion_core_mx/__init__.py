@@ -18,6 +18,7 @@ cast of ``forward_helpers._quantize`` with ``round_to_quantized_type_args``, e2m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -91,6 +92,13 @@ def _quantizer(fmt: MxFormat) -> Any:
 
             triton_kernels.launch(src, q_out, s_out, flag, fmt)
 
+    def launch_group(calls: Sequence[tuple[Any, ...]], flag: torch.Tensor) -> None:
+        """``launch`` for a run of calls: one Triton launch per group of like sources (shape, dtype,
+        layout, words or generic kernel), so sources at new addresses every step cost a table, not a launch each."""
+        from . import triton_kernels
+
+        triton_kernels.launch_group(calls, flag, fmt)
+
     def apply_sharded(
         x: torch.Tensor, amax: torch.Tensor, grid: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor
     ) -> None:
@@ -100,7 +108,7 @@ def _quantizer(fmt: MxFormat) -> Any:
         write_values(v, q_out.view(*x.shape[:-1], -1), fmt)
         s_out.copy_(mx_scale_codes(grid.contiguous(), fmt.offset).reshape(s_out.shape))
 
-    return quantize, launch, apply_sharded
+    return quantize, launch, launch_group, apply_sharded
 
 
 def statistic_block(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -127,7 +135,7 @@ def _ct_format(fmt: MxFormat) -> str:
 
 
 def _conversion(fmt: MxFormat, values: str, dtype: torch.dtype, dequantize: Any) -> cc.Conversion:
-    quantize, launch, apply_sharded = _quantizer(fmt)
+    quantize, launch, launch_group, apply_sharded = _quantizer(fmt)
     return cc.Conversion(
         name=fmt.name,
         fn=quantize,
@@ -141,6 +149,7 @@ def _conversion(fmt: MxFormat, values: str, dtype: torch.dtype, dequantize: Any)
         dequantize=dequantize,
         src_ndims=(2, 3),
         launch=launch,
+        launch_group=launch_group,
         target_format=_target_format(fmt),
         sharded=cc.BlockAmax(block=statistic_block, apply=apply_sharded),
     )

@@ -43,14 +43,26 @@ software RNE under the interpreter); e2m1 rounding is seven comparisons, the mag
 integer RNE, all putting every tie on the even code (compressed-tensors' ``cast_to_fp4`` buckets).
 NaN/Inf set a device flag; the host reads it once per call (on that error the buffers' contents
 are unspecified; the torch path checks before writing).
+
+Grouped launches (:func:`launch_group`, the conversions' ``launch_group``): a run of calls whose
+sources sit at new addresses every step (an FSDP all-gather, a trainer's loop) costs one launch
+per group of like tensors, not one per tensor. Each kernel's body is a ``@triton.jit`` tile
+function (:func:`_mx_tile`, :func:`_mx_words_tile`) that the single kernels call with their
+arguments and the group kernels with a ``conversion_core.formats.group_table`` row (offsets from
+the group's bases, strides): same constexprs, same variant choice (:func:`_pick_variant`), so
+the same bytes as one launch per tensor.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from conversion_core.formats import group_table
 from conversion_core.formats.e8m0 import MX_GROUP
 from conversion_core.formats.fp4_triton import (
     _abs_bits_max,
@@ -155,11 +167,13 @@ def _e4m3x2_cvt(hi, lo):
 
 
 @triton.jit
-def _mx_kernel(
+def _mx_tile(
     src_ptr,
     q_ptr,
     s_ptr,
     flag_ptr,
+    pid_r,
+    pid_c,
     ROWS,
     N,
     K,
@@ -171,12 +185,18 @@ def _mx_kernel(
     SATURATE: tl.constexpr,
     FP4: tl.constexpr,
     SOFT_ROUND: tl.constexpr,
+    CONTIGUOUS_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """Generic tile ``(pid_r, pid_c)`` of one tensor's ``(E*N, K)`` row view: load once, scales, values.
+
+    The body of both :func:`_mx_kernel` (one tensor per launch) and :func:`_mx_group_kernel`
+    (a table row per tensor), so the two launches write the same bytes by construction.
+    """
     G: tl.constexpr = BLOCK_C // 32
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    if CONTIGUOUS_K:  # a grouped launch reads strides from its table: say what it cannot know
+        stride_k = 1
     rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     cols = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     e = rows // N
@@ -213,11 +233,39 @@ def _mx_kernel(
 
 
 @triton.jit
-def _mx_words_kernel(
+def _mx_kernel(
+    src_ptr,
+    q_ptr,
+    s_ptr,
+    flag_ptr,
+    ROWS,
+    N,
+    K,
+    stride_e,
+    stride_n,
+    stride_k,
+    OFFSET: tl.constexpr,
+    QMAX: tl.constexpr,
+    SATURATE: tl.constexpr,
+    FP4: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One tensor: program ``(pid_r, pid_c)`` converts generic tile ``(pid_r, pid_c)``."""
+    _mx_tile(
+        src_ptr, q_ptr, s_ptr, flag_ptr, tl.program_id(0), tl.program_id(1), ROWS, N, K, stride_e, stride_n,
+        stride_k, OFFSET, QMAX, SATURATE, FP4, SOFT_ROUND, False, BLOCK_R, BLOCK_C,
+    )  # fmt: skip
+
+
+@triton.jit
+def _mx_words_tile(
     w_ptr,
     q_ptr,
     s_ptr,
     flag_ptr,
+    pid,
     ROWS,
     N,
     GK,
@@ -235,12 +283,12 @@ def _mx_words_kernel(
     BLOCK_R: tl.constexpr,
     GROUPS: tl.constexpr,
 ):
-    """``w_ptr``: the bf16 source as int32 words (strides in words); GK = K // 32 groups per row.
+    """Words tile ``pid`` (column blocks fastest) of one tensor; the body of both words kernels.
 
+    ``w_ptr``: the bf16 source as int32 words (strides in words); GK = K // 32 groups per row.
     ``q_ptr``: MXFP4 bytes, or MXFP8 values viewed as int16 (two e4m3 bytes per word, K // 2 per row).
     CVT (MXFP8, not SOFT_ROUND): the hardware cast of :func:`_e4m3x2_cvt`, else :func:`_e4m3_byte`.
     """
-    pid = tl.program_id(0)
     col_blocks = tl.cdiv(GK, GROUPS)
     pid_r = pid // col_blocks
     pid_c = pid - pid_r * col_blocks
@@ -286,6 +334,202 @@ def _mx_words_kernel(
     tl.store(s_ptr + rows[:, None] * GK + groups[None, :], code.to(tl.uint8), mask=gmask)
 
 
+@triton.jit
+def _mx_words_kernel(
+    w_ptr,
+    q_ptr,
+    s_ptr,
+    flag_ptr,
+    ROWS,
+    N,
+    GK,
+    stride_e,
+    stride_n,
+    OFFSET: tl.constexpr,
+    QMAX: tl.constexpr,
+    SATURATE: tl.constexpr,
+    FP4: tl.constexpr,
+    MAGIC: tl.constexpr,
+    E2M1_INT: tl.constexpr,
+    CVT: tl.constexpr,
+    INT64: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    """One tensor, one words tile per program (see :func:`_mx_words_tile`)."""
+    _mx_words_tile(
+        w_ptr, q_ptr, s_ptr, flag_ptr, tl.program_id(0), ROWS, N, GK, stride_e, stride_n,
+        OFFSET, QMAX, SATURATE, FP4, MAGIC, E2M1_INT, CVT, INT64, SOFT_ROUND, BLOCK_R, GROUPS,
+    )  # fmt: skip
+
+
+#: ``group_table.ALIGN_ELEMENTS``: what a group's ``aligned`` promises of its offsets and strides.
+_ALIGN = tl.constexpr(group_table.ALIGN_ELEMENTS)
+
+
+@triton.jit
+def _table_row(table_ptr, t, ALIGNED: tl.constexpr):
+    """Tensor ``t`` of a grouped launch: element offsets of its source, values and scales from the
+    group's bases, then its source strides (``conversion_core.formats.group_table``'s rows).
+
+    ``ALIGNED`` restores the divisibility hints Triton infers for one tensor's own pointer and
+    stride arguments (16-byte vector loads and stores), lost when they come from a table."""
+    row = table_ptr + t.to(tl.int64) * 6
+    src_off = tl.load(row)
+    q_off = tl.load(row + 1)
+    s_off = tl.load(row + 2)
+    stride_e = tl.load(row + 3)
+    stride_n = tl.load(row + 4)
+    stride_k = tl.load(row + 5)
+    if ALIGNED:
+        src_off = tl.multiple_of(src_off, _ALIGN)
+        q_off = tl.multiple_of(q_off, _ALIGN)
+        s_off = tl.multiple_of(s_off, _ALIGN)
+        stride_e = tl.multiple_of(stride_e, _ALIGN)
+        stride_n = tl.multiple_of(stride_n, _ALIGN)
+    return src_off, q_off, s_off, stride_e, stride_n, stride_k
+
+
+@triton.jit
+def _mx_group_kernel(
+    src_base,
+    q_base,
+    s_base,
+    table_ptr,
+    flag_ptr,
+    ROWS,
+    N,
+    K,
+    OFFSET: tl.constexpr,
+    QMAX: tl.constexpr,
+    SATURATE: tl.constexpr,
+    FP4: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    CONTIGUOUS_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Grouped generic launch: program ``(pid_r, pid_c, t)`` converts that tile of the group's tensor ``t``."""
+    src_off, q_off, s_off, stride_e, stride_n, stride_k = _table_row(table_ptr, tl.program_id(2), ALIGNED)
+    _mx_tile(
+        src_base + src_off, q_base + q_off, s_base + s_off, flag_ptr, tl.program_id(0), tl.program_id(1),
+        ROWS, N, K, stride_e, stride_n, stride_k, OFFSET, QMAX, SATURATE, FP4, SOFT_ROUND, CONTIGUOUS_K,
+        BLOCK_R, BLOCK_C,
+    )  # fmt: skip
+
+
+@triton.jit
+def _mx_words_group_kernel(
+    w_base,
+    q_base,
+    s_base,
+    table_ptr,
+    flag_ptr,
+    ROWS,
+    N,
+    GK,
+    OFFSET: tl.constexpr,
+    QMAX: tl.constexpr,
+    SATURATE: tl.constexpr,
+    FP4: tl.constexpr,
+    MAGIC: tl.constexpr,
+    E2M1_INT: tl.constexpr,
+    CVT: tl.constexpr,
+    INT64: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    """Grouped words launch: program ``(pid, t)`` converts words tile ``pid`` of the group's tensor ``t``.
+
+    The table's offsets and strides are in words (the group was built from the int32 views) and
+    the values' offsets in the values view's elements (int16 for MXFP8, bytes for MXFP4)."""
+    w_off, q_off, s_off, stride_e, stride_n, _ = _table_row(table_ptr, tl.program_id(1), ALIGNED)
+    _mx_words_tile(
+        w_base + w_off, q_base + q_off, s_base + s_off, flag_ptr, tl.program_id(0), ROWS, N, GK, stride_e,
+        stride_n, OFFSET, QMAX, SATURATE, FP4, MAGIC, E2M1_INT, CVT, INT64, SOFT_ROUND, BLOCK_R, GROUPS,
+    )  # fmt: skip
+
+
+def _pick_variant(src: torch.Tensor, fmt: MxFormat, variant: str) -> tuple[str, torch.Tensor | None]:
+    """The variant that runs on ``src`` and, for a words variant, the int32 words view of its 3-D view.
+
+    One rule for :func:`launch` and :func:`launch_group`, so a grouped tensor runs the kernel its
+    own launch would."""
+    words = bf16_words(src if src.dim() == 3 else src.unsqueeze(0)) if variant != "generic" else None
+    if variant == "auto":
+        variant = "generic" if words is None else MXFP8_VARIANT if fmt is MXFP8 else VARIANT
+    if variant not in VARIANTS:
+        raise ValueError(f"{fmt.name} triton: unknown variant {variant!r} (one of {VARIANTS})")
+    if variant != "generic" and words is None:
+        raise ValueError(
+            f"{fmt.name} triton: variant {variant!r} needs a bf16 source with K contiguous and 4-byte aligned "
+            f"rows; got {src.dtype} of shape {tuple(src.shape)}, strides {tuple(src.stride())}"
+        )
+    return variant, words
+
+
+def _generic_meta(
+    fmt: MxFormat, k: int, soft: bool, block_r: int | None, block_c: int | None, num_warps: int | None
+) -> dict[str, Any]:
+    """The generic kernels' constexprs and warps for rows of ``k`` (single and grouped alike)."""
+    bc = min(block_c or BLOCK_C, max(MX_GROUP, triton.next_power_of_2(k)))
+    return dict(
+        OFFSET=fmt.offset,
+        QMAX=fmt.qmax,
+        SATURATE=fmt.saturate,
+        FP4=fmt is not MXFP8,
+        SOFT_ROUND=soft,
+        BLOCK_R=block_r or BLOCK_R,
+        BLOCK_C=bc,
+        num_warps=num_warps or NUM_WARPS,
+    )
+
+
+def _words_meta(
+    fmt: MxFormat,
+    variant: str,
+    gk: int,
+    int64: bool,
+    soft: bool,
+    block_r: int | None,
+    block_c: int | None,
+    num_warps: int | None,
+) -> dict[str, Any]:
+    """The words kernels' constexprs and warps for ``gk`` groups per row (single and grouped alike)."""
+    fp4 = fmt is not MXFP8
+    return dict(
+        OFFSET=fmt.offset,
+        QMAX=fmt.qmax,
+        SATURATE=fmt.saturate,
+        FP4=fp4,
+        MAGIC=fp4 and variant in ("words_magic", "words_cvt"),
+        E2M1_INT=fp4 and variant == "words_int",
+        CVT=not fp4 and variant == "words_cvt",
+        INT64=int64,
+        SOFT_ROUND=soft,
+        BLOCK_R=block_r or WORDS_BLOCK_R,
+        GROUPS=min((block_c or WORDS_BLOCK_C) // MX_GROUP, triton.next_power_of_2(gk)),
+        num_warps=num_warps or WORDS_NUM_WARPS,
+    )
+
+
+def _words_programs(rows: int, gk: int, meta: dict[str, Any]) -> int:
+    """Programs of a words launch: row blocks times column blocks (one flat grid dimension)."""
+    return int(triton.cdiv(rows, meta["BLOCK_R"]) * triton.cdiv(gk, meta["GROUPS"]))
+
+
+def _group_needs_int64(group: group_table.Group, out_elements: int) -> bool:
+    """:func:`needs_int64` for every words view of ``group`` at once, on a meta tensor with the
+    widest stride of each dim: it bounds every member's span, for one check per group instead of
+    one per tensor (INT64 only widens the offsets: where it is not needed it changes no byte)."""
+    widest = tuple(map(max, zip(*(call[0].stride() for call in group.calls), strict=True)))
+    return needs_int64(torch.empty_strided(group.shape, widest, dtype=torch.int32, device="meta"), out_elements)
+
+
 def launch(
     src: torch.Tensor,
     q_out: torch.Tensor,
@@ -311,72 +555,77 @@ def launch(
     e, n, k = x.shape
     if x.numel() == 0:
         return "none"
-    words = bf16_words(x) if variant != "generic" else None
-    if variant == "auto":
-        variant = "generic" if words is None else MXFP8_VARIANT if fmt is MXFP8 else VARIANT
-    if variant not in VARIANTS:
-        raise ValueError(f"{fmt.name} triton: unknown variant {variant!r} (one of {VARIANTS})")
-    fp4 = fmt is not MXFP8
+    variant, words = _pick_variant(src, fmt, variant)
     soft = src.device.type != "cuda"
-    if variant == "generic":
-        br, bc = block_r or BLOCK_R, block_c or BLOCK_C
-        bc = min(bc, max(MX_GROUP, triton.next_power_of_2(k)))
-        grid = (triton.cdiv(e * n, br), triton.cdiv(k, bc))
-        _mx_kernel[grid](
-            x,
-            q_out,
-            s_out,
-            flag,
-            e * n,
-            n,
-            k,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
-            OFFSET=fmt.offset,
-            QMAX=fmt.qmax,
-            SATURATE=fmt.saturate,
-            FP4=fp4,
-            SOFT_ROUND=soft,
-            BLOCK_R=br,
-            BLOCK_C=bc,
-            num_warps=num_warps or NUM_WARPS,
-        )
-        return variant
     if words is None:
-        raise ValueError(
-            f"{fmt.name} triton: variant {variant!r} needs a bf16 source with K contiguous and 4-byte aligned "
-            f"rows; got {src.dtype} of shape {tuple(src.shape)}, strides {tuple(src.stride())}"
-        )
+        meta = _generic_meta(fmt, k, soft, block_r, block_c, num_warps)
+        grid = (triton.cdiv(e * n, meta["BLOCK_R"]), triton.cdiv(k, meta["BLOCK_C"]))
+        _mx_kernel[grid](x, q_out, s_out, flag, e * n, n, k, x.stride(0), x.stride(1), x.stride(2), **meta)
+        return variant
     rows, gk = e * n, k // MX_GROUP
-    br = block_r or WORDS_BLOCK_R
-    groups = min((block_c or WORDS_BLOCK_C) // MX_GROUP, triton.next_power_of_2(gk))
+    int64 = needs_int64(words, rows * k // 2)
+    meta = _words_meta(fmt, variant, gk, int64, soft, block_r, block_c, num_warps)
     n_arg, se = (rows, 0) if e == 1 or words.stride(0) == n * words.stride(1) else (n, words.stride(0))
-    q = q_out if fp4 else q_out.view(torch.int16)
-    _mx_words_kernel[(triton.cdiv(rows, br) * triton.cdiv(gk, groups),)](
-        words,
-        q,
-        s_out,
-        flag,
-        rows,
-        n_arg,
-        gk,
-        se,
-        words.stride(1),
-        OFFSET=fmt.offset,
-        QMAX=fmt.qmax,
-        SATURATE=fmt.saturate,
-        FP4=fp4,
-        MAGIC=fp4 and variant in ("words_magic", "words_cvt"),
-        E2M1_INT=fp4 and variant == "words_int",
-        CVT=not fp4 and variant == "words_cvt",
-        INT64=needs_int64(words, rows * k // 2),
-        SOFT_ROUND=soft,
-        BLOCK_R=br,
-        GROUPS=groups,
-        num_warps=num_warps or WORDS_NUM_WARPS,
+    q = q_out if fmt is not MXFP8 else q_out.view(torch.int16)
+    _mx_words_kernel[(_words_programs(rows, gk, meta),)](
+        words, q, s_out, flag, rows, n_arg, gk, se, words.stride(1), **meta
     )
     return variant
+
+
+def launch_group(
+    calls: Sequence[tuple[Any, ...]],
+    flag: torch.Tensor,
+    fmt: MxFormat,
+    block_r: int | None = None,
+    block_c: int | None = None,
+    num_warps: int | None = None,
+    *,
+    variant: str = "auto",
+) -> list[tuple[str, int]]:
+    """:func:`launch` for many ``(src, q_out, s_out)`` at once: one launch per run of like sources.
+
+    Each call runs the variant its own :func:`launch` would (the same choice, constexprs and tile
+    body), so the bytes are those of one launch per call; only where each program finds its
+    tensor differs (a row of a ``conversion_core.formats.group_table`` table). Words calls are
+    grouped by their int32 views, so their table offsets and strides are in words; the others
+    by their sources. A K that is not a multiple of 32 is refused before anything is queued.
+    Returns ``(variant, tensors)`` per kernel launch, in launch order.
+    """
+    words_calls: list[tuple[Any, ...]] = []
+    generic_calls: list[tuple[Any, ...]] = []
+    chosen = "generic"
+    for src, q_out, s_out in calls:
+        check_k(fmt.name, src.shape)
+        picked, words = _pick_variant(src, fmt, variant)
+        if words is None:
+            generic_calls.append((src, q_out, s_out))
+        else:
+            chosen = picked  # every words call of one launch_group picks the same variant
+            words_calls.append((words, q_out if fmt is not MXFP8 else q_out.view(torch.int16), s_out))
+    if not words_calls and not generic_calls:
+        return []
+    soft = (words_calls or generic_calls)[0][0].device.type != "cuda"
+    launched: list[tuple[str, int]] = []
+    for group in group_table.groups(generic_calls) if generic_calls else ():
+        e, n, k = group.shape
+        meta = _generic_meta(fmt, k, soft, block_r, block_c, num_warps)
+        grid = (triton.cdiv(e * n, meta["BLOCK_R"]), triton.cdiv(k, meta["BLOCK_C"]), len(group.calls))
+        _mx_group_kernel[grid](
+            *group.bases, group.table, flag, e * n, n, k, CONTIGUOUS_K=group.contiguous_k, ALIGNED=group.aligned,
+            **meta,
+        )  # fmt: skip
+        launched.append(("generic", len(group.calls)))
+    for group in group_table.groups(words_calls) if words_calls else ():
+        e, n, kw = group.shape  # kw = K // 2 words per row
+        rows, gk = e * n, kw * 2 // MX_GROUP
+        int64 = _group_needs_int64(group, rows * kw)
+        meta = _words_meta(fmt, chosen, gk, int64, soft, block_r, block_c, num_warps)
+        _mx_words_group_kernel[(_words_programs(rows, gk, meta), len(group.calls))](
+            *group.bases, group.table, flag, rows, n, gk, ALIGNED=group.aligned, **meta
+        )
+        launched.append((chosen, len(group.calls)))
+    return launched
 
 
 def quantize(
