@@ -97,7 +97,7 @@ def claims(conversion: str) -> Any:
 def default_config(fmt: str, kept: list[str]) -> dict[str, Any]:
     """What llm-compressor 0.14 ``model_free_ptq(scheme=MXFP8 | MXFP4)`` writes, with ``kept`` ignored."""
     bits = FORMATS[fmt][1]
-    args = {
+    args: dict[str, Any] = {
         "actorder": None,
         "block_structure": None,
         "group_size": 32,
