@@ -158,8 +158,38 @@ def _nvfp4_kernel(
     BLOCK_C: tl.constexpr,
     SOFT_ROUND: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    """generic: program ``(row block, column block)`` of one tensor given its gs (``gs_ptr``)."""
+    _generic_tile(
+        src_ptr, packed_ptr, scale_ptr, gs_ptr, flag_ptr, flag_ptr, tl.program_id(0), tl.program_id(1),
+        ROWS, N, K, stride_e, stride_n, stride_k, BLOCK_R, BLOCK_C, SOFT_ROUND, 0,
+    )  # fmt: skip
+
+
+@triton.jit
+def _generic_tile(
+    src_ptr,
+    packed_ptr,
+    scale_ptr,
+    gs_ptr,
+    flag_ptr,
+    global_ptr,
+    pid_r,
+    pid_c,
+    ROWS,
+    N,
+    K,
+    stride_e,
+    stride_n,
+    stride_k,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    FUSED_GS: tl.constexpr,
+):
+    """The generic kernel's tile ``(pid_r, pid_c)``: ``BLOCK_R`` rows by ``BLOCK_C`` columns of the
+    ``(rows, K)`` view, any strides. FUSED_GS as in :func:`_words_tile`: ``gs_ptr`` then holds the
+    float32 amax and tile ``(0, 0)`` writes ``global_ptr[0]`` (the grouped launch; one tensor's
+    launch passes gs, computed by torch ops, and never reads ``global_ptr``)."""
     HALF: tl.constexpr = BLOCK_C // 2
     GROUPS: tl.constexpr = BLOCK_C // 16
     rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -176,7 +206,10 @@ def _nvfp4_kernel(
         tl.store(flag_ptr, 1)
     m = tl.maximum(tl.abs(lo), tl.abs(hi))
     amax = tl.max(tl.reshape(m, (BLOCK_R, GROUPS, 8)), 2)
-    gs = tl.load(gs_ptr)
+    if FUSED_GS:
+        gs = _global_scale(gs_ptr, flag_ptr, global_ptr, pid_r + pid_c, FUSED_GS == 2)
+    else:
+        gs = tl.load(gs_ptr)
     s3 = _group_scale(amax, gs, SOFT_ROUND)
     groups = pid_c.to(tl.int64) * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
     gmask = (rows[:, None] < ROWS) & (groups[None, :] * 16 < K)
@@ -329,7 +362,38 @@ def _nvfp4_words_kernel(
     (:func:`_global_scale`), a NaN/Inf amax raises the flag, and program 0 writes
     ``global_ptr[0]`` (gs, or ``1 / gs`` for FUSED_GS == 2: ModelOpt's multiplier).
     """
-    pid = tl.program_id(0)
+    _words_tile(
+        w_ptr, packed_ptr, scale_ptr, gs_ptr, flag_ptr, count_ptr, global_ptr, tl.program_id(0), ROWS, N, GK,
+        stride_e, stride_n, BLOCK_R, GROUPS, MAGIC, FAST_DIV, RECIP, COUNT, FUSED_GS, INT64, SOFT_ROUND,
+    )  # fmt: skip
+
+
+@triton.jit
+def _words_tile(
+    w_ptr,
+    packed_ptr,
+    scale_ptr,
+    gs_ptr,
+    flag_ptr,
+    count_ptr,
+    global_ptr,
+    pid,
+    ROWS,
+    N,
+    GK,
+    stride_e,
+    stride_n,
+    BLOCK_R: tl.constexpr,
+    GROUPS: tl.constexpr,
+    MAGIC: tl.constexpr,
+    FAST_DIV: tl.constexpr,
+    RECIP: tl.constexpr,
+    COUNT: tl.constexpr,
+    FUSED_GS: tl.constexpr,
+    INT64: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+):
+    """The words kernel's program ``pid`` of one tensor (shared by its one-tensor and grouped launches)."""
     col_blocks = tl.cdiv(GK, GROUPS)
     pid_r = pid // col_blocks
     pid_c = pid - pid_r * col_blocks
