@@ -68,6 +68,12 @@ source: every byte depends on the tensor-wide (or fused set's) amax through gs, 
 be written before the whole source (all of q/k/v for a shared set) has been read once; a
 single pass would need the source to stay on chip (tens of MB against hundreds). In bytes in +
 out the ceiling is ``(in + out) / (2 in + out)`` = 0.56 of a copy.
+
+:func:`launch_group` (``Conversion.launch_group``) is that conversion for a whole run of tensors,
+each with its own amax: per group of same-shaped sources (``conversion_core.formats.group_table``)
+one grouped amax pass (:func:`_amax_group_kernel`) and one grouped words or generic kernel, whose
+programs read their tensor's offsets and strides from a device table and run the same tile bodies
+(:func:`_words_tile`, :func:`_generic_tile`) as the one-tensor kernels, gs derived in the kernel.
 """
 
 from __future__ import annotations
@@ -835,10 +841,11 @@ def launch_group(
     int32 buffer; the grouped quantizer then derives each member's gs from its amax in the kernel
     and writes its ``global_out`` (gs, or ``1 / gs`` with ``multiplier``), as :func:`launch_fused`
     does for one tensor. So a run of N tensors costs two launches per group instead of 2N, and the
-    bytes, flag and global outputs are those of one :func:`launch_fused` per call (the same tile
-    bodies and constexprs). A group whose every bf16 source can be read as words (K contiguous,
-    even offsets and strides: every group whose table is ``aligned``, else checked per call) runs
-    the words kernel with ``variant`` ("auto": :data:`VARIANT`); any other group the generic one.
+    bytes and global outputs are those of one :func:`launch_fused` per call (the same tile bodies
+    and constexprs), the flag raised for the same sources. A group whose every bf16 source can be
+    read as words (K contiguous, even offsets and strides: every group whose table is ``aligned``,
+    else checked per call) runs the words kernel with ``variant`` ("auto": :data:`VARIANT`); any
+    other group the generic one.
 
     The members of a fused set (q/k/v, gate/up) never come here: the plan launches them with the
     set's amax through ``shared_amax.launch`` (:func:`launch_fused`), one by one.
