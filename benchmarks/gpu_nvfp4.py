@@ -21,6 +21,12 @@ the tile, 3-D expert stacks):
    byte, GPU byte). A variant that raises prints its error in its row and the run goes on; past
    ``--budget`` seconds the remaining shapes are skipped (said so in the output).
 
+On a 3-D shape the experts are also converted as per-expert views, each with its own amax (what
+``convert_many`` and the plan's step do for standalone tensors): ``launch_group`` (a grouped amax
+pass and a grouped quantizer: two launches) against one ``tensor_amax`` + ``launch_fused`` per
+expert (2 E launches), both timed as they run, host work included; bytes: grouped == per expert on
+the device, and expert 0 == the CPU torch path with its own amax.
+
 Also checked (bytes only): the generic fallback on a transposed bf16 and an fp32 source.
 ``--dry-run``: the same on CPU under TRITON_INTERPRET=1 with tiny shapes (proves the script, not the
 speed). ``--quick``: only the default tile of each variant.
@@ -114,6 +120,50 @@ def main() -> int:
     def row(shape: tuple[int, ...], kernel: str, name: str, t: float, nbytes: int, copy_gbs: float, ok: bool) -> None:
         gbs = nbytes / t / 1e6
         rows.append((str(shape), kernel, name, t, gbs, gbs / copy_gbs, "yes" if ok else "NO"))
+
+    def grouped_experts(shape: tuple[int, ...], src: torch.Tensor, cpu: torch.Tensor, nbytes: int, copy_gbs: float):
+        """Rows "experts, own amax": launch_group of the E per-expert views against E launch_fused."""
+        nonlocal mismatches
+        e, n, k = src.shape
+
+        def buffers() -> list[tuple[torch.Tensor, ...]]:
+            packed = torch.full((e, n, k // 2), 0xFF, dtype=torch.uint8, device=device)
+            scales = torch.full((e, n, k // 16), 0xFF, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+            globals_ = torch.full((e, 1), float("nan"), device=device)
+            return [(src[j], packed[j], scales[j], globals_[j]) for j in range(e)]
+
+        grouped, single = buffers(), buffers()
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+
+        def per_expert() -> None:
+            for x, packed, scales, global_out in single:
+                amax = triton_kernels.tensor_amax(x)
+                triton_kernels.launch_fused(x, amax, packed, scales, global_out, flag, multiplier=False)
+
+        def group() -> None:
+            triton_kernels.launch_group(grouped, flag, multiplier=False)
+
+        try:
+            per_expert()
+            group()
+            ok = int(flag.item()) == 0 and all(
+                torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+                for g, o in zip(grouped, single, strict=True)
+                for a, b in zip(g[1:], o[1:], strict=True)
+            )
+            wp = torch.empty(n, k // 2, dtype=torch.uint8)
+            ws = torch.empty(n, k // 16, dtype=torch.float8_e4m3fn)
+            wg = numerics.quantize_with_amax(cpu[0], numerics.tensor_amax(cpu[0]), wp, ws, "nvfp4")
+            ok = ok and torch.equal(grouped[0][1].cpu(), wp) and torch.equal(grouped[0][3].cpu(), wg)
+            ok = ok and torch.equal(grouped[0][2].cpu().view(torch.uint8), ws.view(torch.uint8))
+            mismatches += not ok
+            if not ok:
+                notes.append(f"{shape} experts, own amax: grouped bytes != per-expert launches or the CPU path")
+            for name, fn in ((f"tensor_amax + launch_fused x {e}", per_expert), ("launch_group (2 launches)", group)):
+                row(shape, "experts, own amax", name, bench(fn, nbytes), nbytes, copy_gbs, ok)
+        except Exception as exc:  # noqa: BLE001 -- the grouped rows must not end the run
+            mismatches += 1
+            notes.append(f"{shape} experts, own amax: ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
 
     # The generic fallback on sources without the words layout: bytes only.
     for label, make in (
@@ -262,6 +312,8 @@ def main() -> int:
                 lambda: same_values() and torch.equal(gout.cpu(), want_g),
                 n_in + n_out,
             )
+        if src.dim() == 3:
+            grouped_experts(shape, src, cpu, n_in + n_out, copy_gbs)
         best_t = {
             kernel: min((r[3] for r in rows if r[0] == str(shape) and r[1] == kernel and r[6] == "yes"), default=None)
             for kernel in ("amax", "quantize given amax")
@@ -278,7 +330,7 @@ def main() -> int:
         print(f"{r[0]:>18} {r[1]:>19} {r[2]:>30} {r[3]:9.4f} {r[4]:8.1f} {r[5]:6.2f} {r[6]}")
     print()
     for shape in dict.fromkeys(r[0] for r in rows):
-        for kernel in ("amax", "quantize given amax", "whole conversion"):
+        for kernel in ("amax", "quantize given amax", "whole conversion", "experts, own amax"):
             good = [r for r in rows if r[0] == shape and r[1] == kernel and r[6] == "yes"]
             if good:
                 best = min(good, key=lambda r: r[3])

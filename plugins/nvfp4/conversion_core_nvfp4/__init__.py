@@ -14,11 +14,13 @@ a divisor in one and a multiplier in the other and a receiver must be able to re
 Stacked experts ``(E, N, K)`` add a leading ``E`` to the values and scales and keep one global
 scale for the whole stack (its gate/up halves share it). The numerics are in :mod:`.numerics`;
 fused sets (q/k/v, gate/up) share one global scale through ``cc.SharedAmax`` and
-:func:`conversion_core.formats.fused.fused_sets`.
+:func:`conversion_core.formats.fused.fused_sets`. ``launch_group`` converts a run of standalone
+tensors (``convert_many``, the plan's step) in two launches per group of same-shaped sources.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -140,6 +142,24 @@ def launch_modelopt(
     launch_apply_modelopt(src, triton_kernels.tensor_amax(src), packed, scales, s2, flag)
 
 
+def launch_group(calls: Sequence[tuple[Any, ...]], flag: torch.Tensor) -> None:
+    """``launch`` for a run of calls, each with its own tensor amax: a grouped amax pass and a grouped
+    quantizer, two Triton launches per group of same-shaped sources instead of two per tensor.
+
+    Only tensors that stand alone come here: the plan launches the members of a fused set (one
+    global scale for q/k/v, gate/up) one by one through ``shared_amax.launch`` with the set's amax.
+    """
+    from . import triton_kernels
+
+    triton_kernels.launch_group(calls, flag, multiplier=False)
+
+
+def launch_group_modelopt(calls: Sequence[tuple[Any, ...]], flag: torch.Tensor) -> None:
+    from . import triton_kernels
+
+    triton_kernels.launch_group(calls, flag, multiplier=True)
+
+
 def sharded_apply(
     x: torch.Tensor,
     amax: torch.Tensor,
@@ -209,6 +229,7 @@ NVFP4 = cc.Conversion(
     dequantize=numerics.dequantize,
     src_ndims=(2, 3),
     launch=launch,
+    launch_group=launch_group,
     target_format=configs.compressed_tensors_target,
     sharded=cc.BlockAmax(block=statistic_block, apply=_no_block_apply),
     shared_amax=cc.SharedAmax(apply=apply, launch=launch_apply, sharded_apply=sharded_apply),
@@ -224,6 +245,7 @@ NVFP4_MODELOPT = cc.Conversion(
     dequantize=dequantize_modelopt,
     src_ndims=(2, 3),
     launch=launch_modelopt,
+    launch_group=launch_group_modelopt,
     target_format=configs.modelopt_target,
     sharded=cc.BlockAmax(block=statistic_block, apply=_no_block_apply),
     shared_amax=cc.SharedAmax(apply=apply_modelopt, launch=launch_apply_modelopt, sharded_apply=sharded_apply_modelopt),

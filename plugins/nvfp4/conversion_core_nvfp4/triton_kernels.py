@@ -68,15 +68,26 @@ source: every byte depends on the tensor-wide (or fused set's) amax through gs, 
 be written before the whole source (all of q/k/v for a shared set) has been read once; a
 single pass would need the source to stay on chip (tens of MB against hundreds). In bytes in +
 out the ceiling is ``(in + out) / (2 in + out)`` = 0.56 of a copy.
+
+:func:`launch_group` (``Conversion.launch_group``) is that conversion for a whole run of tensors,
+each with its own amax: per group of same-shaped sources (``conversion_core.formats.group_table``)
+one grouped amax pass (:func:`_amax_group_kernel`) and one grouped words or generic kernel, whose
+programs read their tensor's offsets and strides from a device table and run the same tile bodies
+(:func:`_words_tile`, :func:`_generic_tile`) as the one-tensor kernels, gs derived in the kernel.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from conversion_core.formats import group_table
 from conversion_core.formats.fp4_triton import (
+    INT32_LIMIT,
     NON_FINITE_BITS,
     _abs_bits_max,
     _bf16_hi,
@@ -158,8 +169,38 @@ def _nvfp4_kernel(
     BLOCK_C: tl.constexpr,
     SOFT_ROUND: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    """generic: program ``(row block, column block)`` of one tensor given its gs (``gs_ptr``)."""
+    _generic_tile(
+        src_ptr, packed_ptr, scale_ptr, gs_ptr, flag_ptr, flag_ptr, tl.program_id(0), tl.program_id(1),
+        ROWS, N, K, stride_e, stride_n, stride_k, BLOCK_R, BLOCK_C, SOFT_ROUND, 0,
+    )  # fmt: skip
+
+
+@triton.jit
+def _generic_tile(
+    src_ptr,
+    packed_ptr,
+    scale_ptr,
+    gs_ptr,
+    flag_ptr,
+    global_ptr,
+    pid_r,
+    pid_c,
+    ROWS,
+    N,
+    K,
+    stride_e,
+    stride_n,
+    stride_k,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    FUSED_GS: tl.constexpr,
+):
+    """The generic kernel's tile ``(pid_r, pid_c)``: ``BLOCK_R`` rows by ``BLOCK_C`` columns of the
+    ``(rows, K)`` view, any strides. FUSED_GS as in :func:`_words_tile`: ``gs_ptr`` then holds the
+    float32 amax and tile ``(0, 0)`` writes ``global_ptr[0]`` (the grouped launch; one tensor's
+    launch passes gs, computed by torch ops, and never reads ``global_ptr``)."""
     HALF: tl.constexpr = BLOCK_C // 2
     GROUPS: tl.constexpr = BLOCK_C // 16
     rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -176,7 +217,10 @@ def _nvfp4_kernel(
         tl.store(flag_ptr, 1)
     m = tl.maximum(tl.abs(lo), tl.abs(hi))
     amax = tl.max(tl.reshape(m, (BLOCK_R, GROUPS, 8)), 2)
-    gs = tl.load(gs_ptr)
+    if FUSED_GS:
+        gs = _global_scale(gs_ptr, flag_ptr, global_ptr, pid_r + pid_c, FUSED_GS == 2)
+    else:
+        gs = tl.load(gs_ptr)
     s3 = _group_scale(amax, gs, SOFT_ROUND)
     groups = pid_c.to(tl.int64) * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
     gmask = (rows[:, None] < ROWS) & (groups[None, :] * 16 < K)
@@ -329,7 +373,38 @@ def _nvfp4_words_kernel(
     (:func:`_global_scale`), a NaN/Inf amax raises the flag, and program 0 writes
     ``global_ptr[0]`` (gs, or ``1 / gs`` for FUSED_GS == 2: ModelOpt's multiplier).
     """
-    pid = tl.program_id(0)
+    _words_tile(
+        w_ptr, packed_ptr, scale_ptr, gs_ptr, flag_ptr, count_ptr, global_ptr, tl.program_id(0), ROWS, N, GK,
+        stride_e, stride_n, BLOCK_R, GROUPS, MAGIC, FAST_DIV, RECIP, COUNT, FUSED_GS, INT64, SOFT_ROUND,
+    )  # fmt: skip
+
+
+@triton.jit
+def _words_tile(
+    w_ptr,
+    packed_ptr,
+    scale_ptr,
+    gs_ptr,
+    flag_ptr,
+    count_ptr,
+    global_ptr,
+    pid,
+    ROWS,
+    N,
+    GK,
+    stride_e,
+    stride_n,
+    BLOCK_R: tl.constexpr,
+    GROUPS: tl.constexpr,
+    MAGIC: tl.constexpr,
+    FAST_DIV: tl.constexpr,
+    RECIP: tl.constexpr,
+    COUNT: tl.constexpr,
+    FUSED_GS: tl.constexpr,
+    INT64: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+):
+    """The words kernel's program ``pid`` of one tensor (shared by its one-tensor and grouped launches)."""
     col_blocks = tl.cdiv(GK, GROUPS)
     pid_r = pid // col_blocks
     pid_c = pid - pid_r * col_blocks
@@ -389,6 +464,159 @@ def _amax_words_kernel(w_ptr, out_ptr, NWORDS, BLOCK: tl.constexpr, UNROLL: tl.c
     tl.atomic_max(out_ptr, tl.max(acc, 0))
 
 
+#: Columns of a grouped launch's table row: offsets of (src, packed, scales, global_out), then strides (E, N, K).
+_TABLE_WIDTH = tl.constexpr(7)
+
+
+@triton.jit
+def _table_row(table_ptr, t, WORDS: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s row of a grouped launch's table (``conversion_core.formats.group_table``).
+
+    Element offsets of its source, packed, scale and global-scale buffers from the group's bases,
+    then its source strides. WORDS: the source offset and strides in int32 words (halved: the
+    host checked they are even). ALIGNED: every offset and the E/N strides are multiples of 16
+    elements, said to the compiler (vectorised loads and stores).
+    """
+    row = table_ptr + t.to(tl.int64) * _TABLE_WIDTH
+    src_off = tl.load(row)
+    packed_off = tl.load(row + 1)
+    scale_off = tl.load(row + 2)
+    global_off = tl.load(row + 3)
+    stride_e = tl.load(row + 4)
+    stride_n = tl.load(row + 5)
+    stride_k = tl.load(row + 6)
+    if WORDS:
+        src_off = src_off // 2
+        stride_e = stride_e // 2
+        stride_n = stride_n // 2
+    if ALIGNED:
+        if WORDS:
+            src_off = tl.multiple_of(src_off, 8)
+            stride_e = tl.multiple_of(stride_e, 8)
+            stride_n = tl.multiple_of(stride_n, 8)
+        else:
+            src_off = tl.multiple_of(src_off, 16)
+            stride_e = tl.multiple_of(stride_e, 16)
+            stride_n = tl.multiple_of(stride_n, 16)
+        packed_off = tl.multiple_of(packed_off, 16)
+        scale_off = tl.multiple_of(scale_off, 16)
+    return src_off, packed_off, scale_off, global_off, stride_e, stride_n, stride_k
+
+
+@triton.jit
+def _amax_group_kernel(
+    src_base,
+    table_ptr,
+    amax_ptr,
+    ROWS,
+    N,
+    K,
+    COL_BLOCKS,
+    TILES,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WORDS: tl.constexpr,
+    CONTIGUOUS_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """Grouped amax pass: programs ``(p, t)`` take the max |x| of the group's tensor ``t``.
+
+    The ``(E * N, K)`` view (K in words with WORDS) is cut into ``BLOCK_R x BLOCK_K`` tiles,
+    program ``p`` folding tiles ``p, p + P, ...`` into an integer max of the magnitudes' float32
+    bits (exact, NaN above Inf: see ``_abs_bits_max``; fp16 and fp32 widen or stay exactly), then
+    one ``atomic_max`` into the zeroed int32 ``amax_ptr[t]``: the bits of :func:`tensor_amax`.
+    Any strides (the table's): per-expert views of a stack, sliced and transposed sources.
+    """
+    t = tl.program_id(1)
+    src_off, _, _, _, stride_e, stride_n, stride_k = _table_row(table_ptr, t, WORDS, ALIGNED)
+    if CONTIGUOUS_K:
+        stride_k = 1
+    src = src_base + src_off
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.int32)
+    for tile in range(tl.program_id(0), TILES, tl.num_programs(0)):
+        rb = tile // COL_BLOCKS
+        rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (tile - rb * COL_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
+        e = rows // N
+        offs = (e * stride_e + (rows - e * N) * stride_n)[:, None] + cols[None, :] * stride_k
+        mask = (rows[:, None] < ROWS) & (cols[None, :] < K)
+        x = tl.load(src + offs, mask=mask, other=0, eviction_policy="evict_first")
+        if WORDS:
+            bits = _abs_bits_max(x)
+        else:
+            bits = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        acc = tl.maximum(acc, bits)
+    tl.atomic_max(amax_ptr + t, tl.max(tl.max(acc, 1), 0))
+
+
+@triton.jit
+def _nvfp4_group_kernel(
+    src_base,
+    packed_base,
+    scale_base,
+    global_base,
+    amax_ptr,
+    table_ptr,
+    flag_ptr,
+    ROWS,
+    N,
+    K,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    FUSED_GS: tl.constexpr,
+    CONTIGUOUS_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """Grouped generic: program ``(row block, column block, t)`` is :func:`_generic_tile` of tensor ``t``,
+    gs derived from its amax ``amax_ptr[t]`` (the grouped amax pass) and written by tile (0, 0)."""
+    t = tl.program_id(2)
+    src_off, packed_off, scale_off, global_off, stride_e, stride_n, stride_k = _table_row(table_ptr, t, False, ALIGNED)
+    if CONTIGUOUS_K:  # the table's stride: say what the compiler cannot know
+        stride_k = 1
+    _generic_tile(
+        src_base + src_off, packed_base + packed_off, scale_base + scale_off, amax_ptr + t, flag_ptr,
+        global_base + global_off, tl.program_id(0), tl.program_id(1), ROWS, N, K, stride_e, stride_n, stride_k,
+        BLOCK_R, BLOCK_C, SOFT_ROUND, FUSED_GS,
+    )  # fmt: skip
+
+
+@triton.jit
+def _nvfp4_words_group_kernel(
+    w_base,
+    packed_base,
+    scale_base,
+    global_base,
+    amax_ptr,
+    table_ptr,
+    flag_ptr,
+    ROWS,
+    N,
+    GK,
+    BLOCK_R: tl.constexpr,
+    GROUPS: tl.constexpr,
+    MAGIC: tl.constexpr,
+    FAST_DIV: tl.constexpr,
+    RECIP: tl.constexpr,
+    FUSED_GS: tl.constexpr,
+    INT64: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """Grouped words: program ``(pid, t)`` is :func:`_words_tile` ``pid`` of tensor ``t``, gs from ``amax_ptr[t]``.
+
+    The source offsets and strides come from the table in int64, so only the packed and scale
+    offsets inside one tensor take INT64's choice.
+    """
+    t = tl.program_id(1)
+    src_off, packed_off, scale_off, global_off, stride_e, stride_n, _ = _table_row(table_ptr, t, True, ALIGNED)
+    _words_tile(
+        w_base + src_off, packed_base + packed_off, scale_base + scale_off, amax_ptr + t, flag_ptr, flag_ptr,
+        global_base + global_off, tl.program_id(0), ROWS, N, GK, stride_e, stride_n,
+        BLOCK_R, GROUPS, MAGIC, FAST_DIV, RECIP, False, FUSED_GS, INT64, SOFT_ROUND,
+    )  # fmt: skip
+
+
 def _programs(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count * AMAX_PROGRAMS_PER_SM
@@ -408,9 +636,12 @@ def tensor_amax(
     A contiguous bf16 source takes one Triton pass: a persistent grid (``programs``, default
     :data:`AMAX_PROGRAMS_PER_SM` per multiprocessor) of integer maxes over the words' magnitude
     bits (bf16 widens to float32 exactly, so the float32 bits of the max are these bits shifted)
-    and one ``atomic_max`` per program into a zeroed int32. Any other source takes torch's.
+    and one ``atomic_max`` per program into a zeroed int32. Any other source (also one starting at
+    an odd element of its storage, which has no int32 view) takes torch's.
     """
     if src.dtype != torch.bfloat16 or not src.is_contiguous() or src.numel() % 2 or src.numel() == 0:
+        return numerics.tensor_amax(src)
+    if src.storage_offset() % 2:  # one element into its storage: no int32 view (torch refuses it)
         return numerics.tensor_amax(src)
     words = src.view(-1).view(torch.int32)
     out = torch.zeros(1, dtype=torch.int32, device=src.device)
@@ -493,13 +724,11 @@ def launch_values(
             f"nvfp4 triton: variant {variant!r} needs a bf16 source with K contiguous and 4-byte aligned rows; "
             f"got {src.dtype} of shape {tuple(src.shape)}, strides {tuple(src.stride())}"
         )
-    recip = variant == "words_recip"
-    br = block_r or (RECIP_BLOCK_R if recip else WORDS_BLOCK_R)
     gk = k // 16
-    groups = min((block_c // 16) if block_c else (RECIP_GROUPS if recip else WORDS_GROUPS), triton.next_power_of_2(gk))
+    meta = _words_meta(variant, gk, block_r, block_c, num_warps)
     # Rows that merge (a contiguous stack) need no expert split: one "expert" of all rows.
     n_arg, se = (rows, 0) if e == 1 or words.stride(0) == n * words.stride(1) else (n, words.stride(0))
-    _nvfp4_words_kernel[(triton.cdiv(rows, br) * triton.cdiv(gk, groups),)](
+    _nvfp4_words_kernel[(_words_programs(rows, gk, meta),)](
         words,
         packed,
         scales,
@@ -512,18 +741,38 @@ def launch_values(
         gk,
         se,
         words.stride(1),
-        BLOCK_R=br,
-        GROUPS=groups,
-        MAGIC=variant != "words",
-        FAST_DIV=variant == "words_fastdiv",
-        RECIP=int(recip),
-        COUNT=fast_count is not None and recip,
+        COUNT=fast_count is not None and variant == "words_recip",
         FUSED_GS=0 if global_out is None else 1 + bool(multiplier),
         INT64=needs_int64(words, packed.numel()),
         SOFT_ROUND=soft,
-        num_warps=num_warps or (RECIP_NUM_WARPS if recip else WORDS_NUM_WARPS),
+        **meta,
     )
     return variant
+
+
+def _words_meta(
+    variant: str, gk: int, block_r: int | None = None, block_c: int | None = None, num_warps: int | None = None
+) -> dict[str, Any]:
+    """The words kernel's tile and variant constexprs (and warps) for rows of ``gk`` 16-groups.
+
+    One place for both the one-tensor and the grouped launch, so a group compiles the same
+    specialisation as each of its tensors alone.
+    """
+    recip = variant == "words_recip"
+    groups = (block_c // 16) if block_c else (RECIP_GROUPS if recip else WORDS_GROUPS)
+    return {
+        "BLOCK_R": block_r or (RECIP_BLOCK_R if recip else WORDS_BLOCK_R),
+        "GROUPS": min(groups, triton.next_power_of_2(gk)),
+        "MAGIC": variant != "words",
+        "FAST_DIV": variant == "words_fastdiv",
+        "RECIP": int(recip),
+        "num_warps": num_warps or (RECIP_NUM_WARPS if recip else WORDS_NUM_WARPS),
+    }
+
+
+def _words_programs(rows: int, gk: int, meta: dict[str, Any]) -> int:
+    """Programs of one tensor's words launch: row blocks times column blocks (column blocks fastest)."""
+    return int(triton.cdiv(rows, meta["BLOCK_R"]) * triton.cdiv(gk, meta["GROUPS"]))
 
 
 def launch(
@@ -571,6 +820,107 @@ def launch_fused(
     a = amax.reshape(1).to(device=src.device, dtype=torch.float32)
     v = VARIANT if variant == "auto" else variant
     launch_values(src, a, packed, scales, flag, variant=v, global_out=global_out, multiplier=multiplier)
+
+
+#: Grouped amax pass: words (bf16) or elements per tile, and the widest tile row.
+AMAX_GROUP_TILE = 4096
+AMAX_GROUP_TILE_K = 1024
+
+
+def launch_group(
+    calls: Sequence[tuple[Any, ...]],
+    flag: torch.Tensor,
+    *,
+    multiplier: bool,
+    variant: str = "auto",
+) -> None:
+    """``launch`` of each ``(src, packed, scales, global_out)`` of ``calls``, each with its own tensor amax,
+    in two launches per group of same-shaped sources (:func:`conversion_core.formats.group_table.groups`).
+
+    A grouped amax pass (:func:`_amax_group_kernel`) writes every member's max |x| into one zeroed
+    int32 buffer; the grouped quantizer then derives each member's gs from its amax in the kernel
+    and writes its ``global_out`` (gs, or ``1 / gs`` with ``multiplier``), as :func:`launch_fused`
+    does for one tensor. So a run of N tensors costs two launches per group instead of 2N, and the
+    bytes and global outputs are those of one :func:`launch_fused` per call (the same tile bodies
+    and constexprs), the flag raised for the same sources. A group whose every bf16 source can be
+    read as words (K contiguous, even offsets and strides: every group whose table is ``aligned``,
+    else checked per call) runs the words kernel with ``variant`` ("auto": :data:`VARIANT`); any
+    other group the generic one.
+
+    The members of a fused set (q/k/v, gate/up) never come here: the plan launches them with the
+    set's amax through ``shared_amax.launch`` (:func:`launch_fused`), one by one.
+    """
+    if variant != "auto" and variant not in VARIANTS:
+        raise ValueError(f"nvfp4 triton: unknown variant {variant!r} (one of {VARIANTS})")
+    if not calls:
+        return
+    device = calls[0][0].device
+    soft = device.type != "cuda"
+    words_variant = VARIANT if variant == "auto" else variant
+    fused_gs = 1 + bool(multiplier)
+    amax_bits = torch.zeros(len(calls), dtype=torch.int32, device=device)
+    start = 0
+    for group in group_table.groups(calls):
+        count = len(group.calls)
+        amax = amax_bits[start : start + count]
+        start += count
+        e, n, k = group.shape
+        rows = e * n
+        src, packed, scales, global_out = group.bases
+        words = _group_words(group) if words_variant != "generic" else None
+        _launch_amax_group(group, words if words is not None else src, amax, k // 2 if words is not None else k)
+        amax_f32 = amax.view(torch.float32)
+        if words is None:
+            _nvfp4_group_kernel[(triton.cdiv(rows, BLOCK_R), triton.cdiv(k, BLOCK_C), count)](
+                src, packed, scales, global_out, amax_f32, group.table, flag, rows, n, k,
+                BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, SOFT_ROUND=soft, FUSED_GS=fused_gs,
+                CONTIGUOUS_K=group.contiguous_k, ALIGNED=group.aligned, num_warps=NUM_WARPS,
+            )  # fmt: skip
+            continue
+        gk = k // 16
+        meta = _words_meta(words_variant, gk)
+        _nvfp4_words_group_kernel[(_words_programs(rows, gk, meta), count)](
+            words, packed, scales, global_out, amax_f32, group.table, flag, rows, n, gk,
+            FUSED_GS=fused_gs, INT64=rows * (k // 2) >= INT32_LIMIT, SOFT_ROUND=soft,
+            ALIGNED=group.aligned, **meta,
+        )  # fmt: skip
+
+
+def _group_words(group: group_table.Group) -> torch.Tensor | None:
+    """The int32 words view of the group's base source when every member has the words layout, else None.
+
+    An ``aligned`` table says so for the whole group at once (offsets and E/N strides multiples of
+    16 elements, bases 16-byte aligned); otherwise each member's address and strides are checked
+    (the per-call cost only an unaligned group pays).
+    """
+    src = group.bases[0]
+    if src.dtype != torch.bfloat16 or not group.contiguous_k or group.shape[2] % 2:
+        return None
+    if not group.aligned and not all(
+        c[0].data_ptr() % 4 == 0 and all(s % 2 == 0 for s in c[0].stride()[:-1]) for c in group.calls
+    ):
+        return None
+    return bf16_words(src if src.dim() == 3 else src.unsqueeze(0))
+
+
+def _launch_amax_group(group: group_table.Group, src: torch.Tensor, amax: torch.Tensor, k: int) -> None:
+    """The grouped amax pass over ``src`` (the base source, or its words view with ``k`` words per row).
+
+    Programs per tensor: the persistent grid of :func:`tensor_amax` (:func:`_programs`) shared
+    among the group's tensors, at least one each, never more than a tensor has tiles.
+    """
+    e, n, _ = group.shape
+    count = len(group.calls)
+    block_k = min(triton.next_power_of_2(k), AMAX_GROUP_TILE_K)
+    block_r = max(1, AMAX_GROUP_TILE // block_k)
+    col_blocks = triton.cdiv(k, block_k)
+    tiles = triton.cdiv(e * n, block_r) * col_blocks
+    per_tensor = max(1, min(tiles, triton.cdiv(_programs(src.device), count)))
+    _amax_group_kernel[(per_tensor, count)](
+        src, group.table, amax, e * n, n, k, col_blocks, tiles,
+        BLOCK_R=block_r, BLOCK_K=block_k, WORDS=src.dtype == torch.int32, CONTIGUOUS_K=group.contiguous_k,
+        ALIGNED=group.aligned, num_warps=AMAX_NUM_WARPS,
+    )  # fmt: skip
 
 
 def quantize_with_amax(

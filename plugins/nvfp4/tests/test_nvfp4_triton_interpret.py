@@ -188,8 +188,9 @@ def test_e2m1_code_helpers_equal_torch_codes(magic: bool, limit: float) -> None:
         torch.zeros(2, 32, dtype=torch.bfloat16),
         _source((9, 48), torch.float32, 17),
         _source((64, 12), torch.bfloat16, 18).t(),
+        _source((1, 1 + 9 * 48), torch.bfloat16, 19)[0, 1:].view(9, 48),  # contiguous, no int32 view
     ],
-    ids=["bf16", "bf16-stack", "negative", "zeros", "fp32-torch", "transposed-torch"],
+    ids=["bf16", "bf16-stack", "negative", "zeros", "fp32-torch", "transposed-torch", "odd-offset-torch"],
 )
 def test_tensor_amax_equals_torch(src: torch.Tensor) -> None:
     want = numerics.tensor_amax(src)
