@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import fnmatch
 import json
 import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -191,17 +193,66 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
     publish.check_destination(d, force)
 
 
-def _copy_others(src: Path, tmp: Path) -> list[str]:
-    copied = []
-    for entry in sorted(src.iterdir()):
-        if entry.name.startswith(".") or any(fnmatch.fnmatch(entry.name, p) for p in NOT_COPIED):
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, tmp / entry.name)
+#: Weight files of any framework: read from SRC's top level only, so refused in a subdirectory.
+WEIGHT_PATTERNS = NOT_COPIED[:6]
+
+
+def other_files(src: Path) -> list[Path]:
+    """The files copied from SRC to DST (paths relative to SRC), checked before any work.
+
+    Symlinks are followed (a Hugging Face cache snapshot is made of them), so a link that
+    leads back to a directory it is inside is a loop, refused; so are a dangling link, a named
+    pipe, socket or device (nothing to copy), and weights in a subdirectory, which ``convert``
+    would neither convert nor may copy unconverted.
+    """
+    found: list[Path] = []
+
+    def walk(directory: Path, ancestors: dict[tuple[int, int], Path]) -> None:
+        for entry in sorted(directory.iterdir()):
+            rel = entry.relative_to(src)
+            top = directory == src
+            if top and (entry.name.startswith(".") or any(fnmatch.fnmatch(entry.name, p) for p in NOT_COPIED)):
+                continue
+            try:
+                st = entry.stat()
+            except OSError as exc:
+                if entry.is_symlink():
+                    what = "a symlink loop" if exc.errno == errno.ELOOP else "a dangling symlink"
+                    raise ConversionInputError(
+                        f"SRC file {entry} is {what} (-> {os.readlink(entry)}); fix or remove it"
+                    ) from None
+                raise ConversionInputError(f"cannot read SRC file {entry}: {exc.strerror or exc}") from None
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    raise ConversionInputError(
+                        f"SRC {entry} is a symlink loop: it leads back to {ancestors[key]}, a directory it is in"
+                    )
+                found.append(rel)  # an empty directory is copied too
+                walk(entry, {**ancestors, key: entry})
+            elif not stat.S_ISREG(st.st_mode):
+                raise ConversionInputError(
+                    f"SRC file {entry} is not a regular file or directory (a named pipe, socket or device); remove it"
+                )
+            elif not top and any(fnmatch.fnmatch(entry.name, p) for p in WEIGHT_PATTERNS):
+                raise ConversionInputError(
+                    f"SRC {entry}: weights in a subdirectory are neither converted nor copied (convert reads "
+                    f"the weights at the top of {src}); move or remove them"
+                )
+            else:
+                found.append(rel)
+
+    root = src.stat()
+    walk(src, {(root.st_dev, root.st_ino): src})
+    return found
+
+
+def _copy_others(src: Path, tmp: Path, files: list[Path]) -> None:
+    for rel in files:  # a directory comes before what is in it
+        if (src / rel).is_dir():
+            (tmp / rel).mkdir()
         else:
-            shutil.copy2(entry, tmp / entry.name)
-        copied.append(entry.name)
-    return copied
+            shutil.copy2(src / rel, tmp / rel)
 
 
 def convert_checkpoint(
@@ -231,6 +282,7 @@ def convert_checkpoint(
 
     src_config = _read_json(src_path / CONFIG_NAME) if (src_path / CONFIG_NAME).is_file() else {}
     chosen, like_qc = resolve_conversion(like, conversion, registry)
+    others = other_files(src_path)  # before the weights: weights only in a subdirectory are named
     shards, specs = read_specs(src_path, source_shards(src_path))
     if not specs:
         raise ConversionInputError(f"{src_path} holds no tensors")
@@ -276,7 +328,7 @@ def convert_checkpoint(
         (tmp / CONFIG_NAME).write_text(json.dumps(out_config, indent=2) + "\n", encoding="utf-8")
         publish.step("config-written")
         plan.write_manifest(tmp / MANIFEST_NAME)
-        _copy_others(src_path, tmp)
+        _copy_others(src_path, tmp, others)
         publish.step("others-copied")
         pub.publish()
     except OSError as exc:
