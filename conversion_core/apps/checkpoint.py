@@ -36,7 +36,7 @@ from ..selection.prequantized import refuse_quantized_source
 from . import publish
 from .device import checked_device
 from .pipeline import run_pipeline
-from .shard_files import dtype_from_safetensors
+from .shard_files import MappedShard, dtype_from_safetensors
 
 #: ``[(shard file name, tensor names)]``
 Shards = list[tuple[str, list[str]]]
@@ -114,10 +114,15 @@ def written_quantization_config(target: TargetFormat, like: dict[str, Any], kept
 
 
 def source_shards(src: Path) -> Shards:
-    """``[(file name, tensor names)]`` in file order, from the index or the single safetensors file."""
+    """``[(file name, tensor names)]`` in file order, from the index or the single safetensors file.
+
+    A safetensors file at SRC's top level that the index does not name is refused: it would be
+    neither converted nor copied (and a loader may prefer a ``model.safetensors`` to the index).
+    """
     index = src / INDEX_NAME
-    if index.is_file():
-        data = _read_json(index)
+    files = sorted(p.name for p in src.glob("*.safetensors"))
+    if _present(index):
+        data = _read_json(index, unique_keys=True)
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ConversionInputError(f"{index}: 'weight_map' must be a non-empty object of tensor -> file")
@@ -126,13 +131,27 @@ def source_shards(src: Path) -> Shards:
             if not isinstance(file, str) or "/" in file or file.startswith("."):
                 raise ConversionInputError(f"{index}: tensor {name!r} maps to {file!r}, not a file name in {src}")
             by_file.setdefault(file, []).append(name)
+        unlisted = [f for f in files if f not in by_file]
+        if unlisted:
+            raise ConversionInputError(
+                f"{src / unlisted[0]} is not named in {INDEX_NAME}: it would be neither converted nor copied; "
+                f"remove it or add its tensors to the index ({len(unlisted)} such file(s): {unlisted[:5]})"
+            )
         return sorted(by_file.items())
-    files = sorted(p.name for p in src.glob("*.safetensors"))
     if not files:
         raise ConversionInputError(f"{src} holds no *.safetensors file (and no {INDEX_NAME})")
     if len(files) > 1:
         raise ConversionInputError(f"{src} holds {len(files)} safetensors files but no {INDEX_NAME}: {files[:5]}")
     return [(files[0], [])]  # names come from the file's header
+
+
+def _present(path: Path) -> bool:
+    """True when ``path`` is a file; False when absent; an error when it is something else."""
+    if path.is_file():
+        return True
+    if path.exists() or path.is_symlink():
+        raise ConversionInputError(f"{path} is not a file (a directory, a dangling symlink, ...); fix or remove it")
+    return False
 
 
 def read_specs(src: Path, shards: Shards) -> tuple[Shards, dict[str, TensorSpec]]:
@@ -144,7 +163,8 @@ def read_specs(src: Path, shards: Shards) -> tuple[Shards, dict[str, TensorSpec]
     for file, indexed in shards:
         path = src / file
         if not path.is_file():
-            raise ConversionInputError(f"shard {path} named in {INDEX_NAME} does not exist")
+            where = f" named in {INDEX_NAME}" if indexed else ""
+            raise ConversionInputError(f"shard {path}{where} does not exist or is not a file")
         try:
             with safe_open(str(path), framework="pt") as f:
                 names = list(f.keys())
@@ -156,6 +176,7 @@ def read_specs(src: Path, shards: Shards) -> tuple[Shards, dict[str, TensorSpec]
             raise
         except Exception as exc:
             raise ConversionInputError(f"cannot read safetensors shard {path}: {exc}") from exc
+        _same_header(path, {n: specs[n] for n in names})
         if indexed and set(indexed) != set(names):
             missing = sorted(set(indexed) - set(names))[:5]
             extra = sorted(set(names) - set(indexed))[:5]
@@ -167,11 +188,40 @@ def read_specs(src: Path, shards: Shards) -> tuple[Shards, dict[str, TensorSpec]
     return resolved, specs
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _same_header(path: Path, specs: dict[str, TensorSpec]) -> None:
+    """The pipeline's own reader (:class:`MappedShard`) must read the header as the library did."""
+    shard = MappedShard(path)  # refuses what the library lets through: a tensor named twice, ...
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        mine = {n: TensorSpec(st.shape, st.dtype) for n, st in shard.entries.items()}
+    finally:
+        shard.close()
+    if mine != specs:
+        differ = sorted(set(mine) ^ set(specs) | {n for n in mine if n in specs and mine[n] != specs[n]})
+        raise ConversionInputError(
+            f"safetensors shard {path}: its header reads two ways (tensors {differ[:5]}); refusing an ambiguous file"
+        )
+
+
+def _unique(path: Path) -> Any:
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                raise ConversionInputError(f"{path} names {key!r} twice; which one is meant is ambiguous")
+            seen[key] = value
+        return seen
+
+    return pairs
+
+
+def _read_json(path: Path, unique_keys: bool = False) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text, object_pairs_hook=_unique(path)) if unique_keys else json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConversionInputError(f"cannot read {path} as JSON: {exc}") from exc
+    except RecursionError:
+        raise ConversionInputError(f"{path} is nested too deeply to be read as JSON") from None
     if not isinstance(data, dict):
         raise ConversionInputError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
@@ -280,7 +330,7 @@ def convert_checkpoint(
     _check_paths(src_path, dst_path, force)
     registry = registry or load_registry()
 
-    src_config = _read_json(src_path / CONFIG_NAME) if (src_path / CONFIG_NAME).is_file() else {}
+    src_config = _read_json(src_path / CONFIG_NAME) if _present(src_path / CONFIG_NAME) else {}
     chosen, like_qc = resolve_conversion(like, conversion, registry)
     others = other_files(src_path)  # before the weights: weights only in a subdirectory are named
     shards, specs = read_specs(src_path, source_shards(src_path))
@@ -322,7 +372,7 @@ def convert_checkpoint(
             )
         weight_map: dict[str, str] = done["weight_map"]
         bytes_in, bytes_out = done["bytes_in"], done["bytes_out"]
-        if (src_path / INDEX_NAME).is_file():
+        if _present(src_path / INDEX_NAME):
             index = {"metadata": {"total_size": bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         (tmp / CONFIG_NAME).write_text(json.dumps(out_config, indent=2) + "\n", encoding="utf-8")

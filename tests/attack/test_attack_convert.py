@@ -152,7 +152,7 @@ def test_a_directory_where_a_json_file_belongs_is_refused_not_ignored(tmp_path, 
 def test_json_nested_too_deeply_is_one_line(tmp_path, capsys, name):
     src = checkpoint(tmp_path / "src")
     deep = "[" * 100_000 + "]" * 100_000
-    (src / name).write_text('{"weight_map": %s}' % deep)
+    (src / name).write_text('{"weight_map": ' + deep + "}")
     line = one_line_cli(capsys, src, tmp_path / "dst")
     assert str(src / name) in line and "nested" in line
     leftovers(tmp_path, "src")
@@ -164,7 +164,8 @@ def test_json_nested_too_deeply_is_one_line(tmp_path, capsys, name):
 def test_a_shard_the_index_does_not_name_is_refused_not_dropped(tmp_path, capsys):
     other = "model.layers.0.mlp.down_proj.weight"
     t = lambda: torch.randn(8, 8).to(torch.bfloat16)  # noqa: E731
-    src = sharded(tmp_path / "src", {NAME: "a.safetensors"}, {"a.safetensors": {NAME: t()}, "b.safetensors": {other: t()}})
+    files = {"a.safetensors": {NAME: t()}, "b.safetensors": {other: t()}}
+    src = sharded(tmp_path / "src", {NAME: "a.safetensors"}, files)
     line = one_line_cli(capsys, src, tmp_path / "dst")
     assert str(src / "b.safetensors") in line and "model.safetensors.index.json" in line
     leftovers(tmp_path, "src")
@@ -172,7 +173,8 @@ def test_a_shard_the_index_does_not_name_is_refused_not_dropped(tmp_path, capsys
 
 def test_a_tensor_in_an_unindexed_second_shard_is_refused(tmp_path, capsys):
     t = lambda: torch.randn(8, 8).to(torch.bfloat16)  # noqa: E731
-    src = sharded(tmp_path / "src", {NAME: "a.safetensors"}, {"a.safetensors": {NAME: t()}, "b.safetensors": {NAME: t()}})
+    files = {"a.safetensors": {NAME: t()}, "b.safetensors": {NAME: t()}}
+    src = sharded(tmp_path / "src", {NAME: "a.safetensors"}, files)
     line = one_line_cli(capsys, src, tmp_path / "dst")
     assert str(src / "b.safetensors") in line
     leftovers(tmp_path, "src")
@@ -181,7 +183,7 @@ def test_a_tensor_in_an_unindexed_second_shard_is_refused(tmp_path, capsys):
 def test_an_index_naming_one_tensor_twice_is_refused(tmp_path, capsys):
     t = lambda: torch.randn(8, 8).to(torch.bfloat16)  # noqa: E731
     src = sharded(tmp_path / "src", {}, {"a.safetensors": {NAME: t()}, "b.safetensors": {NAME: t()}})
-    text = '{"weight_map": {"%s": "a.safetensors", "%s": "b.safetensors"}}' % (NAME, NAME)
+    text = json.dumps({"weight_map": {NAME: "a.safetensors", "SECOND": "b.safetensors"}}).replace("SECOND", NAME)
     (src / "model.safetensors.index.json").write_text(text)
     line = one_line_cli(capsys, src, tmp_path / "dst")
     assert NAME in line and "twice" in line
