@@ -76,12 +76,15 @@ class ConvertResult:
 # ---- the quantization_config written for each format ----------------------------------------
 
 
-def checkpoint_targets(conversion: Conversion, like: dict[str, Any]) -> tuple[TargetFormat, TargetFormat]:
+def checkpoint_targets(
+    conversion: Conversion, like: dict[str, Any], plugin: str | None = None
+) -> tuple[TargetFormat, TargetFormat]:
     """The target format the plan follows and the one the written checkpoint is read back with.
 
-    Both come from the conversion's plugin: ``like``'s decides which modules the config keeps and
-    what ``quantization_config`` DST carries; that written config's own target names the outputs
-    (a plugin may write one config family as another, whose outputs are named and shaped its way).
+    Both come from the conversion's plugin (``plugin``: its entry point name, for errors):
+    ``like``'s decides which modules the config keeps and what ``quantization_config`` DST
+    carries; that written config's own target names the outputs (a plugin may write one config
+    family as another, whose outputs are named and shaped its way).
     """
     requested = target_of(conversion, like)
     if requested.quantization_config is None:
@@ -90,24 +93,81 @@ def checkpoint_targets(conversion: Conversion, like: dict[str, Any]) -> tuple[Ta
                 f"conversion {conversion.name!r} ({conversion.compile_target}) declares no checkpoint config; "
                 "pass --like CONFIG with a config whose quantization_config selects it"
             )
-        written: dict[str, Any] | None = dict(like)
+        written = json_config(like, "the --like config's quantization_config")
     else:
-        written = requested.quantization_config([])
+        written = _call_writer(requested, [], conversion.name, plugin)
     stored = target_of(conversion, written or {})
     plan_target = dataclasses.replace(stored, keep=requested.keep, quantization_config=requested.quantization_config)
     return plan_target, requested
 
 
-def written_quantization_config(target: TargetFormat, like: dict[str, Any], kept: list[str]) -> dict[str, Any] | None:
-    """The ``quantization_config`` DST carries: the plugin's writer given the kept modules, or ``like``."""
+def written_quantization_config(
+    target: TargetFormat,
+    like: dict[str, Any],
+    kept: list[str],
+    *,
+    conversion: str | None = None,
+    plugin: str | None = None,
+) -> dict[str, Any] | None:
+    """The ``quantization_config`` DST carries: the plugin's writer given the kept modules, or ``like``.
+
+    Always what ``config.json`` will hold once written and read back (plain JSON), or a one-line
+    :class:`ConfigError` naming the plugin (``plugin``, ``conversion``) or the --like config.
+    """
     if target.quantization_config is None:
-        return dict(like)
-    qc = target.quantization_config(kept)
-    if qc is not None and not isinstance(qc, dict):
+        return json_config(like, "the --like config's quantization_config")
+    return _call_writer(target, kept, conversion, plugin)
+
+
+def _call_writer(target: TargetFormat, kept: list[str], conversion: str | None, plugin: str | None) -> Any:
+    """The target format's ``quantization_config(kept)``: plugin code, whose failure names the plugin."""
+    assert target.quantization_config is not None
+    who = f"plugin {plugin or '?'!r}, conversion {conversion or '?'!r}: the target format's quantization_config"
+    try:
+        qc = target.quantization_config(kept)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: B036  sys.exit() in plugin code is this plugin's failure too
+        text = str(exc).strip().splitlines()
+        raise ConfigError(f"{who} raised {type(exc).__name__}: {text[0] if text else ''}") from exc
+    return json_config(qc, who)
+
+
+def json_config(qc: Any, who: str) -> dict[str, Any] | None:
+    """``qc`` as ``config.json`` will hold it after a write and a read (None stays None).
+
+    Refused in one line naming ``who`` unless it is plain JSON: str keys; str, number, bool,
+    null, list or object values; no NaN or Inf (``json.dumps`` writes ``NaN``, which is not
+    JSON, and turns an int key into a str: a config that reads back as another one).
+    """
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise ConfigError(f"{who} returned {type(qc).__name__}; expected a dict or None")
+    try:
+        _check_str_keys(qc)
+        text = json.dumps(qc, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ConfigError(
-            f"a target format's quantization_config returned {type(qc).__name__}; expected a dict or None"
-        )
-    return qc
+            f"{who} is not plain JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); expected "
+            "str keys and str, number, bool, null, list or object values, no NaN or Inf"
+        ) from None
+    result: dict[str, Any] = json.loads(text)
+    return result
+
+
+def _check_str_keys(value: Any, depth: int = 0) -> None:
+    """Raise TypeError at the first mapping key in ``value`` that is not a str."""
+    if depth > 200:
+        raise RecursionError("nested more than 200 levels deep")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"key {k!r} is not a str")
+            _check_str_keys(v, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_str_keys(v, depth + 1)
 
 
 # ---- reading SRC ------------------------------------------------------------------------------
@@ -339,11 +399,12 @@ def convert_checkpoint(
     files = {name: str(src_path / file) for file, names in shards for name in names}
     refuse_quantized_source(src_path, src_config, ((n, s.dtype) for n, s in specs.items()), files)
 
-    plan_target, requested = checkpoint_targets(chosen, like_qc)
+    plugin = registry.provider(chosen.name)
+    plan_target, requested = checkpoint_targets(chosen, like_qc, plugin)
     plan = build_plan(
         specs, like_qc, conversion=chosen.name, registry=registry, fused_shards=fused_shards, target=plan_target
     )
-    out_qc = written_quantization_config(requested, like_qc, plan.kept_modules())
+    out_qc = written_quantization_config(requested, like_qc, plan.kept_modules(), conversion=chosen.name, plugin=plugin)
     out_config = dict(src_config)
     out_config.pop("quantization_config", None)
     if out_qc is not None:
