@@ -96,8 +96,8 @@ def _finite_output(entry: PlanEntry, name: str, out: torch.Tensor) -> None:
         if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
             raise ConversionInputError(
                 f"tensor {entry.name!r}: output {name!r} of conversion {entry.conversion.name!r} holds NaN or Inf "
-                f"(a finite source value past the range of {str(out.dtype).removeprefix('torch.')}); "
-                "refusing to write it"
+                f"although the source is finite (a value past the range of {str(out.dtype).removeprefix('torch.')}, "
+                "or the conversion's own fault); refusing to write it"
             )
 
 
