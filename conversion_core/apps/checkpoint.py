@@ -290,6 +290,19 @@ def _read_json(path: Path, unique_keys: bool = False) -> dict[str, Any]:
 # ---- writing DST atomically -----------------------------------------------------------------
 
 
+def _argument_path(what: str, value: str | os.PathLike[str]) -> Path:
+    """SRC or DST as a path: an empty one (an unset shell variable) is never the current directory."""
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise ConversionInputError(f"{what} must be a str path, got {type(text).__name__} {text!r}")
+    if not text.strip():
+        raise ConversionInputError(f"{what} is an empty path {text!r}; name a directory")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as exc:  # ~user with no such user, ~ with no home directory
+        raise ConversionInputError(f"{what} {text!r}: {exc}") from None
+
+
 def _check_paths(src: Path, dst: Path, force: bool) -> None:
     if not src.is_dir():
         raise ConversionInputError(f"SRC {src} is not a directory")
@@ -383,7 +396,7 @@ def convert_checkpoint(
     from ..selection.resolver import select_default_conversion
 
     start = time.perf_counter()
-    src_path, dst_path = Path(src).expanduser(), Path(dst).expanduser()
+    src_path, dst_path = _argument_path("SRC", src), _argument_path("DST", dst)
     if (conversion is None) == (like is None):
         raise ConversionInputError("convert needs exactly one of --conversion NAME or --like CONFIG")
     device = checked_device(device)

@@ -296,3 +296,33 @@ def test_a_like_config_with_a_non_json_value_is_one_line(tmp_path):
         )
     assert len(str(exc.value).splitlines()) == 1
     leftovers(tmp_path, "src")
+
+
+# ---- SRC and DST arguments ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["src", "dst"])
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, capsys, monkeypatch, which):
+    """``convert SRC "$OUT" --force`` with OUT unset must not replace the current directory."""
+    src = checkpoint(tmp_path / "src")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    args = {"src": str(src), "dst": str(tmp_path / "dst"), which: ""}
+    argv = ["convert", args["src"], args["dst"], "--conversion", "bf16_cast", "--no-progress", "--force"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and which.upper() in err[0] and "empty" in err[0], err
+    assert sorted(p.name for p in work.iterdir()) == ["precious.txt"]
+    leftovers(tmp_path, "src", "work")
+
+
+@pytest.mark.parametrize("which", ["src", "dst"])
+def test_an_unknown_user_in_a_tilde_path_is_one_line(tmp_path, capsys, which):
+    src = checkpoint(tmp_path / "src")
+    args = {"src": str(src), "dst": str(tmp_path / "dst"), which: "~no_such_user_cc_attack/x"}
+    assert main(["convert", args["src"], args["dst"], "--conversion", "bf16_cast", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "~no_such_user_cc_attack" in err[0], err
+    leftovers(tmp_path, "src")
