@@ -326,3 +326,27 @@ def test_an_unknown_user_in_a_tilde_path_is_one_line(tmp_path, capsys, which):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "~no_such_user_cc_attack" in err[0], err
     leftovers(tmp_path, "src")
+
+
+# ---- publishing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("other", ["out.tmp-x", "out.old-x"])
+def test_a_run_never_takes_the_temporaries_of_a_dst_whose_name_extends_its_own(tmp_path, other):
+    """DST ``out`` must not treat ``.out.tmp-x.tmp-XXXXXXXX`` (a live run on ``out.tmp-x``) as its own leftover."""
+    from conversion_core.apps import publish
+
+    src = checkpoint(tmp_path / "src")
+    live = publish.Publication(tmp_path / other, force=False)
+    tmp = live.open()
+    old = tmp_path / f".{other}.old-0123abcd"  # what that run's replace leaves for an instant
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    try:
+        (tmp / "half.txt").write_text("being written")
+        convert_checkpoint(src, tmp_path / "out", conversion="bf16_cast", progress=False)
+        assert (tmp / "half.txt").read_text() == "being written" and old.is_dir()
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "conversion_manifest.json",
+                                                                        "model.safetensors"]  # fmt: skip
+    finally:
+        live.close()
