@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..contract import all_finite
+from ..errors import ConversionInputError
 from ..plan import Plan
 from ..plan.calls import non_finite_source
 from ..plan.decide import PlanEntry
@@ -75,6 +76,20 @@ def _finite(name: str, src: torch.Tensor) -> None:
     """Refuse a NaN or Inf anywhere in ``src`` (a kept tensor: nothing else reads all of it)."""
     if not all_finite(src):
         raise non_finite_source(name, src)
+
+
+#: Output dtypes whose NaN/Inf the pipeline looks for (narrower formats are the plugins' to keep finite).
+CHECKED_OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _finite_output(entry: PlanEntry, name: str, out: torch.Tensor) -> None:
+    """Refuse a NaN or Inf in a written float output: a finite source can overflow a narrower dtype."""
+    if out.dtype in CHECKED_OUTPUT_DTYPES and not all_finite(out):
+        raise ConversionInputError(
+            f"tensor {entry.name!r}: output {name!r} of conversion {entry.conversion.name!r} holds NaN or Inf "
+            f"although the source is finite (a value past the range of {str(out.dtype).removeprefix('torch.')}, "
+            "or the conversion's own fault); refusing to write it"
+        )
 
 
 def run_pipeline(
@@ -182,6 +197,7 @@ def run_pipeline(
                     del src, one
                     for name, out in outputs.items():
                         host = out.cpu()
+                        _finite_output(entry, name, host)
                         size = host.numel() * host.element_size()
                         submit(functools.partial(out_writer.write, name, host), size)
                         bytes_out += size

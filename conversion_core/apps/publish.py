@@ -16,7 +16,7 @@ Protocol (all names beside DST, in its parent, so every rename stays on one file
    it we check that the path still names the inode we locked (a finishing holder unlinks it), else
    retry.
 3. Recover, under the lock (also done by :func:`tidy` before the early checks, so a run refused
-   at once still cleans up): any ``.DST.tmp-*`` / ``.DST.old-*`` left there belongs to a dead run (a
+   at once still cleans up): any ``.DST.tmp-XXXXXXXX`` / ``.DST.old-XXXXXXXX`` left there belongs to a dead run (a
    live one would hold the lock). If DST is missing and an ``.old`` exists, a run died between the
    two renames of a replace: the old complete result is renamed back to DST. Then the leftovers
    are removed.
@@ -44,6 +44,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -126,9 +127,17 @@ def _acquire(dst: Path) -> int:
         os.close(fd)  # the previous holder unlinked it after we opened it: lock the new one
 
 
+#: The random part of a temporary name: mkdtemp's 8 characters, or ``old-``'s 8 hex digits.
+_SUFFIX = re.compile(r"[a-z0-9_]{8}")
+
+
 def _leftovers(dst: Path, kind: str) -> list[Path]:
+    """This DST's own ``.DST.tmp-XXXXXXXX`` / ``.DST.old-XXXXXXXX``, never those of a DST whose name
+    extends it (``.out.tmp-x.tmp-XXXXXXXX`` belongs to DST ``out.tmp-x``, maybe to a live run)."""
     prefix = f".{dst.name}.{kind}-"
-    return sorted(p for p in dst.parent.iterdir() if p.name.startswith(prefix))
+    return sorted(
+        p for p in dst.parent.iterdir() if p.name.startswith(prefix) and _SUFFIX.fullmatch(p.name[len(prefix) :])
+    )
 
 
 def recover(dst: Path) -> None:

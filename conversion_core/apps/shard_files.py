@@ -105,6 +105,15 @@ class MappedShard:
     def _bad(self, what: str) -> ConversionInputError:
         return ConversionInputError(f"safetensors shard {self.path}: {what}")
 
+    def _unique(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        """A JSON object of the header, refusing a key given twice (parsers differ on which one wins)."""
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise self._bad(f"the header names {key!r} twice; which entry is meant is ambiguous")
+            seen[key] = value
+        return seen
+
     def _read_header(self) -> dict[str, StoredTensor]:
         size = os.fstat(self.fd).st_size
         head = os.pread(self.fd, 8, 0)
@@ -114,9 +123,11 @@ class MappedShard:
         if n > MAX_HEADER or 8 + n > size:
             raise self._bad(f"header length {n} does not fit the file ({size} bytes)")
         try:
-            header = json.loads(os.pread(self.fd, n, 8))
+            header = json.loads(os.pread(self.fd, n, 8), object_pairs_hook=self._unique)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise self._bad(f"header is not JSON: {exc}") from exc
+        except RecursionError:
+            raise self._bad("header is nested too deeply") from None
         if not isinstance(header, dict):
             raise self._bad("header is not a JSON object")
         base, data = 8 + n, size - 8 - n
