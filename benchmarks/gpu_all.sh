@@ -40,6 +40,7 @@ for what in "$@"; do
         peers) run peers 45 python3 benchmarks/gpu_peers.py ;;
         model) run model 300 python3 benchmarks/gpu_grouped.py --sections model ;;
         formats) run formats 150 python3 benchmarks/gpu_model_formats.py --budget 120 ;;
+        profile) run profile 150 python3 benchmarks/gpu_moving_profile.py ;;
         sync) run sync 120 python3 benchmarks/gpu_sync.py ;;
         # CPU only, but with the card's Triton (its ptxas) and the card's host CPU
         sass) run sass 45 python3 benchmarks/sass_check.py; run sass_nvfp4 45 python3 benchmarks/sass_nvfp4.py ;;

@@ -53,7 +53,9 @@ LaunchFn = Callable[..., None]
 #: the same items are launched once eagerly first, both inside one
 #: :func:`conversion_core.contract.capture.session`, where anything the capture must not build
 #: (a host-to-device copy of the table) is kept by the eager run and found again by the capture
-#: (``conversion_core.formats.group_table`` does this for its tables).
+#: (``conversion_core.formats.group_table`` does this for its tables). A plan passes a
+#: :class:`conversion_core.contract.runs.SourceRun`, whose buffers and source shapes are fixed
+#: from step to step (``group_table`` then reads only the sources' addresses and strides).
 GroupLaunchFn = Callable[[Sequence[tuple[Any, ...]], torch.Tensor], None]
 
 #: Source dtypes every conversion accepts unless it says otherwise.

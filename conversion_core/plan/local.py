@@ -23,6 +23,7 @@ import torch
 
 from ..backend import use_triton
 from ..contract import Conversion, all_finite
+from ..contract.runs import RunLayout, SourceRun
 from ..errors import ConversionCoreError, ConversionInputError, ConversionTypeError, plugin_failure
 from . import arena as arenas
 from . import shared
@@ -77,6 +78,8 @@ class Plan:
         self._flag_slots: list[torch.Tensor] = []
         #: Per call of ``_calls``, what the queue needs of it (:meth:`_queue_records`), built once.
         self._records: list[tuple[Any, ...]] | None = None
+        #: Per (range of calls, grouped conversion): the positions it got last, and their layout.
+        self._run_layouts: dict[tuple[Any, ...], tuple[list[int], RunLayout]] = {}
         #: Per entry, (name, source shape, source dtype), for :meth:`validate`.
         self._expected = [(e.name, e.src_shape, e.src_dtype) for e in self.entries]
         self._step: CapturedStep | None = None
@@ -150,7 +153,7 @@ class Plan:
             from .sharded import allocate_plan
 
             self.arena, self._calls, self._outputs = allocate_plan(self, like)
-            self._records = None
+            self._records, self._run_layouts = None, {}
             self.device, self._ready, self._sharded = self.arena.device, False, True
             return dict(self._outputs)
         self._sharded = False
@@ -170,7 +173,7 @@ class Plan:
         # read-modify-write (``flag.add_``), which two streams running at once could lose.
         self._flags = torch.zeros(FLAG_SLOTS, dtype=torch.int32, device=self.device)
         self._flag_slots = [self._flags[i : i + 1] for i in range(FLAG_SLOTS)]
-        self._records = None
+        self._records, self._run_layouts = None, {}
         return dict(self._outputs)
 
     def dequantize(self, name: str) -> torch.Tensor:
@@ -326,9 +329,10 @@ class Plan:
             # a trainer's requires_grad sources: bytes out, never an autograd graph on the outputs
             # (the torch-op launches and copies), as in the checked fn; one switch for the whole range
             with torch.no_grad():
-                grouped: dict[int, tuple[Conversion, list[tuple[Any, ...]]]] = {}
+                # per grouped conversion: its sources and their positions in ``chosen``
+                grouped: dict[int, tuple[Conversion, list[torch.Tensor], list[int]]] = {}
                 finite: list[torch.Tensor] = []  # copies and casts: is the source all finite (one stream)
-                for i, (name, index, conversion, buffers, group) in enumerate(chosen):
+                for i, (name, index, conversion, buffers, group, _) in enumerate(chosen):
                     current, current_name = conversion, name
                     src = state_dict[name]  # the per-tensor work: look the source up, gather it
                     if index:
@@ -337,8 +341,9 @@ class Plan:
                         if group:  # a source with no elements has nothing to launch
                             run = grouped.get(id(conversion))
                             if run is None:
-                                run = grouped[id(conversion)] = (conversion, [])
-                            run[1].append((src, *buffers))
+                                run = grouped[id(conversion)] = (conversion, [], [])
+                            run[1].append(src)
+                            run[2].append(i)
                         continue
                     with torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext():
                         slot = slots[i % len(slots)]
@@ -357,9 +362,10 @@ class Plan:
                                     finite.append(torch.isfinite(out).all())
                 if finite:
                     slots[0].add_(torch.stack(finite).logical_not().any())
-                for j, (conversion, items) in enumerate(grouped.values()):
+                for j, (conversion, sources, positions) in enumerate(grouped.values()):
                     assert conversion.launch_group is not None
                     current, current_name = conversion, None
+                    items = SourceRun(sources, self._run_layout(calls, conversion, chosen, positions))
                     with torch.cuda.stream(streams[j % len(streams)]) if streams else contextlib.nullcontext():
                         conversion.launch_group(items, slots[j % len(slots)])
         except ConversionCoreError as exc:  # a copy's or cast's own refusal: name the tensor
@@ -373,21 +379,35 @@ class Plan:
 
     def _queue_records(self) -> list[tuple[Any, ...]]:
         """Per call, what :meth:`_queue` reads every step, looked up once: its name, source index,
-        conversion, buffers, and for a ``launch_group`` conversion whether the source has elements
-        (None: launched on its own). The sources' shapes are the plan's: :meth:`validate` holds
-        every step to them."""
+        conversion, buffers, for a ``launch_group`` conversion whether the source has elements
+        (None: launched on its own), and the shape of what it reads (a fused shard's rows). The
+        sources' shapes are the plan's: :meth:`validate` holds every step to them."""
         records = []
         for call in self._calls:
             entry = self._by_name[call.name]
             conversion = entry.conversion
-            group = None
-            if conversion.launch_group is not None:
-                shape = entry.src_shape
-                if call.index:  # a fused shard: the rows it reads
-                    shape = tuple(torch.empty(shape, device="meta")[call.index].shape)
-                group = math.prod(shape) > 0
-            records.append((call.name, call.index, conversion, call.buffers, group))
+            shape = entry.src_shape
+            if call.index:  # a fused shard: the rows it reads
+                shape = tuple(torch.empty(shape, device="meta")[call.index].shape)
+            group = None if conversion.launch_group is None else math.prod(shape) > 0
+            records.append((call.name, call.index, conversion, call.buffers, group, shape))
         return records
+
+    def _run_layout(
+        self, calls: slice, conversion: Conversion, chosen: list[tuple[Any, ...]], positions: list[int]
+    ) -> RunLayout:
+        """The fixed part of one grouped launch (buffers, grouping by shape and dtype) of the calls
+        at ``positions`` of ``chosen``, built the first time and kept while the same calls go to it."""
+        key = (calls.start, calls.stop, calls.step, id(conversion))
+        kept = self._run_layouts.get(key)
+        if kept is not None and kept[0] == positions:
+            return kept[1]
+        picked = [chosen[i] for i in positions]
+        layout = RunLayout(
+            [r[3] for r in picked], [r[5] for r in picked], [self._by_name[r[0]].src_dtype for r in picked]
+        )
+        self._run_layouts[key] = (positions, layout)
+        return layout
 
     def _run_launched(self, state_dict: Mapping[str, Any]) -> None:
         """The fast step: every kernel queued (CUDA: graph replays), then one flag read.
