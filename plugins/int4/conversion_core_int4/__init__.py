@@ -14,7 +14,8 @@ compressed-tensors requires):
 | ``weight_zero_point`` (asymmetric only) | int32 | ``(ceil(N/8), G)``: ``zp + 8`` packed along N |
 
 The numerics (which function of compressed-tensors / llm-compressor decides each byte) are in
-:mod:`.torch_path`; the one-pass Triton kernel in :mod:`.triton_kernels`; which configs select
+:mod:`.torch_path`; the one-pass Triton kernel (and its grouped launch, the conversions'
+``launch_group``: one launch per run of like sources) in :mod:`.triton_kernels`; which configs select
 which conversion, and what a converted checkpoint carries, in :mod:`.config`.
 
 Sharded (DTensor) sources: the symmetric conversions declare a ``cc.BlockAmax`` over each row's
@@ -140,6 +141,18 @@ class Int4Format:
 
         triton_kernels.launch(src, packed, scale, shape, zp, flag, self.group)
 
+    def launch_group(self, calls: Sequence[tuple[Any, ...]], flag: torch.Tensor) -> None:
+        """``launch`` for a run of ``(src, *buffers)``: one Triton launch per group of like sources (shape,
+        dtype, layout), so sources at new addresses every step cost a table, not a launch each.
+
+        Every K is checked before anything is queued; the bytes and the flag are those of ``launch``.
+        """
+        for src, *_ in calls:
+            check_groups(self.name, src.shape, self.group)
+        from . import triton_kernels
+
+        triton_kernels.launch_group(calls, flag, self.group)
+
     def dequantize(self, *buffers: torch.Tensor) -> torch.Tensor:
         packed, scale, shape, zp = self._split(buffers)
         return torch_path.dequantize(packed, scale, shape, zp, self.group)
@@ -169,6 +182,7 @@ class Int4Format:
             dequantize=self.dequantize,
             src_ndims=(2, 3),
             launch=self.launch,
+            launch_group=self.launch_group,
             target_format=lambda qc: config.target_format(qc, self.group, self.symmetric),
             sharded=cc.BlockAmax(block=self.statistic_block, apply=self.apply_sharded) if self.symmetric else None,
         )

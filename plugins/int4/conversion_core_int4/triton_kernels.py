@@ -44,15 +44,29 @@ Both kernels keep these facts (the first kernel's notes, still true):
   contraction) and could not show it. No float operation here is ``.ftz``: subnormals are exact.
 - round-half-even to an integer by the float32 magic number ``(v + 1.5*2^23) - 1.5*2^23``.
 - NaN handled explicitly where hardware min/max would drop it (``maxnum`` returns the number).
+
+Grouped launches (:func:`launch_group`, the conversions' ``launch_group``): a run of calls whose
+sources sit at new addresses every step (an FSDP all-gather, a trainer's loop) costs one launch per
+group of like sources, not one per tensor. The default kernel's body is the ``@triton.jit`` tile
+function :func:`_int4_tile`, which :func:`_int4_kernel` calls with its arguments and
+:func:`_int4_group_kernel` with a ``conversion_core.formats.group_table`` row (offsets from the
+group's bases, strides): same view of the source, same constexprs, so the same bytes and flag as
+one :func:`launch` per tensor. Moving the body into the tile function left :func:`_int4_kernel`'s PTX
+unchanged (Triton 3.9, sm_90, debug line info aside; checked on CPU for both symmetries, groups 128
+and 32, pairs or not, masked or not).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from conversion_core.formats import group_table
 
 from . import torch_path
 
@@ -398,13 +412,16 @@ def _pack(xl, xh, up, rcp, zp, ASYM: tl.constexpr, SPLIT: tl.constexpr, MAGIC: t
 
 
 @triton.jit
-def _int4_kernel(
+def _int4_tile(
     src_ptr,
     packed_ptr,
     scale_ptr,
     shape_ptr,
     zp_ptr,
     flag_ptr,
+    pid_r,
+    pid_g,
+    e,
     N,
     G,
     NW,
@@ -429,7 +446,11 @@ def _int4_kernel(
     FLAG_RED: tl.constexpr,
     NUDGE: tl.constexpr,
 ):
-    """One program: ``BLOCK_R`` rows x ``BLOCK_G`` groups of expert ``program_id(2)`` (see the module docstring).
+    """Tile ``(pid_r, pid_g)`` of expert ``e`` of one tensor: ``BLOCK_R`` rows x ``BLOCK_G`` groups (module docstring).
+
+    The body of both :func:`_int4_kernel` (one tensor per launch) and :func:`_int4_group_kernel`
+    (a table row per tensor), so the two launches write the same bytes by construction. ``pid_r``,
+    ``pid_g`` and ``e`` come in as ``IDX`` (int64 with ``I64``, else int32), as do the strides.
 
     PAIRS: the bf16 source is read as int32 pairs (its strides in int32 units, ``stride_k`` unused):
     ``w << 16`` and ``w & 0xFFFF0000`` are the even and odd elements, one integer op each.
@@ -438,9 +459,6 @@ def _int4_kernel(
     WB: tl.constexpr = WORDS // WT
     K: tl.constexpr = 4 if PAIRS else 8
     IDX: tl.constexpr = tl.int64 if I64 else tl.int32
-    pid_r = tl.program_id(0).to(IDX)
-    pid_g = tl.program_id(1).to(IDX)
-    e = tl.program_id(2).to(IDX)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(IDX)
     g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G).to(IDX)
     # word wb * WT + wt of a group: the WT threads of a group take adjacent 16-byte pieces (coalesced),
@@ -536,6 +554,135 @@ def _int4_kernel(
         i = tl.arange(0, 4)
         dims = tl.where(i == NDIM - 1, G * GROUP, tl.where(i == NDIM - 2, N, E_OUT)).to(tl.int64)
         tl.store(shape_ptr + i, dims, mask=i < NDIM)
+
+
+@triton.jit
+def _int4_kernel(
+    src_ptr,
+    packed_ptr,
+    scale_ptr,
+    shape_ptr,
+    zp_ptr,
+    flag_ptr,
+    N,
+    G,
+    NW,
+    stride_e,
+    stride_n,
+    stride_k,
+    E_OUT,
+    NDIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    WT: tl.constexpr,
+    ASYM: tl.constexpr,
+    SRC_BF16: tl.constexpr,
+    PAIRS: tl.constexpr,
+    I64: tl.constexpr,
+    EVEN: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EXACT_RCP: tl.constexpr,
+    MAGIC: tl.constexpr,
+    FLAG_RED: tl.constexpr,
+    NUDGE: tl.constexpr,
+):
+    """One tensor: program ``(pid_r, pid_g, e)`` converts that tile of expert ``e`` (:func:`_int4_tile`)."""
+    IDX: tl.constexpr = tl.int64 if I64 else tl.int32
+    _int4_tile(
+        src_ptr, packed_ptr, scale_ptr, shape_ptr, zp_ptr, flag_ptr,
+        tl.program_id(0).to(IDX), tl.program_id(1).to(IDX), tl.program_id(2).to(IDX),
+        N, G, NW, stride_e, stride_n, stride_k, E_OUT, NDIM, GROUP, BLOCK_R, BLOCK_G, WT, ASYM, SRC_BF16, PAIRS,
+        I64, EVEN, UNIFORM, SPLIT, EXACT_RCP, MAGIC, FLAG_RED, NUDGE,
+    )  # fmt: skip
+
+
+#: ``group_table.ALIGN_ELEMENTS``: what a group's ``aligned`` promises of its offsets and strides.
+_ALIGN = tl.constexpr(group_table.ALIGN_ELEMENTS)
+
+
+@triton.jit
+def _entry(ptr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """A table entry as ``DTYPE``; ``ALIGNED`` restores the divisibility hint Triton infers for one
+    tensor's own pointer and stride arguments (16-byte vector loads and stores), lost when they come
+    from a table. (The hint is set on an op made here: on a helper's argument it would not survive inlining.)"""
+    x = tl.load(ptr).to(DTYPE)
+    if ALIGNED:
+        x = tl.multiple_of(x, _ALIGN)
+    return x
+
+
+@triton.jit
+def _int4_group_kernel(
+    src_base,
+    packed_base,
+    scale_base,
+    shape_base,
+    zp_base,
+    table_ptr,
+    flag_ptr,
+    N,
+    G,
+    NW,
+    E_OUT,
+    ROW_BLOCKS,
+    GROUP_BLOCKS,
+    NDIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    WT: tl.constexpr,
+    ASYM: tl.constexpr,
+    SRC_BF16: tl.constexpr,
+    PAIRS: tl.constexpr,
+    I64: tl.constexpr,
+    EVEN: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EXACT_RCP: tl.constexpr,
+    MAGIC: tl.constexpr,
+    FLAG_RED: tl.constexpr,
+    NUDGE: tl.constexpr,
+    CONTIGUOUS_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """Grouped launch: program ``(pid, t)`` converts tile ``pid`` of the group's tensor ``t`` (:func:`_int4_tile`).
+
+    ``pid`` walks row blocks fastest, then group blocks, then experts (the single kernel's grid
+    order, flattened: a CUDA grid's first axis holds 2^31 - 1 programs). Row ``t`` of the table
+    (``conversion_core.formats.group_table``): the element offsets of the source, packed, scale,
+    shape (and zero point, asymmetric) from the bases, then the source's ``(E, N, K)`` strides; the
+    source is the view the single launch reads (int32 pairs, int16 bf16 bits, or fp16/fp32), so the
+    offsets and strides are in its units.
+    """
+    IDX: tl.constexpr = tl.int64 if I64 else tl.int32
+    NB: tl.constexpr = 5 if ASYM else 4  # tensors per table row, then three strides
+    row = table_ptr + tl.program_id(1).to(tl.int64) * (NB + 3)
+    src_off = _entry(row, tl.int64, ALIGNED)
+    packed_off = _entry(row + 1, tl.int64, ALIGNED)
+    scale_off = _entry(row + 2, tl.int64, ALIGNED)
+    shape_off = tl.load(row + 3)
+    if ASYM:
+        zp_off = _entry(row + 4, tl.int64, ALIGNED)
+    else:
+        zp_off = packed_off  # never read: the symmetric tile writes no zero point
+    stride_e = _entry(row + NB, IDX, ALIGNED)
+    stride_n = _entry(row + NB + 1, IDX, ALIGNED)
+    if CONTIGUOUS_K:  # the single launch's stride 1 is a compile-time constant: keep it one
+        stride_k = 1
+    else:
+        stride_k = tl.load(row + NB + 2).to(IDX)
+    pid = tl.program_id(0).to(IDX)
+    pid_r = pid % ROW_BLOCKS
+    rest = pid // ROW_BLOCKS
+    pid_g = rest % GROUP_BLOCKS
+    e = rest // GROUP_BLOCKS
+    _int4_tile(
+        src_base + src_off, packed_base + packed_off, scale_base + scale_off, shape_base + shape_off,
+        zp_base + zp_off, flag_ptr, pid_r, pid_g, e, N, G, NW, stride_e, stride_n, stride_k, E_OUT, NDIM, GROUP,
+        BLOCK_R, BLOCK_G, WT, ASYM, SRC_BF16, PAIRS, I64, EVEN, UNIFORM, SPLIT, EXACT_RCP, MAGIC, FLAG_RED, NUDGE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -768,6 +915,74 @@ def launch(
             NUDGE=v.nudge,
             **common,
         )
+
+
+def _source_view(src: torch.Tensor, v: Variant) -> tuple[torch.Tensor, str]:
+    """The view of ``src`` (its own dims) that :func:`launch` hands the default kernel, and its layout:
+    ``"pairs"`` (bf16 as int32 pairs), ``"bf16"`` (int16 bits) or ``"float"`` (fp16 / fp32)."""
+    if src.dtype != torch.bfloat16:
+        return src, "float"
+    if v.pairs and _pairs_view(src if src.dim() == 3 else src.unsqueeze(0)):
+        return src.view(torch.int32), "pairs"
+    return src.view(torch.int16), "bf16"
+
+
+def launch_group(
+    calls: Sequence[tuple[Any, ...]],
+    flag: torch.Tensor,
+    group: int,
+    variant: Variant | None = None,
+) -> list[tuple[str, int]]:
+    """:func:`launch` for many ``(src, packed, scale, shape_out[, zp])`` at once: one launch per run of like sources.
+
+    All calls are of one conversion (all with a zero point or none). Each source is read through
+    the view its own :func:`launch` reads (:func:`_source_view`); the views are grouped by
+    ``conversion_core.formats.group_table`` (shape, dtype, K contiguous), so every program of a
+    launch sees one geometry and runs :func:`_int4_tile` with the constexprs the single launch
+    would pass (``I64`` where any member needs it: it only widens offsets). So the bytes, and the
+    flag, are those of one :func:`launch` per call. Sources without elements are skipped (the
+    single launch has no programs for them either). Only :class:`Variant` (the default kernel)
+    is grouped. Returns ``(layout, tensors)`` per kernel launch, in launch order.
+    """
+    if not calls:
+        return []
+    asym = len(calls[0]) == 5
+    v = variant or (ASYM_DEFAULT if asym else DEFAULT)
+    if not isinstance(v, Variant):
+        raise ValueError(f"int4 triton: launch_group runs the default kernel's Variant only, not {v!r}")
+    viewed: list[tuple[Any, ...]] = []
+    wide: set[int] = set()  # id() of the viewed calls whose offsets need int64
+    for src, packed, scale, shape_out, *zp in calls:
+        if (len(zp) == 1) != asym:
+            raise ValueError("int4 triton: launch_group calls mix symmetric and asymmetric buffers")
+        if not src.numel():
+            continue
+        view, _ = _source_view(src, v)
+        call = (view, packed, scale.view(torch.int16), shape_out, *zp)
+        if not (v.i32 and _fits_int32(src if src.dim() == 3 else src.unsqueeze(0), packed, scale, *zp)):
+            wide.add(id(call))
+        viewed.append(call)
+    launched: list[tuple[str, int]] = []
+    for g in group_table.groups(viewed) if viewed else ():
+        base = g.bases[0]
+        layout = "pairs" if base.dtype == torch.int32 else "bf16" if base.dtype == torch.int16 else "float"
+        e, n, kk = g.shape
+        k = kk * 2 if layout == "pairs" else kk
+        groups = k // group
+        br, bg = tile(group, v)
+        bg = min(bg, triton.next_power_of_2(max(groups, 1)))
+        row_blocks, group_blocks = triton.cdiv(n, br), triton.cdiv(groups, bg)
+        bases = g.bases if asym else (*g.bases, g.bases[1])  # a symmetric zp_base: never read
+        _int4_group_kernel[(row_blocks * group_blocks * e, len(g.calls))](
+            *bases, g.table, flag, n, groups, k // 8, e, row_blocks, group_blocks,
+            NDIM=base.dim(), GROUP=group, BLOCK_R=br, BLOCK_G=bg, WT=min(v.wt, group // 8), ASYM=asym,
+            SRC_BF16=layout != "float", PAIRS=layout == "pairs", I64=any(id(c) in wide for c in g.calls),
+            EVEN=v.even and n % br == 0 and groups % bg == 0, UNIFORM=v.uniform, SPLIT=v.split,
+            EXACT_RCP=v.exact_rcp, MAGIC=v.magic, FLAG_RED=v.flag_red, NUDGE=v.nudge,
+            CONTIGUOUS_K=g.contiguous_k, ALIGNED=g.aligned, num_warps=v.warps, enable_fp_fusion=False,
+        )  # fmt: skip
+        launched.append((layout, len(g.calls)))
+    return launched
 
 
 def quantize(
