@@ -37,7 +37,9 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--formats", type=lambda s: s.split(","), default=["fp8_128x128", "mxfp8", "nvfp4"])
+    p.add_argument(
+        "--formats", type=lambda s: s.split(","), default=["fp8_128x128", "mxfp8", "nvfp4", "int4_w4a16_g128"]
+    )
     p.add_argument("--top", type=int, default=14)
     args = p.parse_args()
 
