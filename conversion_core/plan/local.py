@@ -78,8 +78,8 @@ class Plan:
         self._flag_slots: list[torch.Tensor] = []
         #: Per call of ``_calls``, what the queue needs of it (:meth:`_queue_records`), built once.
         self._records: list[tuple[Any, ...]] | None = None
-        #: Per (range of calls, grouped conversion): the positions it got last, and their layout.
-        self._run_layouts: dict[tuple[Any, ...], tuple[list[int], RunLayout]] = {}
+        #: Per range of calls (and set of shared statistics): :meth:`_queue_split`.
+        self._splits: dict[tuple[Any, ...], tuple[list[tuple[int, tuple[Any, ...]]], list[tuple[Any, ...]]]] = {}
         #: Per entry, (name, source shape, source dtype), for :meth:`validate`.
         self._expected = [(e.name, e.src_shape, e.src_dtype) for e in self.entries]
         self._step: CapturedStep | None = None
@@ -153,7 +153,7 @@ class Plan:
             from .sharded import allocate_plan
 
             self.arena, self._calls, self._outputs = allocate_plan(self, like)
-            self._records, self._run_layouts = None, {}
+            self._records, self._splits = None, {}
             self.device, self._ready, self._sharded = self.arena.device, False, True
             return dict(self._outputs)
         self._sharded = False
@@ -173,7 +173,7 @@ class Plan:
         # read-modify-write (``flag.add_``), which two streams running at once could lose.
         self._flags = torch.zeros(FLAG_SLOTS, dtype=torch.int32, device=self.device)
         self._flag_slots = [self._flags[i : i + 1] for i in range(FLAG_SLOTS)]
-        self._records, self._run_layouts = None, {}
+        self._records, self._splits = None, {}
         return dict(self._outputs)
 
     def dequantize(self, name: str) -> torch.Tensor:
@@ -329,22 +329,13 @@ class Plan:
             # a trainer's requires_grad sources: bytes out, never an autograd graph on the outputs
             # (the torch-op launches and copies), as in the checked fn; one switch for the whole range
             with torch.no_grad():
-                # per grouped conversion: its sources and their positions in ``chosen``
-                grouped: dict[int, tuple[Conversion, list[torch.Tensor], list[int]]] = {}
+                singles, runs = self._queue_split(calls, chosen, amaxes)
                 finite: list[torch.Tensor] = []  # copies and casts: is the source all finite (one stream)
-                for i, (name, index, conversion, buffers, group, _) in enumerate(chosen):
+                for i, (name, index, conversion, buffers, _, _) in singles:
                     current, current_name = conversion, name
                     src = state_dict[name]  # the per-tensor work: look the source up, gather it
                     if index:
                         src = src[index]
-                    if group is not None and name not in amaxes:
-                        if group:  # a source with no elements has nothing to launch
-                            run = grouped.get(id(conversion))
-                            if run is None:
-                                run = grouped[id(conversion)] = (conversion, [], [])
-                            run[1].append(src)
-                            run[2].append(i)
-                        continue
                     with torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext():
                         slot = slots[i % len(slots)]
                         if name in amaxes:
@@ -362,12 +353,14 @@ class Plan:
                                     finite.append(torch.isfinite(out).all())
                 if finite:
                     slots[0].add_(torch.stack(finite).logical_not().any())
-                for j, (conversion, sources, positions) in enumerate(grouped.values()):
+                for j, (conversion, names, indexed, layout) in enumerate(runs):
                     assert conversion.launch_group is not None
                     current, current_name = conversion, None
-                    items = SourceRun(sources, self._run_layout(calls, conversion, chosen, positions))
+                    sources = list(map(state_dict.__getitem__, names))  # the per-tensor work, in C
+                    for k, index in indexed:  # fused shards: the rows each reads
+                        sources[k] = sources[k][index]
                     with torch.cuda.stream(streams[j % len(streams)]) if streams else contextlib.nullcontext():
-                        conversion.launch_group(items, slots[j % len(slots)])
+                        conversion.launch_group(SourceRun(sources, layout), slots[j % len(slots)])
         except ConversionCoreError as exc:  # a copy's or cast's own refusal: name the tensor
             if current_name is None:
                 raise
@@ -393,21 +386,34 @@ class Plan:
             records.append((call.name, call.index, conversion, call.buffers, group, shape))
         return records
 
-    def _run_layout(
-        self, calls: slice, conversion: Conversion, chosen: list[tuple[Any, ...]], positions: list[int]
-    ) -> RunLayout:
-        """The fixed part of one grouped launch (buffers, grouping by shape and dtype) of the calls
-        at ``positions`` of ``chosen``, built the first time and kept while the same calls go to it."""
-        key = (calls.start, calls.stop, calls.step, id(conversion))
-        kept = self._run_layouts.get(key)
-        if kept is not None and kept[0] == positions:
-            return kept[1]
-        picked = [chosen[i] for i in positions]
-        layout = RunLayout(
-            [r[3] for r in picked], [r[5] for r in picked], [self._by_name[r[0]].src_dtype for r in picked]
-        )
-        self._run_layouts[key] = (positions, layout)
-        return layout
+    def _queue_split(
+        self, calls: slice, chosen: list[tuple[Any, ...]], amaxes: Mapping[str, Any]
+    ) -> tuple[list[tuple[int, tuple[Any, ...]]], list[tuple[Any, ...]]]:
+        """The calls of a range split, once per range (and set of shared statistics), into those
+        launched one by one (``(position, record)``) and one run per grouped conversion:
+        ``(conversion, source names, (run position, index) of fused shards, RunLayout)``. A run
+        holds a grouped conversion's calls with elements and no shared statistic."""
+        key = (calls.start, calls.stop, calls.step, frozenset(amaxes))
+        split = self._splits.get(key)
+        if split is not None:
+            return split
+        singles: list[tuple[int, tuple[Any, ...]]] = []
+        picked: dict[int, tuple[Conversion, list[tuple[Any, ...]]]] = {}
+        for i, record in enumerate(chosen):
+            name, _, conversion, _, group, _ = record
+            if group is None or name in amaxes:
+                singles.append((i, record))
+            elif group:  # a source with no elements has nothing to launch
+                picked.setdefault(id(conversion), (conversion, []))[1].append(record)
+        runs = []
+        for conversion, records in picked.values():
+            layout = RunLayout(
+                [r[3] for r in records], [r[5] for r in records], [self._by_name[r[0]].src_dtype for r in records]
+            )
+            indexed = [(k, r[1]) for k, r in enumerate(records) if r[1]]
+            runs.append((conversion, [r[0] for r in records], indexed, layout))
+        split = self._splits[key] = (singles, runs)
+        return split
 
     def _run_launched(self, state_dict: Mapping[str, Any]) -> None:
         """The fast step: every kernel queued (CUDA: graph replays), then one flag read.
