@@ -13,7 +13,8 @@ alternating (new addresses every step). Rows:
 - ``cuda-like step``: what ``Plan.run`` does on CUDA for moving sources (validate, the captured
   step's layout check and record per segment, the queue, the flag read), driven on CPU;
 - ``validate``, ``queue``, ``tables``: the parts (``tables``: ``group_table.groups`` over every
-  grouped call of the step, once).
+  grouped call of the step as plain tuples, once; ``run tables``: the same calls as the plan
+  hands them, a ``SourceRun`` over its fixed layout).
 
     python benchmarks/bench_step_host.py [--layers 24] [--experts 128] [--reps 7]
 """
@@ -36,6 +37,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 
 import conversion_core as cc  # noqa: E402
+from conversion_core.contract.runs import SourceRun  # noqa: E402
 from conversion_core.formats import group_table  # noqa: E402
 from conversion_core.plan import build_plan  # noqa: E402
 from conversion_core.plan.graph_step import CapturedStep  # noqa: E402
@@ -138,12 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         sd = sds[i % 2]
         group_table.groups([(sd[c.name], *c.buffers) for c in plan._calls if plan[c.name].kept is None])
 
+    def run_tables(i: int) -> None:
+        sd = sds[i % 2]
+        assert plan._records is not None
+        for _, names, _, layout in plan._queue_split(slice(None), plan._records, {})[1]:
+            group_table.groups(SourceRun([sd[n] for n in names], layout))
+
     rows = [
         ("step (Plan.run)", lambda i: plan.run(sds[i % 2])),
         ("cuda-like step", cuda_like),
         ("validate", lambda i: plan.validate(sds[i % 2])),
         ("queue", lambda i: plan._queue(sds[i % 2], slice(None))),
         ("tables", tables),
+        ("run tables", run_tables),
     ]
     print(f"{'part':<18}{'ms':>9}{'us/tensor':>11}")
     for label, fn in rows:
