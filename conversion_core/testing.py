@@ -26,6 +26,7 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -366,6 +367,62 @@ def convert_on_backend(conversion: Conversion, src: torch.Tensor, backend: str) 
         else:
             os.environ[BACKEND_ENV] = old
     return buffers
+
+
+def check_grouped_launch(conversion: Conversion, sources: Sequence[torch.Tensor]) -> None:
+    """``conversion.launch_group`` of ``sources`` writes, into poisoned buffers, the bytes of one
+    ``launch`` per source and of the torch path (the definition), with no flag raised for finite
+    sources; a NaN in one member raises the flag. Where Triton launches: on CUDA, or on CPU under
+    the interpreter (:func:`rerun_under_triton_interpreter`). Give it awkward sources: per-expert
+    views of one stack, 3-D stacks, transposed and sliced views, offsets that break alignment,
+    mixed dtypes, shapes that split the run into several groups."""
+    if conversion.launch_group is None or conversion.launch is None:
+        raise AssertionError(f"{conversion.name}: has no launch_group (and launch) to check")
+    if not sources:
+        raise ValueError("check_grouped_launch needs at least one source")
+    device = sources[0].device
+
+    def allocated(srcs: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        return [(s, *poisoned_allocate(conversion, s.shape, s.device)) for s in srcs]
+
+    grouped, single = allocated(sources), allocated(sources)
+    grouped_flag, single_flag = (torch.zeros(1, dtype=torch.int32, device=device) for _ in range(2))
+    conversion.launch_group(grouped, grouped_flag)
+    for call in single:
+        conversion.launch(*call, single_flag)
+    assert int(single_flag.item()) == 0, f"{conversion.name}: launch flagged finite sources"
+    assert int(grouped_flag.item()) == 0, f"{conversion.name}: launch_group flagged finite sources"
+    for g, s in zip(grouped, single, strict=True):
+        what = f"{conversion.name} {g[0].dtype} {tuple(g[0].shape)} stride {g[0].stride()}"
+        assert_same_bytes(g[1:], s[1:], what + ": launch_group vs one launch per tensor")
+        assert_same_bytes(
+            g[1:], convert_on_backend(conversion, g[0], "torch"), what + ": launch_group vs the torch path"
+        )
+    poisoned = list(sources)
+    nan = poisoned[-1].clone()
+    nan[tuple(d // 2 for d in nan.shape)] = float("nan")
+    poisoned[-1] = nan
+    conversion.launch_group(allocated(poisoned), grouped_flag)
+    assert int(grouped_flag.item()) != 0, f"{conversion.name}: launch_group missed a NaN in its last member"
+
+
+def record_calls(owner: Any, *names: str, patch: Callable[[Any, str, Any], None] = setattr) -> dict[str, list[int]]:
+    """Make each ``owner.<name>`` (a plugin's kernel launchers) record its calls, then run as
+    before: ``{name: [len(first argument) or 1, ...]}`` (a grouped launcher's first argument is its
+    calls). ``patch``: pytest's ``monkeypatch.setattr``, which undoes it after the test."""
+    seen: dict[str, list[int]] = {name: [] for name in names}
+
+    def recording(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            first = args[0] if args else None
+            seen[name].append(len(first) if isinstance(first, Sequence) else 1)
+            return original(*args, **kwargs)
+
+        return call
+
+    for name in names:
+        patch(owner, name, recording(name, getattr(owner, name)))
+    return seen
 
 
 def assert_same_bytes(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], what: str) -> None:

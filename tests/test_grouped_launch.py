@@ -32,7 +32,7 @@ else:
     import conversion_core as cc
     from conversion_core.formats import group_table
     from conversion_core.plan import build_plan
-    from conversion_core.testing import spread_weights
+    from conversion_core.testing import check_grouped_launch, record_calls, spread_weights
 
     def _conversion(name: str) -> cc.Conversion:
         registry = cc.load_registry()
@@ -89,42 +89,38 @@ else:
             from conversion_core_deepgemm_fp8 import triton_kernels as tk  # type: ignore[no-redef]
 
             group_fn, single_fn = "launch_block_group", "launch_blocks"
-        groups: list[int] = []
-        singles: list[int] = []
-        original_group, original_single = getattr(tk, group_fn), getattr(tk, single_fn)
-
-        def grouped(calls, *args, **kwargs):
-            groups.append(len(calls))
-            return original_group(calls, *args, **kwargs)
-
-        def single(*args, **kwargs):
-            singles.append(1)
-            return original_single(*args, **kwargs)
-
-        monkeypatch.setattr(tk, group_fn, grouped)
-        monkeypatch.setattr(tk, single_fn, single)
-        return groups, singles
+        seen = record_calls(tk, group_fn, single_fn, patch=monkeypatch.setattr)
+        return seen[group_fn], seen[single_fn]
 
     def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], what: str) -> None:
         assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)), f"{what}: e4m3 bytes differ"
         assert torch.equal(a[1].view(torch.int32), b[1].view(torch.int32)), f"{what}: scales differ"
 
     @pytest.mark.parametrize("name", NAMES)
-    def test_grouped_bytes_equal_one_launch_per_tensor_and_the_torch_path(name, monkeypatch) -> None:
-        conversion = _conversion(name)
-        assert conversion.launch_group is not None and conversion.launch is not None
-        sources = _sources()
-        grouped = _allocated(conversion, sources)
-        single = _allocated(conversion, sources)
-        flag = torch.zeros(1, dtype=torch.int32)
-        conversion.launch_group(grouped, flag)
-        for call in single:
-            conversion.launch(*call, flag)
-        assert int(flag) == 0
-        for g, s in zip(grouped, single, strict=True):
-            what = f"{name} {tuple(g[0].shape)} stride {g[0].stride()}"
-            _same(g[1:], s[1:], what + " grouped vs single")
-            _same(g[1:], _torch_path(conversion, g[0], monkeypatch), what + " grouped vs torch path")
+    def test_grouped_bytes_equal_one_launch_per_tensor_and_the_torch_path(name) -> None:
+        check_grouped_launch(_conversion(name), _sources())
+
+    @pytest.mark.parametrize("lie", ["skips its last call", "flips one byte", "misses a NaN", "flags clean sources"])
+    def test_the_kit_check_catches_a_lying_launch_group(lie: str) -> None:
+        """``testing.check_grouped_launch`` (what a third-party plugin's grouped launch is held to)
+        fails a launch_group that is wrong in any one way."""
+        conversion = _conversion("fp8_128x128")
+        honest = conversion.launch_group
+        assert honest is not None
+
+        def lying(items, flag):
+            items = list(items)
+            honest(items[:-1] if lie == "skips its last call" else items, flag)
+            if lie == "flips one byte":
+                items[0][1].view(torch.uint8).view(-1)[0] ^= 1
+            elif lie == "misses a NaN":
+                flag.zero_()
+            elif lie == "flags clean sources":
+                flag.fill_(1)
+
+        check_grouped_launch(conversion, _sources()[:4])  # the honest one passes
+        with pytest.raises(AssertionError):
+            check_grouped_launch(conversion.replace(launch_group=lying), _sources()[:4])
 
     def test_groups_split_by_shape_dtype_and_layout() -> None:
         conversion = _conversion("fp8_128x128")

@@ -37,7 +37,7 @@ else:
     import conversion_core as cc
     from conversion_core.formats import group_table
     from conversion_core.plan import build_plan
-    from conversion_core.testing import spread_weights
+    from conversion_core.testing import check_grouped_launch, record_calls, spread_weights
 
     FORMATS = {"mxfp8": MXFP8, "mxfp4": MXFP4}
     BF16_MAX = float(torch.finfo(torch.bfloat16).max)
@@ -103,38 +103,12 @@ else:
 
     def _count_kernel_launches(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
         """Record the plugin's grouped launches (their sizes) and its single launches."""
-        groups: list[int] = []
-        singles: list[int] = []
-        original_group, original_single = triton_kernels.launch_group, triton_kernels.launch
-
-        def grouped(calls, *args, **kwargs):
-            groups.append(len(calls))
-            return original_group(calls, *args, **kwargs)
-
-        def single(*args, **kwargs):
-            singles.append(1)
-            return original_single(*args, **kwargs)
-
-        monkeypatch.setattr(triton_kernels, "launch_group", grouped)
-        monkeypatch.setattr(triton_kernels, "launch", single)
-        return groups, singles
+        seen = record_calls(triton_kernels, "launch_group", "launch", patch=monkeypatch.setattr)
+        return seen["launch_group"], seen["launch"]
 
     @pytest.mark.parametrize("name", NAMES)
-    def test_grouped_bytes_equal_one_launch_per_tensor_and_the_torch_path(name, monkeypatch) -> None:
-        conversion = _conversion(name)
-        assert conversion.launch_group is not None and conversion.launch is not None
-        sources = _sources()
-        grouped = _allocated(conversion, sources)
-        single = _allocated(conversion, sources)
-        flag = torch.zeros(1, dtype=torch.int32)
-        conversion.launch_group(grouped, flag)
-        for call in single:
-            conversion.launch(*call, flag)
-        assert int(flag) == 0
-        for g, s in zip(grouped, single, strict=True):
-            what = f"{name} {g[0].dtype} {tuple(g[0].shape)} stride {g[0].stride()}"
-            _same(g[1:], s[1:], what + " grouped vs single")
-            _same(g[1:], _torch_path(conversion, g[0], monkeypatch), what + " grouped vs torch path")
+    def test_grouped_bytes_equal_one_launch_per_tensor_and_the_torch_path(name) -> None:
+        check_grouped_launch(_conversion(name), _sources())
 
     @pytest.mark.parametrize("name", NAMES)
     def test_groups_split_by_kernel_shape_dtype_and_layout(name, monkeypatch) -> None:

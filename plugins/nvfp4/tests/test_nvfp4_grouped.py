@@ -17,9 +17,6 @@ set's amax. A normal pytest run re-runs this file in a child with ``TRITON_INTER
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import pytest
 import torch
 
@@ -42,7 +39,7 @@ else:
     import conversion_core as cc
     from conversion_core.formats import group_table
     from conversion_core.plan import build_plan
-    from conversion_core.testing import spread_weights
+    from conversion_core.testing import check_grouped_launch, record_calls, spread_weights
 
     def _conversion(name: str) -> cc.Conversion:
         return cc.load_registry().get(name)
@@ -102,37 +99,12 @@ else:
 
     def _count(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
         """Record the grouped launches (their sizes) and the one-tensor launches of the plugin."""
-        groups: list[int] = []
-        singles: list[int] = []
-        originals = {f: getattr(triton_kernels, f) for f in ("launch_group", "launch_fused")}
-
-        def recording(fn: Callable[..., None], seen: list[int], size: bool) -> Callable[..., None]:
-            def run(first: Any, *args: Any, **kwargs: Any) -> None:
-                seen.append(len(first) if size else 1)
-                fn(first, *args, **kwargs)
-
-            return run
-
-        monkeypatch.setattr(triton_kernels, "launch_group", recording(originals["launch_group"], groups, True))
-        monkeypatch.setattr(triton_kernels, "launch_fused", recording(originals["launch_fused"], singles, False))
-        return groups, singles
+        seen = record_calls(triton_kernels, "launch_group", "launch_fused", patch=monkeypatch.setattr)
+        return seen["launch_group"], seen["launch_fused"]
 
     @pytest.mark.parametrize("name", NAMES)
-    def test_grouped_bytes_equal_one_launch_per_tensor_and_the_torch_path(name, monkeypatch) -> None:
-        conversion = _conversion(name)
-        assert conversion.launch_group is not None and conversion.launch is not None
-        sources = _sources()
-        grouped = _allocated(conversion, sources)
-        single = _allocated(conversion, sources)
-        flag = torch.zeros(1, dtype=torch.int32)
-        conversion.launch_group(grouped, flag)
-        for call in single:
-            conversion.launch(*call, flag)
-        assert int(flag) == 0
-        for g, s in zip(grouped, single, strict=True):
-            what = f"{name} {tuple(g[0].shape)} {g[0].dtype} stride {g[0].stride()}"
-            _same(g[1:], s[1:], what + " grouped vs single")
-            _same(g[1:], _torch_path(conversion, g[0], monkeypatch), what + " grouped vs torch path")
+    def test_grouped_bytes_equal_one_launch_per_tensor_and_the_torch_path(name) -> None:
+        check_grouped_launch(_conversion(name), _sources())
 
     def test_each_group_takes_the_words_kernel_exactly_where_its_members_have_the_words_layout() -> None:
         conversion = _conversion("nvfp4")
