@@ -32,7 +32,7 @@ else:
     import conversion_core as cc
     from conversion_core.formats import group_table
     from conversion_core.plan import build_plan
-    from conversion_core.testing import check_grouped_launch, record_calls, spread_weights
+    from conversion_core.testing import check_grouped_launch, convert_on_backend, record_calls, spread_weights
 
     def _conversion(name: str) -> cc.Conversion:
         registry = cc.load_registry()
@@ -71,13 +71,6 @@ else:
             scale.fill_(float("nan"))
             calls.append((src, out, scale))
         return calls
-
-    def _torch_path(conversion: cc.Conversion, src: torch.Tensor, monkeypatch: pytest.MonkeyPatch):
-        monkeypatch.setenv("CONVERSION_CORE_BACKEND", "torch")
-        try:
-            return conversion.convert(src)
-        finally:
-            monkeypatch.setenv("CONVERSION_CORE_BACKEND", "triton")
 
     def _count_kernel_launches(name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
         """Record the plugin's grouped launches (their sizes) and its single launches."""
@@ -191,7 +184,7 @@ else:
             plan.run(sd)
             assert not singles
             for e in plan.quantized:
-                want = _torch_path(conversion, sd[e.name], monkeypatch)
+                want = convert_on_backend(conversion, sd[e.name], "torch")
                 _same((plan.outputs[e.name], plan.outputs[e.scale_name]), want, e.name)
         assert groups == [2 * experts, 2 * experts]
 
@@ -210,5 +203,5 @@ else:
         plan._queue(sd, slice(None), None)
         assert groups == [3] and not singles
         for e in plan.quantized:
-            want = _torch_path(conversion, sd[e.name], monkeypatch)
+            want = convert_on_backend(conversion, sd[e.name], "torch")
             _same((plan.outputs[e.name], plan.outputs[e.scale_name]), want, e.name)

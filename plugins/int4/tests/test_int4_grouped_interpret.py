@@ -37,7 +37,7 @@ else:
 
     import conversion_core as cc
     from conversion_core.plan import build_plan
-    from conversion_core.testing import check_grouped_launch, record_calls
+    from conversion_core.testing import check_grouped_launch, convert_on_backend, record_calls
 
     def _conversion(name: str) -> cc.Conversion:
         return cc.load_registry().get(name)
@@ -88,13 +88,6 @@ else:
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert x.dtype == y.dtype and x.shape == y.shape, f"{what}: output {i} dtype/shape"
             assert torch.equal(_bits(x), _bits(y)), f"{what}: output {i} bytes differ"
-
-    def _torch_path(conversion: cc.Conversion, src: torch.Tensor, monkeypatch: pytest.MonkeyPatch):
-        monkeypatch.setenv("CONVERSION_CORE_BACKEND", "torch")
-        try:
-            return conversion.convert(src)
-        finally:
-            monkeypatch.setenv("CONVERSION_CORE_BACKEND", "triton")
 
     def _count_kernel_launches(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
         """Record the plugin's grouped launches (their sizes) and its single launches."""
@@ -231,5 +224,5 @@ else:
             assert len(plan.quantized) == 2 * experts
             for e in plan.quantized:
                 got = tuple(plan.outputs[n] for n in e.output_names)
-                _same(got, _torch_path(conversion, sd[e.name], monkeypatch), e.name)
+                _same(got, convert_on_backend(conversion, sd[e.name], "torch"), e.name)
         assert groups == [2 * experts, 2 * experts]

@@ -37,7 +37,7 @@ else:
     import conversion_core as cc
     from conversion_core.formats import group_table
     from conversion_core.plan import build_plan
-    from conversion_core.testing import check_grouped_launch, record_calls, spread_weights
+    from conversion_core.testing import check_grouped_launch, convert_on_backend, record_calls, spread_weights
 
     FORMATS = {"mxfp8": MXFP8, "mxfp4": MXFP4}
     BF16_MAX = float(torch.finfo(torch.bfloat16).max)
@@ -89,13 +89,6 @@ else:
             s.fill_(0xFF)  # E8M0 NaN
             calls.append((src, q, s))
         return calls
-
-    def _torch_path(conversion: cc.Conversion, src: torch.Tensor, monkeypatch: pytest.MonkeyPatch):
-        monkeypatch.setenv("CONVERSION_CORE_BACKEND", "torch")
-        try:
-            return conversion.convert(src)
-        finally:
-            monkeypatch.setenv("CONVERSION_CORE_BACKEND", "triton")
 
     def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], what: str) -> None:
         assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)), f"{what}: value bytes differ"
@@ -226,7 +219,7 @@ else:
             assert not singles
             assert len(plan.quantized) == 2 * experts
             for e in plan.quantized:
-                _same(_plan_outputs(plan, e), _torch_path(conversion, sd[e.name], monkeypatch), e.name)
+                _same(_plan_outputs(plan, e), convert_on_backend(conversion, sd[e.name], "torch"), e.name)
         assert groups == [2 * experts, 2 * experts]
 
     def test_capture_warm_up_launches_grouped_with_the_same_bytes(monkeypatch) -> None:
@@ -244,7 +237,7 @@ else:
         plan._queue(sd, slice(None), None)
         assert groups == [3] and not singles
         for e in plan.quantized:
-            _same(_plan_outputs(plan, e), _torch_path(conversion, sd[e.name], monkeypatch), e.name)
+            _same(_plan_outputs(plan, e), convert_on_backend(conversion, sd[e.name], "torch"), e.name)
 
     def test_group_int64_bound_covers_every_member() -> None:
         """One member whose rows lie 2**31 words apart switches the whole group's words launch to INT64."""

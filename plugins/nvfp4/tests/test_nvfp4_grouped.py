@@ -86,13 +86,6 @@ else:
             calls.append((src, *buffers))
         return calls
 
-    def _torch_path(conversion: cc.Conversion, src: torch.Tensor, monkeypatch: pytest.MonkeyPatch):
-        monkeypatch.setenv("CONVERSION_CORE_BACKEND", "torch")
-        try:
-            return conversion.convert(src)
-        finally:
-            monkeypatch.setenv("CONVERSION_CORE_BACKEND", "triton")
-
     def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], what: str) -> None:
         for name, x, y in zip(("packed", "scales", "global scale"), a, b, strict=True):
             assert torch.equal(_bits(x), _bits(y)), f"{what}: {name} differ"
